@@ -1,0 +1,83 @@
+// bnorm: the CPU backend's public API.
+//
+// Every function works on raw pointers to C-contiguous data viewed as a Shape
+// (outer, channels, inner). T is float, double or bnorm::half; P = param_t<T> is the
+// type of every per-channel vector (length shape.channels): statistics, weight, bias,
+// running buffers, gradients of weight and bias.
+//
+// Arguments are checked before anything is written: a call that throws (bnorm::ValueError
+// for a bad value or size) has modified nothing. Optional pointers may be null where
+// marked. Outputs may alias inputs of the same shape (y may be x, dx may be dy or x).
+// Results are bitwise identical for any thread count.
+#pragma once
+
+#include "bnorm/types.hpp"
+
+namespace bnorm {
+
+/// Per-channel mean and biased variance of x (M = shape.count() values per channel),
+/// computed with shifted two-pass sums per cache-sized tile merged with Chan's formula,
+/// never as E[x^2] - E[x]^2. With M == 0, mean and var are set to 0.
+template <class T>
+void batch_stats(const T* x, Shape shape, param_t<T>* mean, param_t<T>* var);
+
+/// Chan's parallel combination of `parts` partial statistics of `channels` channels.
+/// counts, means, vars are row-major (parts, channels); vars are biased. Parts with a
+/// count of 0 contribute nothing. Writes the per-channel total count, mean and biased
+/// variance (0 and 0 where the total count is 0). Counts must be finite and >= 0.
+template <class P>
+void merge_stats(int64_t parts, int64_t channels, const double* counts, const P* means,
+                 const P* vars, double* count, P* mean, P* var);
+
+/// y = (x - mean) * invstd * weight + bias. weight and bias may be null (1 and 0).
+template <class T>
+void normalize(const T* x, Shape shape, const param_t<T>* mean, const param_t<T>* invstd,
+               const param_t<T>* weight, const param_t<T>* bias, T* y);
+
+/// Training forward: batch statistics, y = normalize(x), save_mean and
+/// save_invstd = 1/sqrt(var + eps). When running_mean / running_var are not null they are
+/// updated in place with `momentum` (running_var with the unbiased variance), after y is
+/// written, so they may alias weight or bias. Throws ValueError when M == 1, eps <= 0 or
+/// momentum is outside [0, 1]. With M == 0, nothing is computed and running buffers are
+/// left untouched (save_mean and save_invstd are set to 0 and 1/sqrt(eps)).
+template <class T>
+void forward_train(const T* x, Shape shape, const param_t<T>* weight, const param_t<T>* bias,
+                   param_t<T>* running_mean, param_t<T>* running_var, double momentum,
+                   double eps, T* y, param_t<T>* save_mean, param_t<T>* save_invstd);
+
+/// Inference forward: y = (x - running_mean) / sqrt(running_var + eps) * weight + bias.
+template <class T>
+void forward_infer(const T* x, Shape shape, const param_t<T>* running_mean,
+                   const param_t<T>* running_var, const param_t<T>* weight,
+                   const param_t<T>* bias, double eps, T* y);
+
+/// The reduction phase of backward: sum_dy = sum(dy), sum_dy_xhat = sum(dy * xhat) per
+/// channel, with xhat = (x - mean) * invstd.
+template <class T>
+void backward_reduce(const T* dy, const T* x, Shape shape, const param_t<T>* mean,
+                     const param_t<T>* invstd, param_t<T>* sum_dy, param_t<T>* sum_dy_xhat);
+
+/// The elementwise phase of backward with batch statistics:
+/// dx = weight * invstd * (dy - sum_dy / count - xhat * sum_dy_xhat / count).
+/// `count` is the number of values per channel the statistics were taken over (across
+/// all shards when they were merged). weight may be null (1).
+template <class T>
+void backward_elemt(const T* dy, const T* x, Shape shape, const param_t<T>* mean,
+                    const param_t<T>* invstd, const param_t<T>* weight,
+                    const param_t<T>* sum_dy, const param_t<T>* sum_dy_xhat, double count,
+                    T* dx);
+
+/// Whole backward. batch_stats = true: mean/invstd are the saved batch statistics and the
+/// gradient flows through them; false: they are constants (eval mode), dx = dy * weight *
+/// invstd. dweight = sum(dy * xhat), dbias = sum(dy) in both modes. weight may be null.
+template <class T>
+void backward(const T* dy, const T* x, Shape shape, const param_t<T>* mean,
+              const param_t<T>* invstd, const param_t<T>* weight, bool batch_stats, T* dx,
+              param_t<T>* dweight, param_t<T>* dbias);
+
+/// Threads used by CPU calls (default: OpenMP's maximum, which honours OMP_NUM_THREADS).
+/// Results do not depend on it.
+void set_num_threads(int n);
+int get_num_threads();
+
+}  // namespace bnorm

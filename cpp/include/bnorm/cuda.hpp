@@ -1,0 +1,67 @@
+// bnorm: the CUDA backend's public API (present when bnorm was built with CUDA;
+// BNORM_HAS_CUDA is then defined to 1 by the CMake target).
+//
+// The same operations and semantics as the CPU API in bnorm/cpu.hpp, on device pointers,
+// each enqueued on `stream` (nullptr: the legacy default stream) without host
+// synchronization. T is float, double, bnorm::half or bnorm::bfloat16. Argument errors
+// throw bnorm::ValueError before anything is enqueued; CUDA errors throw bnorm::CudaError
+// with CUDA's error string. Results are identical run to run (no order-dependent atomics).
+#pragma once
+
+#include "bnorm/types.hpp"
+
+struct CUstream_st;  // cudaStream_t is CUstream_st*: no CUDA header needed to use this API
+
+namespace bnorm::cuda {
+
+using stream_t = CUstream_st*;
+
+/// True when the CUDA runtime finds at least one usable device (false, never a throw,
+/// on machines without a driver or GPU).
+bool available();
+
+/// Makes `device` the calling thread's current device (cudaSetDevice): every call below
+/// runs on the current device, which must be the one that holds its pointers.
+void set_device(int device);
+
+template <class T>
+void batch_stats(const T* x, Shape shape, param_t<T>* mean, param_t<T>* var,
+                 stream_t stream = nullptr);
+
+template <class P>
+void merge_stats(int64_t parts, int64_t channels, const double* counts, const P* means,
+                 const P* vars, double* count, P* mean, P* var, stream_t stream = nullptr);
+
+template <class T>
+void normalize(const T* x, Shape shape, const param_t<T>* mean, const param_t<T>* invstd,
+               const param_t<T>* weight, const param_t<T>* bias, T* y,
+               stream_t stream = nullptr);
+
+template <class T>
+void forward_train(const T* x, Shape shape, const param_t<T>* weight, const param_t<T>* bias,
+                   param_t<T>* running_mean, param_t<T>* running_var, double momentum,
+                   double eps, T* y, param_t<T>* save_mean, param_t<T>* save_invstd,
+                   stream_t stream = nullptr);
+
+template <class T>
+void forward_infer(const T* x, Shape shape, const param_t<T>* running_mean,
+                   const param_t<T>* running_var, const param_t<T>* weight,
+                   const param_t<T>* bias, double eps, T* y, stream_t stream = nullptr);
+
+template <class T>
+void backward_reduce(const T* dy, const T* x, Shape shape, const param_t<T>* mean,
+                     const param_t<T>* invstd, param_t<T>* sum_dy, param_t<T>* sum_dy_xhat,
+                     stream_t stream = nullptr);
+
+template <class T>
+void backward_elemt(const T* dy, const T* x, Shape shape, const param_t<T>* mean,
+                    const param_t<T>* invstd, const param_t<T>* weight,
+                    const param_t<T>* sum_dy, const param_t<T>* sum_dy_xhat, double count,
+                    T* dx, stream_t stream = nullptr);
+
+template <class T>
+void backward(const T* dy, const T* x, Shape shape, const param_t<T>* mean,
+              const param_t<T>* invstd, const param_t<T>* weight, bool batch_stats, T* dx,
+              param_t<T>* dweight, param_t<T>* dbias, stream_t stream = nullptr);
+
+}  // namespace bnorm::cuda

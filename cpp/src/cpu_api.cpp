@@ -1,0 +1,325 @@
+// The CPU backend's public API: argument checks up front, then kernels.
+//
+// Per-channel coefficients are computed here in double and rounded once to P. backward is
+// exactly backward_reduce then backward_elemt; forward_train is batch_stats then normalize,
+// except that it centers x on the double-precision mean (as a hi + lo pair of P), which
+// keeps float32 outputs accurate when |mean| >> std.
+#include <omp.h>
+
+#include <atomic>
+#include <cmath>
+#include <sstream>
+#include <vector>
+
+#include "bnorm/cpu.hpp"
+#include "cpu_kernels.hpp"
+#include "half.hpp"
+
+namespace bnorm {
+namespace {
+
+std::atomic<int> g_threads{0};  // 0: not set, use OpenMP's default
+
+int threads() {
+    const int n = g_threads.load(std::memory_order_relaxed);
+    return n > 0 ? n : omp_get_max_threads();
+}
+
+std::string shape_string(Shape s) {
+    std::ostringstream out;
+    out << "(outer, channels, inner) = (" << s.outer << ", " << s.channels << ", " << s.inner
+        << ")";
+    return out.str();
+}
+
+void check_shape(Shape s) {
+    if (s.outer < 0 || s.channels < 0 || s.inner < 0)
+        throw ValueError("bnorm: negative size in shape " + shape_string(s));
+}
+
+void check_pointer(const void* p, const char* name) {
+    if (p == nullptr) throw ValueError(std::string("bnorm: ") + name + " must not be null");
+}
+
+void check_eps(double eps) {
+    if (!(eps > 0) || !std::isfinite(eps)) {
+        std::ostringstream out;
+        out << "bnorm: eps must be positive and finite, got " << eps;
+        throw ValueError(out.str());
+    }
+}
+
+void check_momentum(double momentum) {
+    if (!(momentum >= 0 && momentum <= 1)) {
+        std::ostringstream out;
+        out << "bnorm: momentum must be in [0, 1], got " << momentum;
+        throw ValueError(out.str());
+    }
+}
+
+template <class P>
+std::vector<P> filled(int64_t n, P value) {
+    return std::vector<P>(static_cast<size_t>(n), value);
+}
+
+// weight (or 1) * invstd, rounded to P.
+template <class P>
+std::vector<P> scale_of(int64_t channels, const P* invstd, const P* weight) {
+    std::vector<P> scale(static_cast<size_t>(channels));
+    for (int64_t c = 0; c < channels; ++c) scale[c] = weight ? P(invstd[c] * weight[c]) : invstd[c];
+    return scale;
+}
+
+template <class P>
+P invstd_of(double var, double eps) {
+    return P(1.0 / std::sqrt(var + eps));
+}
+
+// y = ((x - mean) - mean_lo) * invstd * weight + bias, arguments already checked.
+template <class T>
+void normalize_centered(const T* x, Shape shape, const param_t<T>* mean, const param_t<T>* mean_lo,
+                        const param_t<T>* invstd, const param_t<T>* weight, const param_t<T>* bias, T* y) {
+    using P = param_t<T>;
+    const std::vector<P> scale = scale_of(shape.channels, invstd, weight);
+    const std::vector<P> shift = bias ? std::vector<P>(bias, bias + shape.channels)
+                                      : filled<P>(shape.channels, 0);
+    kernels::affine(x, shape, threads(), mean, mean_lo, scale.data(), shift.data(), y);
+}
+
+}  // namespace
+
+void set_num_threads(int n) {
+    if (n < 1) throw ValueError("bnorm: the number of threads must be >= 1, got " + std::to_string(n));
+    g_threads.store(n, std::memory_order_relaxed);
+}
+
+int get_num_threads() { return threads(); }
+
+template <class T>
+void batch_stats(const T* x, Shape shape, param_t<T>* mean, param_t<T>* var) {
+    check_shape(shape);
+    if (shape.channels == 0) return;
+    check_pointer(mean, "mean");
+    check_pointer(var, "var");
+    if (shape.count() > 0) check_pointer(x, "x");
+    std::vector<double> m(static_cast<size_t>(shape.channels), 0.0), v(static_cast<size_t>(shape.channels), 0.0);
+    if (shape.count() > 0) kernels::moments(x, shape, threads(), m.data(), v.data());
+    for (int64_t c = 0; c < shape.channels; ++c) {
+        mean[c] = param_t<T>(m[c]);
+        var[c] = param_t<T>(v[c]);
+    }
+}
+
+template <class P>
+void merge_stats(int64_t parts, int64_t channels, const double* counts, const P* means,
+                 const P* vars, double* count, P* mean, P* var) {
+    if (parts < 0 || channels < 0)
+        throw ValueError("bnorm: merge_stats: parts and channels must be >= 0");
+    if (channels == 0) return;
+    check_pointer(count, "count");
+    check_pointer(mean, "mean");
+    check_pointer(var, "var");
+    if (parts > 0) {
+        check_pointer(counts, "counts");
+        check_pointer(means, "means");
+        check_pointer(vars, "vars");
+    }
+    for (int64_t i = 0; i < parts * channels; ++i)
+        if (!(counts[i] >= 0) || !std::isfinite(counts[i]))
+            throw ValueError("bnorm: merge_stats: counts must be finite and >= 0, got " +
+                             std::to_string(counts[i]));
+    // Chan et al.: combine (n, mean, M2) pairwise in part order, in double.
+    for (int64_t c = 0; c < channels; ++c) {
+        double n = 0, m = 0, m2 = 0;
+        for (int64_t p = 0; p < parts; ++p) {
+            const double nb = counts[p * channels + c];
+            if (nb == 0) continue;
+            const double mb = means[p * channels + c];
+            const double m2b = double(vars[p * channels + c]) * nb;
+            const double total = n + nb;
+            const double delta = mb - m;
+            m += delta * (nb / total);
+            m2 += m2b + delta * delta * (n * (nb / total));
+            n = total;
+        }
+        count[c] = n;
+        mean[c] = P(m);
+        var[c] = P(n > 0 ? m2 / n : 0.0);
+    }
+}
+
+template <class T>
+void normalize(const T* x, Shape shape, const param_t<T>* mean, const param_t<T>* invstd,
+               const param_t<T>* weight, const param_t<T>* bias, T* y) {
+    using P = param_t<T>;
+    check_shape(shape);
+    if (shape.size() == 0) return;
+    check_pointer(x, "x");
+    check_pointer(mean, "mean");
+    check_pointer(invstd, "invstd");
+    check_pointer(y, "y");
+    normalize_centered(x, shape, mean, filled<P>(shape.channels, 0).data(), invstd, weight, bias, y);
+}
+
+template <class T>
+void forward_train(const T* x, Shape shape, const param_t<T>* weight, const param_t<T>* bias,
+                   param_t<T>* running_mean, param_t<T>* running_var, double momentum,
+                   double eps, T* y, param_t<T>* save_mean, param_t<T>* save_invstd) {
+    using P = param_t<T>;
+    check_shape(shape);
+    check_eps(eps);
+    check_momentum(momentum);
+    if (shape.count() == 1)
+        throw ValueError("expected more than 1 value per channel when training, got input of shape " +
+                         shape_string(shape));
+    if (shape.channels == 0) return;
+    check_pointer(save_mean, "save_mean");
+    check_pointer(save_invstd, "save_invstd");
+    if (shape.count() == 0) {  // empty batch: nothing to learn from, running stats untouched
+        for (int64_t c = 0; c < shape.channels; ++c) {
+            save_mean[c] = 0;
+            save_invstd[c] = invstd_of<P>(0.0, eps);
+        }
+        return;
+    }
+    check_pointer(x, "x");
+    check_pointer(y, "y");
+    std::vector<double> mean(static_cast<size_t>(shape.channels)), var(static_cast<size_t>(shape.channels));
+    kernels::moments(x, shape, threads(), mean.data(), var.data());
+    std::vector<P> batch_mean(static_cast<size_t>(shape.channels)), mean_lo(static_cast<size_t>(shape.channels)),
+        invstd(static_cast<size_t>(shape.channels));
+    for (int64_t c = 0; c < shape.channels; ++c) {
+        batch_mean[c] = P(mean[c]);
+        mean_lo[c] = P(mean[c] - double(batch_mean[c]));
+        invstd[c] = invstd_of<P>(var[c], eps);
+    }
+    normalize_centered(x, shape, batch_mean.data(), mean_lo.data(), invstd.data(), weight, bias, y);
+    // Written last, so that running buffers may alias weight or bias.
+    const double unbias = double(shape.count()) / double(shape.count() - 1);
+    for (int64_t c = 0; c < shape.channels; ++c) {
+        save_mean[c] = batch_mean[c];
+        save_invstd[c] = invstd[c];
+        if (running_mean)
+            running_mean[c] = P((1 - momentum) * running_mean[c] + momentum * mean[c]);
+        if (running_var)
+            running_var[c] = P((1 - momentum) * running_var[c] + momentum * var[c] * unbias);
+    }
+}
+
+template <class T>
+void forward_infer(const T* x, Shape shape, const param_t<T>* running_mean,
+                   const param_t<T>* running_var, const param_t<T>* weight,
+                   const param_t<T>* bias, double eps, T* y) {
+    using P = param_t<T>;
+    check_shape(shape);
+    check_eps(eps);
+    if (shape.size() == 0) return;
+    check_pointer(running_mean, "running_mean");
+    check_pointer(running_var, "running_var");
+    std::vector<P> invstd(static_cast<size_t>(shape.channels));
+    for (int64_t c = 0; c < shape.channels; ++c) invstd[c] = invstd_of<P>(running_var[c], eps);
+    normalize(x, shape, running_mean, invstd.data(), weight, bias, y);
+}
+
+template <class T>
+void backward_reduce(const T* dy, const T* x, Shape shape, const param_t<T>* mean,
+                     const param_t<T>* invstd, param_t<T>* sum_dy, param_t<T>* sum_dy_xhat) {
+    using P = param_t<T>;
+    check_shape(shape);
+    if (shape.channels == 0) return;
+    check_pointer(mean, "mean");
+    check_pointer(invstd, "invstd");
+    check_pointer(sum_dy, "sum_dy");
+    check_pointer(sum_dy_xhat, "sum_dy_xhat");
+    std::vector<double> s_dy(static_cast<size_t>(shape.channels), 0.0), s_dy_xmu(static_cast<size_t>(shape.channels), 0.0);
+    if (shape.count() > 0) {
+        check_pointer(dy, "dy");
+        check_pointer(x, "x");
+        kernels::backward_sums(dy, x, shape, threads(), mean, s_dy.data(), s_dy_xmu.data());
+    }
+    for (int64_t c = 0; c < shape.channels; ++c) {
+        sum_dy[c] = P(s_dy[c]);
+        sum_dy_xhat[c] = P(s_dy_xmu[c] * double(invstd[c]));
+    }
+}
+
+template <class T>
+void backward_elemt(const T* dy, const T* x, Shape shape, const param_t<T>* mean,
+                    const param_t<T>* invstd, const param_t<T>* weight,
+                    const param_t<T>* sum_dy, const param_t<T>* sum_dy_xhat, double count,
+                    T* dx) {
+    using P = param_t<T>;
+    check_shape(shape);
+    if (shape.size() == 0) return;
+    if (!(count > 0) || !std::isfinite(count))
+        throw ValueError("bnorm: count must be positive and finite, got " + std::to_string(count));
+    for (const void* p : {static_cast<const void*>(dy), static_cast<const void*>(x),
+                          static_cast<const void*>(mean), static_cast<const void*>(invstd),
+                          static_cast<const void*>(sum_dy), static_cast<const void*>(sum_dy_xhat),
+                          static_cast<const void*>(dx)})
+        check_pointer(p, "dy, x, mean, invstd, sum_dy, sum_dy_xhat and dx");
+    const int64_t C = shape.channels;
+    std::vector<P> dy_mean(static_cast<size_t>(C)), xmu_scale(static_cast<size_t>(C));
+    for (int64_t c = 0; c < C; ++c) {
+        dy_mean[c] = P(double(sum_dy[c]) / count);
+        xmu_scale[c] = P(double(invstd[c]) * double(sum_dy_xhat[c]) / count);
+    }
+    const std::vector<P> scale = scale_of(C, invstd, weight);
+    kernels::backward_dx(dy, x, shape, threads(), mean, dy_mean.data(), xmu_scale.data(),
+                         scale.data(), dx);
+}
+
+template <class T>
+void backward(const T* dy, const T* x, Shape shape, const param_t<T>* mean,
+              const param_t<T>* invstd, const param_t<T>* weight, bool batch_stats, T* dx,
+              param_t<T>* dweight, param_t<T>* dbias) {
+    using P = param_t<T>;
+    check_shape(shape);
+    if (shape.channels == 0) return;
+    check_pointer(dweight, "dweight");
+    check_pointer(dbias, "dbias");
+    // Sums go to scratch first: dweight and dbias are written last, so they may alias weight.
+    std::vector<P> sum_dy(static_cast<size_t>(shape.channels)), sum_dy_xhat(static_cast<size_t>(shape.channels));
+    backward_reduce(dy, x, shape, mean, invstd, sum_dy.data(), sum_dy_xhat.data());
+    if (shape.size() > 0) {
+        if (batch_stats) {
+            backward_elemt(dy, x, shape, mean, invstd, weight, sum_dy.data(), sum_dy_xhat.data(),
+                           double(shape.count()), dx);
+        } else {
+            check_pointer(dx, "dx");
+            const std::vector<P> scale = scale_of(shape.channels, invstd, weight);
+            const std::vector<P> zero = filled<P>(shape.channels, 0);
+            kernels::affine(dy, shape, threads(), zero.data(), zero.data(), scale.data(), zero.data(), dx);
+        }
+    }
+    std::copy(sum_dy.begin(), sum_dy.end(), dbias);
+    std::copy(sum_dy_xhat.begin(), sum_dy_xhat.end(), dweight);
+}
+
+#define BNORM_INSTANTIATE(T)                                                                   \
+    template void batch_stats<T>(const T*, Shape, param_t<T>*, param_t<T>*);                   \
+    template void normalize<T>(const T*, Shape, const param_t<T>*, const param_t<T>*,          \
+                               const param_t<T>*, const param_t<T>*, T*);                      \
+    template void forward_train<T>(const T*, Shape, const param_t<T>*, const param_t<T>*,      \
+                                   param_t<T>*, param_t<T>*, double, double, T*, param_t<T>*,  \
+                                   param_t<T>*);                                               \
+    template void forward_infer<T>(const T*, Shape, const param_t<T>*, const param_t<T>*,      \
+                                   const param_t<T>*, const param_t<T>*, double, T*);          \
+    template void backward_reduce<T>(const T*, const T*, Shape, const param_t<T>*,             \
+                                     const param_t<T>*, param_t<T>*, param_t<T>*);             \
+    template void backward_elemt<T>(const T*, const T*, Shape, const param_t<T>*,              \
+                                    const param_t<T>*, const param_t<T>*, const param_t<T>*,   \
+                                    const param_t<T>*, double, T*);                            \
+    template void backward<T>(const T*, const T*, Shape, const param_t<T>*, const param_t<T>*, \
+                              const param_t<T>*, bool, T*, param_t<T>*, param_t<T>*);
+BNORM_INSTANTIATE(float)
+BNORM_INSTANTIATE(double)
+BNORM_INSTANTIATE(half)
+#undef BNORM_INSTANTIATE
+
+template void merge_stats<float>(int64_t, int64_t, const double*, const float*, const float*,
+                                 double*, float*, float*);
+template void merge_stats<double>(int64_t, int64_t, const double*, const double*,
+                                  const double*, double*, double*, double*);
+
+}  // namespace bnorm

@@ -1,0 +1,38 @@
+"""bnorm: batch normalization outside deep-learning frameworks, and faster than them.
+
+Functions on NumPy arrays (CPU, OpenMP + SIMD) and on CUDA arrays of any DLPack framework,
+with PyTorch's semantics. See the docs/ folder and ``help(bnorm.forward_train)``.
+"""
+
+from ._core import __version__, built_with_cuda
+from ._functional import (
+    backward,
+    backward_elemt,
+    backward_reduce,
+    batch_stats,
+    cuda_available,
+    forward_infer,
+    forward_train,
+    get_num_threads,
+    merge_stats,
+    normalize,
+    set_num_threads,
+)
+from ._layer import BatchNorm
+
+__all__ = [
+    "BatchNorm",
+    "__version__",
+    "backward",
+    "backward_elemt",
+    "backward_reduce",
+    "batch_stats",
+    "built_with_cuda",
+    "cuda_available",
+    "forward_infer",
+    "forward_train",
+    "get_num_threads",
+    "merge_stats",
+    "normalize",
+    "set_num_threads",
+]

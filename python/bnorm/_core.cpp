@@ -1,0 +1,289 @@
+// bnorm._core: the nanobind bindings, the only code that knows nanobind.
+//
+// Each function takes C-contiguous arrays (NumPy on the CPU, or any DLPack array on a CUDA
+// device) already allocated and shaped by the Python layer (python/bnorm/_functional.py),
+// which owns the user-facing checks and messages. Here every array's dtype, device and size
+// is checked again, so that no call can touch memory it was not given; then the GIL is
+// released and the C++ API runs on the arrays' device.
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/tuple.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <type_traits>
+
+#include "bnorm/bnorm.hpp"
+
+#ifndef BNORM_HAS_CUDA
+#define BNORM_HAS_CUDA 0
+#endif
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+namespace {
+
+using In = nb::ndarray<nb::ro, nb::c_contig>;   // read; may be a read-only array
+using Out = nb::ndarray<nb::c_contig>;          // written; must be writeable
+using OptIn = std::optional<In>;
+using OptOut = std::optional<Out>;
+using ShapeTuple = std::tuple<int64_t, int64_t, int64_t>;
+
+const nb::dlpack::dtype kHalf{uint8_t(nb::dlpack::dtype_code::Float), 16, 1};
+const nb::dlpack::dtype kBfloat16{uint8_t(nb::dlpack::dtype_code::Bfloat), 16, 1};
+
+template <class T> nb::dlpack::dtype dtype_of() {
+    if constexpr (std::is_same_v<T, bnorm::half>) return kHalf;
+    else if constexpr (std::is_same_v<T, bnorm::bfloat16>) return kBfloat16;
+    else return nb::dtype<T>();
+}
+
+// One call's device and stream, taken from x; every other array must match it.
+class Context {
+public:
+    Context(const In& x, uintptr_t stream) : device_type_(x.device_type()), device_id_(x.device_id()), stream_(stream) {
+        if (device_type_ == nb::device::cuda::value) {
+#if BNORM_HAS_CUDA
+            bnorm::cuda::set_device(device_id_);
+#else
+            throw bnorm::ValueError("bnorm: x is a CUDA array but bnorm was built without CUDA");
+#endif
+        } else if (device_type_ != nb::device::cpu::value) {
+            throw bnorm::ValueError("bnorm: x must be a CPU (NumPy) or CUDA array");
+        } else if (stream != 0) {
+            throw bnorm::ValueError("bnorm: stream= applies to CUDA arrays only");
+        }
+    }
+
+    bool cuda() const { return device_type_ == nb::device::cuda::value; }
+#if BNORM_HAS_CUDA
+    bnorm::cuda::stream_t stream() const { return reinterpret_cast<bnorm::cuda::stream_t>(stream_); }
+#endif
+
+    // The data of `a` as const T* (In) or T* (Out), after checking device, dtype and size.
+    template <class T, class A>
+    auto get(const A& a, const char* name, size_t size) const {
+        if (a.device_type() != device_type_ || a.device_id() != device_id_)
+            throw bnorm::ValueError(std::string("bnorm: ") + name + " is not on x's device");
+        if (a.dtype() != dtype_of<T>())
+            throw bnorm::TypeError(std::string("bnorm: ") + name + " has the wrong dtype");
+        if (a.size() != size)
+            throw bnorm::ValueError(std::string("bnorm: ") + name + " has " + std::to_string(a.size()) +
+                                    " elements, expected " + std::to_string(size));
+        using Data = std::conditional_t<std::is_same_v<A, In>, const T*, T*>;
+        return static_cast<Data>(a.data());
+    }
+
+    template <class T, class A>
+    auto get(const std::optional<A>& a, const char* name, size_t size) const {
+        return a ? get<T>(*a, name, size) : decltype(get<T>(*a, name, size))(nullptr);
+    }
+
+private:
+    int32_t device_type_, device_id_;
+    uintptr_t stream_;
+};
+
+// Calls fn(T{}) with T the element type of x.
+template <class Fn>
+void dispatch(const In& x, Fn&& fn) {
+    const nb::dlpack::dtype dt = x.dtype();
+    if (dt == nb::dtype<float>()) fn(float{});
+    else if (dt == nb::dtype<double>()) fn(double{});
+    else if (dt == kHalf) fn(bnorm::half{});
+#if BNORM_HAS_CUDA
+    else if (dt == kBfloat16 && x.device_type() == nb::device::cuda::value) fn(bnorm::bfloat16{});
+#endif
+    else throw bnorm::TypeError("bnorm: x must be float16, float32 or float64 (bfloat16 on CUDA)");
+}
+
+// Runs bnorm::op (CPU) or bnorm::cuda::op (with the call's stream) on T.
+#if BNORM_HAS_CUDA
+#define BNORM_RUN(ctx, op, T, ...)                                                        \
+    do {                                                                                  \
+        if ((ctx).cuda()) bnorm::cuda::op<T>(__VA_ARGS__, (ctx).stream());                \
+        else if constexpr (!std::is_same_v<T, bnorm::bfloat16>) bnorm::op<T>(__VA_ARGS__); \
+    } while (0)
+#else
+#define BNORM_RUN(ctx, op, T, ...) bnorm::op<T>(__VA_ARGS__)
+#endif
+
+bnorm::Shape to_shape(const ShapeTuple& t) { return {std::get<0>(t), std::get<1>(t), std::get<2>(t)}; }
+
+size_t elements(bnorm::Shape s) {
+    if (s.outer < 0 || s.channels < 0 || s.inner < 0) throw bnorm::ValueError("bnorm: negative shape");
+    return size_t(s.size());
+}
+
+void batch_stats(const In& x, ShapeTuple shape_, const Out& mean, const Out& var, uintptr_t stream) {
+    const Context ctx(x, stream);
+    const bnorm::Shape s = to_shape(shape_);
+    const size_t C = size_t(s.channels);
+    dispatch(x, [&](auto tag) {
+        using T = decltype(tag);
+        using P = bnorm::param_t<T>;
+        BNORM_RUN(ctx, batch_stats, T, ctx.get<T>(x, "x", elements(s)), s, ctx.get<P>(mean, "mean", C),
+                  ctx.get<P>(var, "var", C));
+    });
+}
+
+void merge_stats(const In& counts, const In& means, const In& vars, const Out& count,
+                 const Out& mean, const Out& var, uintptr_t stream) {
+    const Context ctx(means, stream);
+    if (means.ndim() != 2) throw bnorm::ValueError("bnorm: means must be 2-D (parts, channels)");
+    const int64_t parts = int64_t(means.shape(0)), channels = int64_t(means.shape(1));
+    const size_t n = size_t(parts * channels), C = size_t(channels);
+    auto run = [&](auto tag) {
+        using P = decltype(tag);
+        const double* c = ctx.get<double>(counts, "counts", n);
+        const P* m = ctx.get<P>(means, "means", n);
+        const P* v = ctx.get<P>(vars, "vars", n);
+        double* total = ctx.get<double>(count, "count", C);
+        P* out_mean = ctx.get<P>(mean, "mean", C);
+        P* out_var = ctx.get<P>(var, "var", C);
+#if BNORM_HAS_CUDA
+        if (ctx.cuda()) return bnorm::cuda::merge_stats<P>(parts, channels, c, m, v, total, out_mean, out_var, ctx.stream());
+#endif
+        bnorm::merge_stats<P>(parts, channels, c, m, v, total, out_mean, out_var);
+    };
+    if (means.dtype() == nb::dtype<float>()) run(float{});
+    else if (means.dtype() == nb::dtype<double>()) run(double{});
+    else throw bnorm::TypeError("bnorm: means must be float32 or float64");
+}
+
+void normalize(const In& x, ShapeTuple shape_, const In& mean, const In& invstd, const OptIn& weight,
+               const OptIn& bias, const Out& y, uintptr_t stream) {
+    const Context ctx(x, stream);
+    const bnorm::Shape s = to_shape(shape_);
+    const size_t C = size_t(s.channels), N = elements(s);
+    dispatch(x, [&](auto tag) {
+        using T = decltype(tag);
+        using P = bnorm::param_t<T>;
+        BNORM_RUN(ctx, normalize, T, ctx.get<T>(x, "x", N), s, ctx.get<P>(mean, "mean", C),
+                  ctx.get<P>(invstd, "invstd", C), ctx.get<P>(weight, "weight", C), ctx.get<P>(bias, "bias", C),
+                  ctx.get<T>(y, "out", N));
+    });
+}
+
+void forward_train(const In& x, ShapeTuple shape_, const OptIn& weight, const OptIn& bias,
+                   const OptOut& running_mean, const OptOut& running_var, double momentum, double eps,
+                   const Out& y, const Out& save_mean, const Out& save_invstd, uintptr_t stream) {
+    const Context ctx(x, stream);
+    const bnorm::Shape s = to_shape(shape_);
+    const size_t C = size_t(s.channels), N = elements(s);
+    dispatch(x, [&](auto tag) {
+        using T = decltype(tag);
+        using P = bnorm::param_t<T>;
+        BNORM_RUN(ctx, forward_train, T, ctx.get<T>(x, "x", N), s, ctx.get<P>(weight, "weight", C),
+                  ctx.get<P>(bias, "bias", C), ctx.get<P>(running_mean, "running_mean", C),
+                  ctx.get<P>(running_var, "running_var", C), momentum, eps, ctx.get<T>(y, "out", N),
+                  ctx.get<P>(save_mean, "save_mean", C), ctx.get<P>(save_invstd, "save_invstd", C));
+    });
+}
+
+void forward_infer(const In& x, ShapeTuple shape_, const In& running_mean, const In& running_var,
+                   const OptIn& weight, const OptIn& bias, double eps, const Out& y, uintptr_t stream) {
+    const Context ctx(x, stream);
+    const bnorm::Shape s = to_shape(shape_);
+    const size_t C = size_t(s.channels), N = elements(s);
+    dispatch(x, [&](auto tag) {
+        using T = decltype(tag);
+        using P = bnorm::param_t<T>;
+        BNORM_RUN(ctx, forward_infer, T, ctx.get<T>(x, "x", N), s, ctx.get<P>(running_mean, "running_mean", C),
+                  ctx.get<P>(running_var, "running_var", C), ctx.get<P>(weight, "weight", C),
+                  ctx.get<P>(bias, "bias", C), eps, ctx.get<T>(y, "out", N));
+    });
+}
+
+void backward_reduce(const In& dy, const In& x, ShapeTuple shape_, const In& mean, const In& invstd,
+                     const Out& sum_dy, const Out& sum_dy_xhat, uintptr_t stream) {
+    const Context ctx(x, stream);
+    const bnorm::Shape s = to_shape(shape_);
+    const size_t C = size_t(s.channels), N = elements(s);
+    dispatch(x, [&](auto tag) {
+        using T = decltype(tag);
+        using P = bnorm::param_t<T>;
+        BNORM_RUN(ctx, backward_reduce, T, ctx.get<T>(dy, "dy", N), ctx.get<T>(x, "x", N), s,
+                  ctx.get<P>(mean, "mean", C), ctx.get<P>(invstd, "invstd", C), ctx.get<P>(sum_dy, "sum_dy", C),
+                  ctx.get<P>(sum_dy_xhat, "sum_dy_xhat", C));
+    });
+}
+
+void backward_elemt(const In& dy, const In& x, ShapeTuple shape_, const In& mean, const In& invstd,
+                    const OptIn& weight, const In& sum_dy, const In& sum_dy_xhat, double count,
+                    const Out& dx, uintptr_t stream) {
+    const Context ctx(x, stream);
+    const bnorm::Shape s = to_shape(shape_);
+    const size_t C = size_t(s.channels), N = elements(s);
+    dispatch(x, [&](auto tag) {
+        using T = decltype(tag);
+        using P = bnorm::param_t<T>;
+        BNORM_RUN(ctx, backward_elemt, T, ctx.get<T>(dy, "dy", N), ctx.get<T>(x, "x", N), s,
+                  ctx.get<P>(mean, "mean", C), ctx.get<P>(invstd, "invstd", C), ctx.get<P>(weight, "weight", C),
+                  ctx.get<P>(sum_dy, "sum_dy", C), ctx.get<P>(sum_dy_xhat, "sum_dy_xhat", C), count,
+                  ctx.get<T>(dx, "out", N));
+    });
+}
+
+void backward(const In& dy, const In& x, ShapeTuple shape_, const In& mean, const In& invstd,
+              const OptIn& weight, bool batch_stats, const Out& dx, const Out& dweight, const Out& dbias,
+              uintptr_t stream) {
+    const Context ctx(x, stream);
+    const bnorm::Shape s = to_shape(shape_);
+    const size_t C = size_t(s.channels), N = elements(s);
+    dispatch(x, [&](auto tag) {
+        using T = decltype(tag);
+        using P = bnorm::param_t<T>;
+        BNORM_RUN(ctx, backward, T, ctx.get<T>(dy, "dy", N), ctx.get<T>(x, "x", N), s, ctx.get<P>(mean, "mean", C),
+                  ctx.get<P>(invstd, "invstd", C), ctx.get<P>(weight, "weight", C), batch_stats,
+                  ctx.get<T>(dx, "out", N), ctx.get<P>(dweight, "dweight", C), ctx.get<P>(dbias, "dbias", C));
+    });
+}
+
+bool cuda_available() {
+#if BNORM_HAS_CUDA
+    return bnorm::cuda::available();
+#else
+    return false;
+#endif
+}
+
+}  // namespace
+
+NB_MODULE(_core, m) {
+    m.doc() = "bnorm's compiled core. Use the functions in the bnorm package, not these.";
+    nb::register_exception_translator([](const std::exception_ptr& p, void*) {
+        try {
+            std::rethrow_exception(p);
+        } catch (const bnorm::TypeError& e) {
+            PyErr_SetString(PyExc_TypeError, e.what());
+        }
+    });
+
+    const auto release = nb::call_guard<nb::gil_scoped_release>();
+    m.def("batch_stats", &batch_stats, "x"_a, "shape"_a, "mean"_a, "var"_a, "stream"_a = 0, release);
+    m.def("merge_stats", &merge_stats, "counts"_a, "means"_a, "vars"_a, "count"_a, "mean"_a, "var"_a,
+          "stream"_a = 0, release);
+    m.def("normalize", &normalize, "x"_a, "shape"_a, "mean"_a, "invstd"_a, "weight"_a.none(), "bias"_a.none(),
+          "y"_a, "stream"_a = 0, release);
+    m.def("forward_train", &forward_train, "x"_a, "shape"_a, "weight"_a.none(), "bias"_a.none(),
+          "running_mean"_a.none(), "running_var"_a.none(), "momentum"_a, "eps"_a, "y"_a, "save_mean"_a,
+          "save_invstd"_a, "stream"_a = 0, release);
+    m.def("forward_infer", &forward_infer, "x"_a, "shape"_a, "running_mean"_a, "running_var"_a,
+          "weight"_a.none(), "bias"_a.none(), "eps"_a, "y"_a, "stream"_a = 0, release);
+    m.def("backward_reduce", &backward_reduce, "dy"_a, "x"_a, "shape"_a, "mean"_a, "invstd"_a, "sum_dy"_a,
+          "sum_dy_xhat"_a, "stream"_a = 0, release);
+    m.def("backward_elemt", &backward_elemt, "dy"_a, "x"_a, "shape"_a, "mean"_a, "invstd"_a, "weight"_a.none(),
+          "sum_dy"_a, "sum_dy_xhat"_a, "count"_a, "dx"_a, "stream"_a = 0, release);
+    m.def("backward", &backward, "dy"_a, "x"_a, "shape"_a, "mean"_a, "invstd"_a, "weight"_a.none(),
+          "batch_stats"_a, "dx"_a, "dweight"_a, "dbias"_a, "stream"_a = 0, release);
+    m.def("set_num_threads", &bnorm::set_num_threads, "n"_a);
+    m.def("get_num_threads", &bnorm::get_num_threads);
+    m.def("cuda_available", &cuda_available);
+    m.attr("built_with_cuda") = bool(BNORM_HAS_CUDA);
+    m.attr("__version__") = BNORM_VERSION_STRING;
+}

@@ -1,0 +1,411 @@
+"""The functional API: argument checks, the (outer, C, inner) view, outputs, then _core.
+
+Every user-facing check and message lives here; _core checks dtypes and sizes again only so
+that nothing can ever touch memory it was not given. Arrays are checked and outputs
+allocated before anything is computed, so a call that raises has modified nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+
+from . import _core
+
+__all__ = [
+    "forward_train",
+    "forward_infer",
+    "backward",
+    "batch_stats",
+    "merge_stats",
+    "normalize",
+    "backward_reduce",
+    "backward_elemt",
+    "set_num_threads",
+    "get_num_threads",
+    "cuda_available",
+]
+
+_CPU_DTYPES = ("float16", "float32", "float64")
+_CUDA_DTYPES = _CPU_DTYPES + ("bfloat16",)
+
+
+class _NumPy:
+    """Array operations for NumPy arrays on the CPU (the CUDA counterpart is in _cuda.py)."""
+
+    stream = 0
+    dtypes = _CPU_DTYPES
+
+    @staticmethod
+    def owns(a) -> bool:
+        return isinstance(a, np.ndarray)
+
+    @staticmethod
+    def dtype_name(a) -> str:
+        return a.dtype.name
+
+    @staticmethod
+    def empty(shape, dtype_name: str):
+        return np.empty(shape, dtype=dtype_name)
+
+    @staticmethod
+    def is_contiguous(a) -> bool:
+        return a.flags.c_contiguous
+
+    @staticmethod
+    def contiguous(a):
+        return np.ascontiguousarray(a)
+
+    @staticmethod
+    def is_writeable(a) -> bool:
+        return a.flags.writeable
+
+    @staticmethod
+    def copy_into(dst, src) -> None:
+        np.copyto(dst, src)
+
+    @staticmethod
+    def counts_table(counts, parts: int, channels: int):
+        """counts of shape (P,) or (P, C) as a C-contiguous float64 (P, C) table."""
+        return np.ascontiguousarray(np.broadcast_to(counts.astype(np.float64).reshape(parts, 1 if counts.ndim == 1 else channels), (parts, channels)))
+
+
+def _backend(x, stream):
+    """The array namespace of x: NumPy on the CPU, or the CUDA backend for DLPack arrays."""
+    if not isinstance(x, np.ndarray) and hasattr(x, "__dlpack_device__"):
+        device_type, _ = x.__dlpack_device__()
+        if device_type == 2:  # kDLCUDA
+            from . import _cuda
+
+            return _cuda.backend(x, stream)
+        if device_type != 1:  # kDLCPU arrays of other frameworks go through NumPy below
+            raise ValueError(f"bnorm: x is on an unsupported device (DLPack device type {device_type})")
+    if stream is not None:
+        raise ValueError("bnorm: stream= applies to CUDA arrays only")
+    return _NumPy
+
+
+def _param_dtype(dtype_name: str) -> str:
+    return "float32" if dtype_name in ("float16", "bfloat16") else dtype_name
+
+
+class _Call:
+    """One call's input x: its backend, dtype and (outer, C, inner) view around `axis`."""
+
+    def __init__(self, x, axis, stream, name="x"):
+        self.xp = _backend(x, stream)
+        if self.xp is _NumPy:
+            x = np.asarray(x)
+        self.input_shape = tuple(x.shape)
+        self.dtype = self.xp.dtype_name(x)
+        if self.dtype not in self.xp.dtypes:
+            raise TypeError(f"bnorm: {name} must be one of {', '.join(self.xp.dtypes)}, got {self.dtype}")
+        self.param_dtype = _param_dtype(self.dtype)
+        ndim = len(self.input_shape)
+        if ndim < 2:
+            raise ValueError(f"bnorm: {name} must have at least 2 dimensions, got shape {self.input_shape}")
+        if not isinstance(axis, numbers.Integral) or isinstance(axis, bool):
+            raise TypeError(f"bnorm: axis must be an integer, got {axis!r}")
+        if not -ndim <= axis < ndim:
+            raise ValueError(f"bnorm: axis {axis} is out of range for {name} of shape {self.input_shape}")
+        axis = int(axis) % ndim
+        self.channels = self.input_shape[axis]
+        outer = math.prod(self.input_shape[:axis])
+        inner = math.prod(self.input_shape[axis + 1 :])
+        self.shape = (outer, self.channels, inner)
+        self.count = outer * inner
+        self.x = self.input(x, name)
+
+    def input(self, a, name):
+        """An array shaped like x, as a C-contiguous array (copied only if it is not one)."""
+        if self.xp is _NumPy:
+            a = np.asarray(a)
+        elif not self.xp.owns(a):
+            raise ValueError(f"bnorm: {name} must be an array of the same framework and device as x")
+        if self.xp.dtype_name(a) != self.dtype:
+            raise TypeError(f"bnorm: {name} must have x's dtype {self.dtype}, got {self.xp.dtype_name(a)}")
+        if tuple(a.shape) != self.input_shape:
+            raise ValueError(f"bnorm: {name} must have x's shape {self.input_shape}, got {tuple(a.shape)}")
+        return a if self.xp.is_contiguous(a) else self.xp.contiguous(a)
+
+    def vector(self, a, name, *, required=True):
+        """A per-channel input vector (weight, bias, statistics) of the parameter dtype."""
+        if a is None:
+            if required:
+                raise ValueError(f"bnorm: {name} is required")
+            return None
+        if self.xp is _NumPy:
+            a = np.asarray(a)
+        elif not self.xp.owns(a):
+            raise ValueError(f"bnorm: {name} must be an array of the same framework and device as x")
+        if self.xp.dtype_name(a) != self.param_dtype:
+            raise TypeError(
+                f"bnorm: {name} must be {self.param_dtype} for {self.dtype} x, got {self.xp.dtype_name(a)}"
+            )
+        if tuple(a.shape) != (self.channels,):
+            raise ValueError(f"bnorm: {name} must have shape ({self.channels},), got {tuple(a.shape)}")
+        return a if self.xp.is_contiguous(a) else self.xp.contiguous(a)
+
+    def buffer(self, a, name):
+        """A per-channel vector updated in place (running statistics)."""
+        if a is None:
+            return None
+        if self.xp is _NumPy and not isinstance(a, np.ndarray):
+            raise TypeError(f"bnorm: {name} must be a NumPy array (it is updated in place), got {type(a).__name__}")
+        a_checked = self.vector(a, name)
+        if a_checked is not a:
+            raise ValueError(f"bnorm: {name} must be C-contiguous (it is updated in place)")
+        if not self.xp.is_writeable(a):
+            raise ValueError(f"bnorm: {name} is read-only (it is updated in place)")
+        return a
+
+    def new_vector(self):
+        return self.xp.empty((self.channels,), self.param_dtype)
+
+    def output(self, out):
+        """(the array _core writes, the array returned): out itself when it is C-contiguous,
+        else a fresh array copied into out after the call."""
+        if out is None:
+            y = self.xp.empty(self.input_shape, self.dtype)
+            return _Output(y, y, self.xp)
+        if self.xp is _NumPy and not isinstance(out, np.ndarray):
+            raise TypeError(f"bnorm: out must be a NumPy array, got {type(out).__name__}")
+        if self.xp is not _NumPy and not self.xp.owns(out):
+            raise ValueError("bnorm: out must be an array of the same framework and device as x")
+        if self.xp.dtype_name(out) != self.dtype:
+            raise TypeError(f"bnorm: out must have x's dtype {self.dtype}, got {self.xp.dtype_name(out)}")
+        if tuple(out.shape) != self.input_shape:
+            raise ValueError(f"bnorm: out must have x's shape {self.input_shape}, got {tuple(out.shape)}")
+        if not self.xp.is_writeable(out):
+            raise ValueError("bnorm: out is read-only")
+        if self.xp.is_contiguous(out):
+            return _Output(out, out, self.xp)
+        return _Output(self.xp.empty(self.input_shape, self.dtype), out, self.xp)
+
+    def require_batch(self):
+        if self.count == 1:
+            raise ValueError(
+                "expected more than 1 value per channel when training, "
+                f"got input of shape {self.input_shape}"
+            )
+
+
+class _Output:
+    def __init__(self, target, result, xp):
+        self.target, self.result, self.xp = target, result, xp
+
+    def done(self):
+        if self.target is not self.result:
+            self.xp.copy_into(self.result, self.target)
+        return self.result
+
+
+def forward_train(
+    x, weight=None, bias=None, running_mean=None, running_var=None, *, axis=1, momentum=0.1, eps=1e-5,
+    out=None, stream=None,
+):
+    """Batch normalization in training mode.
+
+    Normalizes x with the mean and biased variance of each channel (C = x.shape[axis],
+    statistics over every other axis): y = (x - mean) / sqrt(var + eps) * weight + bias.
+
+    Args:
+        x: float16, float32 or float64 array, ndim >= 2 (bfloat16 too on CUDA).
+        weight, bias: per-channel scale and shift of shape (C,), or None (1 and 0).
+            Parameter dtype: float32 for 16-bit x, else x's dtype.
+        running_mean, running_var: per-channel buffers updated in place when given:
+            r = (1 - momentum) * r + momentum * batch value, with the unbiased
+            variance (var * M / (M - 1)) for running_var. Left untouched for an empty x.
+        axis: the channel axis (negative counts from the end).
+        momentum: in [0, 1].
+        eps: > 0, added to the variance.
+        out: optional preallocated output of x's shape and dtype (may be x itself).
+        stream: CUDA stream handle (int) for CUDA arrays; None is the legacy default stream.
+
+    Returns:
+        (y, save_mean, save_invstd): the output and the batch mean and 1/sqrt(var + eps)
+        per channel, as needed by ``backward``.
+
+    Raises:
+        TypeError: a wrong dtype. ValueError: a wrong shape or value, or a single value
+        per channel (M == 1).
+    """
+    call = _Call(x, axis, stream)
+    weight = call.vector(weight, "weight", required=False)
+    bias = call.vector(bias, "bias", required=False)
+    running_mean = call.buffer(running_mean, "running_mean")
+    running_var = call.buffer(running_var, "running_var")
+    call.require_batch()
+    y = call.output(out)
+    save_mean, save_invstd = call.new_vector(), call.new_vector()
+    _core.forward_train(
+        call.x, call.shape, weight, bias, running_mean, running_var, float(momentum), float(eps),
+        y.target, save_mean, save_invstd, call.xp.stream,
+    )
+    return y.done(), save_mean, save_invstd
+
+
+def forward_infer(x, running_mean, running_var, weight=None, bias=None, *, axis=1, eps=1e-5, out=None, stream=None):
+    """Batch normalization in inference mode, with fixed statistics:
+    y = (x - running_mean) / sqrt(running_var + eps) * weight + bias.
+
+    Arguments as in ``forward_train``; running_mean and running_var are required and only
+    read. Returns y.
+    """
+    call = _Call(x, axis, stream)
+    running_mean = call.vector(running_mean, "running_mean")
+    running_var = call.vector(running_var, "running_var")
+    weight = call.vector(weight, "weight", required=False)
+    bias = call.vector(bias, "bias", required=False)
+    y = call.output(out)
+    _core.forward_infer(call.x, call.shape, running_mean, running_var, weight, bias, float(eps), y.target, call.xp.stream)
+    return y.done()
+
+
+def backward(dy, x, mean, invstd, weight=None, *, axis=1, batch_stats=True, out=None, stream=None):
+    """Gradients of batch normalization.
+
+    Args:
+        dy: gradient of the loss with respect to y, shaped like x.
+        x: the forward input.
+        mean, invstd: batch_stats=True: the save_mean and save_invstd of ``forward_train``
+            (training mode: the gradient flows through the batch mean and variance);
+            batch_stats=False: constants (eval mode: running_mean and
+            1/sqrt(running_var + eps)), so dx = dy * weight * invstd.
+        weight: the per-channel scale, or None (1).
+        out: optional preallocated dx (may be dy or x itself).
+
+    Returns:
+        (dx, dweight, dbias) with dweight = sum(dy * xhat) and dbias = sum(dy) per channel,
+        xhat = (x - mean) * invstd; dweight and dbias are returned even when weight is None.
+    """
+    call = _Call(x, axis, stream)
+    dy = call.input(dy, "dy")
+    mean = call.vector(mean, "mean")
+    invstd = call.vector(invstd, "invstd")
+    weight = call.vector(weight, "weight", required=False)
+    dx = call.output(out)
+    dweight, dbias = call.new_vector(), call.new_vector()
+    _core.backward(dy, call.x, call.shape, mean, invstd, weight, bool(batch_stats), dx.target, dweight, dbias, call.xp.stream)
+    return dx.done(), dweight, dbias
+
+
+def batch_stats(x, *, axis=1, stream=None):
+    """Per-channel statistics of x: (count, mean, var) with count = M, the number of values
+    per channel (an int), and var the biased variance. Computed with shifted two-pass sums
+    merged with Chan's formula (accurate for |mean| >> std). For an empty x, mean and var
+    are 0."""
+    call = _Call(x, axis, stream)
+    mean, var = call.new_vector(), call.new_vector()
+    _core.batch_stats(call.x, call.shape, mean, var, call.xp.stream)
+    return call.count, mean, var
+
+
+def merge_stats(counts, means, vars, *, stream=None):
+    """Chan's combination of partial statistics over a leading axis.
+
+    Args:
+        counts: values per part, shape (P,) or (P, C); parts with count 0 contribute nothing.
+        means, vars: shape (P, C), float32 or float64; vars are biased.
+
+    Returns:
+        (count, mean, var): the total count (a scalar when counts is 1-D, an int when counts
+        are integers; else float64 of shape (C,)), and the mean and biased variance of the
+        union, shape (C,). Where the total count is 0, mean and var are 0.
+    """
+    xp = _backend(means, stream)
+    if xp is _NumPy:
+        means, vars, counts = np.asarray(means), np.asarray(vars), np.asarray(counts)
+    if means.ndim != 2:
+        raise ValueError(f"bnorm: means must have shape (parts, channels), got {tuple(means.shape)}")
+    dtype = xp.dtype_name(means)
+    if dtype not in ("float32", "float64"):
+        raise TypeError(f"bnorm: means must be float32 or float64, got {dtype}")
+    if xp.dtype_name(vars) != dtype:
+        raise TypeError(f"bnorm: vars must have means' dtype {dtype}, got {xp.dtype_name(vars)}")
+    if tuple(vars.shape) != tuple(means.shape):
+        raise ValueError(f"bnorm: vars must have means' shape {tuple(means.shape)}, got {tuple(vars.shape)}")
+    parts, channels = means.shape
+    if tuple(counts.shape) not in ((parts,), (parts, channels)):
+        raise ValueError(
+            f"bnorm: counts must have shape ({parts},) or ({parts}, {channels}), got {tuple(counts.shape)}"
+        )
+    if xp.dtype_name(counts)[:1] not in ("i", "u", "f"):
+        raise TypeError(f"bnorm: counts must be integers or floats, got {xp.dtype_name(counts)}")
+    table = xp.counts_table(counts, parts, channels)
+    means = means if xp.is_contiguous(means) else xp.contiguous(means)
+    vars = vars if xp.is_contiguous(vars) else xp.contiguous(vars)
+    count = xp.empty((channels,), "float64")
+    mean, var = xp.empty((channels,), dtype), xp.empty((channels,), dtype)
+    _core.merge_stats(table, means, vars, count, mean, var, xp.stream)
+    if counts.ndim == 1:
+        count = counts.sum().item()  # an int for integer counts, exact
+    return count, mean, var
+
+
+def normalize(x, mean, invstd, weight=None, bias=None, *, axis=1, out=None, stream=None):
+    """y = (x - mean) * invstd * weight + bias per channel (weight and bias may be None).
+    The elementwise phase of ``forward_train``, for statistics computed elsewhere
+    (e.g. merged across shards with ``merge_stats``)."""
+    call = _Call(x, axis, stream)
+    mean = call.vector(mean, "mean")
+    invstd = call.vector(invstd, "invstd")
+    weight = call.vector(weight, "weight", required=False)
+    bias = call.vector(bias, "bias", required=False)
+    y = call.output(out)
+    _core.normalize(call.x, call.shape, mean, invstd, weight, bias, y.target, call.xp.stream)
+    return y.done()
+
+
+def backward_reduce(dy, x, mean, invstd, *, axis=1, stream=None):
+    """The reduction phase of ``backward``: (sum_dy, sum_dy_xhat) per channel, with
+    xhat = (x - mean) * invstd. Sum these over shards before ``backward_elemt``."""
+    call = _Call(x, axis, stream)
+    dy = call.input(dy, "dy")
+    mean = call.vector(mean, "mean")
+    invstd = call.vector(invstd, "invstd")
+    sum_dy, sum_dy_xhat = call.new_vector(), call.new_vector()
+    _core.backward_reduce(dy, call.x, call.shape, mean, invstd, sum_dy, sum_dy_xhat, call.xp.stream)
+    return sum_dy, sum_dy_xhat
+
+
+def backward_elemt(dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count, *, axis=1, out=None, stream=None):
+    """The elementwise phase of ``backward`` with batch statistics:
+    dx = weight * invstd * (dy - sum_dy / count - xhat * sum_dy_xhat / count),
+    where count is the number of values per channel over all shards (> 0)."""
+    call = _Call(x, axis, stream)
+    dy = call.input(dy, "dy")
+    mean = call.vector(mean, "mean")
+    invstd = call.vector(invstd, "invstd")
+    weight = call.vector(weight, "weight", required=False)
+    sum_dy = call.vector(sum_dy, "sum_dy")
+    sum_dy_xhat = call.vector(sum_dy_xhat, "sum_dy_xhat")
+    if isinstance(count, bool) or not isinstance(count, numbers.Real):
+        raise TypeError(f"bnorm: count must be a number, got {type(count).__name__}")
+    dx = call.output(out)
+    _core.backward_elemt(
+        dy, call.x, call.shape, mean, invstd, weight, sum_dy, sum_dy_xhat, float(count), dx.target, call.xp.stream
+    )
+    return dx.done()
+
+
+def set_num_threads(n: int) -> None:
+    """Set the number of CPU threads bnorm uses (default: OpenMP's, honouring
+    OMP_NUM_THREADS). Results are bitwise identical for any number of threads."""
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+        raise TypeError(f"bnorm: the number of threads must be an integer, got {n!r}")
+    if n < 1:
+        raise ValueError(f"bnorm: the number of threads must be >= 1, got {n}")
+    _core.set_num_threads(int(n))
+
+
+def get_num_threads() -> int:
+    """The number of CPU threads bnorm uses."""
+    return _core.get_num_threads()
+
+
+def cuda_available() -> bool:
+    """True when bnorm was built with CUDA and a usable CUDA device exists."""
+    return _core.cuda_available()

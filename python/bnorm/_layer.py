@@ -1,0 +1,164 @@
+"""BatchNorm: a batch-normalization layer for NumPy pipelines, with PyTorch's semantics."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+
+from ._functional import backward, forward_infer, forward_train
+
+__all__ = ["BatchNorm"]
+
+_DTYPES = ("float16", "float32", "float64")
+
+
+class BatchNorm:
+    """Batch normalization over the channel axis ``axis`` of inputs with ndim >= 2.
+
+    Like ``torch.nn.BatchNorm1d/2d/3d`` (all of them: any ndim >= 2), on NumPy arrays.
+
+    Args:
+        num_features: C, the number of channels (x.shape[axis]).
+        eps: added to the variance, > 0.
+        momentum: factor of the running averages, in [0, 1]; None means a cumulative
+            moving average (factor 1 / num_batches_tracked).
+        affine: learn a per-channel weight (initialized to 1) and bias (0).
+        track_running_stats: keep running_mean / running_var (initialized to 0 / 1)
+            and use them in eval mode; when False, batch statistics are always used.
+        axis: the channel axis.
+        dtype: the dtype of x: float16, float32 or float64. Parameters and running
+            statistics are float32 for float16, else this dtype.
+
+    Attributes:
+        weight, bias: the affine parameters (None when affine is False).
+        running_mean, running_var: running statistics (None when not tracked).
+        num_batches_tracked: training batches seen (None when not tracked).
+        training: True after ``train()``, False after ``eval()``.
+        grad_weight, grad_bias: gradients set by ``backward`` (None when not affine).
+    """
+
+    def __init__(self, num_features, *, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, axis=1,
+                 dtype=np.float32):
+        if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral):
+            raise TypeError(f"bnorm: num_features must be an integer, got {num_features!r}")
+        if num_features <= 0:
+            raise ValueError(f"bnorm: num_features must be positive, got {num_features}")
+        if not (isinstance(eps, numbers.Real) and np.isfinite(eps) and eps > 0):
+            raise ValueError(f"bnorm: eps must be positive and finite, got {eps!r}")
+        if momentum is not None and not (isinstance(momentum, numbers.Real) and 0 <= momentum <= 1):
+            raise ValueError(f"bnorm: momentum must be in [0, 1] or None, got {momentum!r}")
+        dtype = np.dtype(dtype)
+        if dtype.name not in _DTYPES:
+            raise TypeError(f"bnorm: dtype must be one of {', '.join(_DTYPES)}, got {dtype.name}")
+        if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+            raise TypeError(f"bnorm: axis must be an integer, got {axis!r}")
+        self.num_features = int(num_features)
+        self.eps = float(eps)
+        self.momentum = None if momentum is None else float(momentum)
+        self.affine = bool(affine)
+        self.track_running_stats = bool(track_running_stats)
+        self.axis = int(axis)
+        self.dtype = dtype
+        self.param_dtype = np.dtype(np.float32) if dtype.itemsize == 2 else dtype
+        c, p = self.num_features, self.param_dtype
+        self.weight = np.ones(c, p) if self.affine else None
+        self.bias = np.zeros(c, p) if self.affine else None
+        self.running_mean = np.zeros(c, p) if self.track_running_stats else None
+        self.running_var = np.ones(c, p) if self.track_running_stats else None
+        self.num_batches_tracked = 0 if self.track_running_stats else None
+        self.training = True
+        self.grad_weight = None
+        self.grad_bias = None
+        self._saved = None  # (x, mean, invstd, batch_stats) of the last call, for backward
+
+    def train(self, mode: bool = True) -> "BatchNorm":
+        """Training mode (batch statistics, running statistics updated); returns self."""
+        self.training = bool(mode)
+        return self
+
+    def eval(self) -> "BatchNorm":
+        """Evaluation mode (running statistics, when tracked); returns self."""
+        return self.train(False)
+
+    def __call__(self, x):
+        """Normalize x: batch statistics when training or not tracking running
+        statistics, else the running ones. Remembers x for ``backward``."""
+        if self.training or not self.track_running_stats:
+            update = self.training and self.track_running_stats
+            batches = self.num_batches_tracked + 1 if update else None
+            factor = 0.0
+            if update:
+                factor = 1.0 / batches if self.momentum is None else self.momentum
+            y, mean, invstd = forward_train(
+                x, self.weight, self.bias,
+                self.running_mean if update else None, self.running_var if update else None,
+                axis=self.axis, momentum=factor, eps=self.eps,
+            )
+            if update and math.prod(x.shape) > 0:
+                self.num_batches_tracked = batches
+            self._saved = (x, mean, invstd, True)
+        else:
+            y = forward_infer(x, self.running_mean, self.running_var, self.weight, self.bias, axis=self.axis,
+                              eps=self.eps)
+            invstd = (1.0 / np.sqrt(self.running_var.astype(np.float64) + self.eps)).astype(self.param_dtype)
+            self._saved = (x, self.running_mean.copy(), invstd, False)
+        return y
+
+    forward = __call__
+
+    def backward(self, dy):
+        """Gradient of the loss with respect to the last call's input, given dy (shaped like
+        its output). Sets grad_weight and grad_bias (when affine); returns dx."""
+        if self._saved is None:
+            raise RuntimeError("bnorm: BatchNorm.backward called before a forward call")
+        x, mean, invstd, batch_stats = self._saved
+        dx, dweight, dbias = backward(dy, x, mean, invstd, self.weight, axis=self.axis, batch_stats=batch_stats)
+        if self.affine:
+            self.grad_weight, self.grad_bias = dweight, dbias
+        return dx
+
+    def state_dict(self) -> dict:
+        """Copies of the parameters and buffers, under PyTorch's keys."""
+        state = {}
+        if self.affine:
+            state["weight"] = self.weight.copy()
+            state["bias"] = self.bias.copy()
+        if self.track_running_stats:
+            state["running_mean"] = self.running_mean.copy()
+            state["running_var"] = self.running_var.copy()
+            state["num_batches_tracked"] = np.array(self.num_batches_tracked, dtype=np.int64)
+        return state
+
+    def load_state_dict(self, state, strict: bool = True) -> None:
+        """Load parameters and buffers from a dict with PyTorch's keys (values: arrays, or
+        anything np.asarray takes, such as CPU torch tensors). With strict, missing or
+        unexpected keys raise KeyError. Nothing is changed when it raises."""
+        expected = set(self.state_dict())
+        keys = set(state)
+        if strict and keys != expected:
+            missing, unexpected = sorted(expected - keys), sorted(keys - expected)
+            raise KeyError(f"bnorm: state_dict mismatch: missing {missing}, unexpected {unexpected}")
+        values = {}
+        for key in expected & keys:
+            value = np.asarray(state[key])
+            if key == "num_batches_tracked":
+                if value.shape != () or value.dtype.kind not in "iu":
+                    raise ValueError(f"bnorm: num_batches_tracked must be an integer scalar, got {value!r}")
+                values[key] = int(value)
+                continue
+            if value.shape != (self.num_features,):
+                raise ValueError(f"bnorm: {key} must have shape ({self.num_features},), got {value.shape}")
+            if not np.can_cast(value.dtype, self.param_dtype, casting="same_kind"):
+                raise TypeError(f"bnorm: {key} must be {self.param_dtype}, got {value.dtype}")
+            values[key] = value
+        for key, value in values.items():
+            if key == "num_batches_tracked":
+                self.num_batches_tracked = value
+            else:
+                np.copyto(getattr(self, key), value, casting="same_kind")
+
+    def __repr__(self) -> str:
+        return (f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+                f"track_running_stats={self.track_running_stats}, axis={self.axis}, dtype={self.dtype.name})")
