@@ -1,0 +1,332 @@
+// C++ tests of the CPU API against a double-precision reference written as plain loops.
+#include <bnorm/bnorm.hpp>
+
+#include <cstring>
+#include <limits>
+#include <random>
+#include <vector>
+
+#include "../../cpp/src/half.hpp"
+#include "check.hpp"
+
+namespace {
+
+using bnorm::Shape;
+
+template <class T> T from_double(double v) {
+    if constexpr (std::is_same_v<T, bnorm::half>) return bnorm::detail::float_to_half(float(v));
+    else return T(v);
+}
+template <class T> double to_double(T v) {
+    if constexpr (std::is_same_v<T, bnorm::half>) return bnorm::detail::half_to_float(v);
+    else return double(v);
+}
+template <class T> double tolerance() {
+    if constexpr (std::is_same_v<T, double>) return 1e-12;
+    else if constexpr (std::is_same_v<T, float>) return 2e-5;
+    else return 2e-3;  // the output is rounded to half
+}
+
+int64_t index(Shape s, int64_t o, int64_t c, int64_t i) { return (o * s.channels + c) * s.inner + i; }
+
+struct Reference {
+    std::vector<double> mean, var;
+};
+
+template <class T>
+Reference reference_moments(const std::vector<T>& x, Shape s) {
+    Reference r{std::vector<double>(s.channels, 0.0), std::vector<double>(s.channels, 0.0)};
+    for (int64_t c = 0; c < s.channels; ++c) {
+        for (int64_t o = 0; o < s.outer; ++o)
+            for (int64_t i = 0; i < s.inner; ++i) r.mean[c] += to_double(x[index(s, o, c, i)]);
+        r.mean[c] /= double(s.count());
+        for (int64_t o = 0; o < s.outer; ++o)
+            for (int64_t i = 0; i < s.inner; ++i) {
+                const double d = to_double(x[index(s, o, c, i)]) - r.mean[c];
+                r.var[c] += d * d;
+            }
+        r.var[c] /= double(s.count());
+    }
+    return r;
+}
+
+template <class T>
+std::vector<T> random_data(Shape s, double offset, unsigned seed) {
+    std::mt19937_64 rng(seed);
+    std::normal_distribution<double> normal(0.0, 1.0);
+    std::vector<T> x(static_cast<size_t>(s.size()));
+    for (auto& v : x) v = from_double<T>(offset + 2.0 * normal(rng));
+    return x;
+}
+
+template <class T>
+void test_forward_backward(Shape s) {
+    using P = bnorm::param_t<T>;
+    const double tol = tolerance<T>();
+    const int64_t C = s.channels;
+    const auto x = random_data<T>(s, 3.0, 1);
+    const auto dy = random_data<T>(s, 0.0, 2);
+    std::vector<P> weight(C), bias(C), running_mean(C, P(0.5)), running_var(C, P(2));
+    for (int64_t c = 0; c < C; ++c) {
+        weight[c] = P(0.5 + 0.1 * double(c % 7));
+        bias[c] = P(-1.0 + 0.3 * double(c % 5));
+    }
+    std::vector<T> y(x.size());
+    std::vector<P> save_mean(C), save_invstd(C);
+    const double momentum = 0.25, eps = 1e-5;
+    bnorm::forward_train(x.data(), s, weight.data(), bias.data(), running_mean.data(), running_var.data(),
+                         momentum, eps, y.data(), save_mean.data(), save_invstd.data());
+    const Reference r = reference_moments(x, s);
+    const double M = double(s.count());
+    for (int64_t c = 0; c < C; ++c) {
+        const double invstd = 1.0 / std::sqrt(r.var[c] + eps);
+        CHECK_CLOSE(save_mean[c], r.mean[c], tol, tol);
+        CHECK_CLOSE(save_invstd[c], invstd, tol, 0);
+        CHECK_CLOSE(running_mean[c], 0.75 * 0.5 + 0.25 * r.mean[c], tol, tol);
+        CHECK_CLOSE(running_var[c], 0.75 * 2 + 0.25 * r.var[c] * M / (M - 1), tol, tol);
+        for (int64_t o = 0; o < s.outer; ++o)
+            for (int64_t i = 0; i < s.inner; ++i) {
+                const int64_t k = index(s, o, c, i);
+                const double want = (to_double(x[k]) - r.mean[c]) * invstd * double(weight[c]) + double(bias[c]);
+                CHECK_CLOSE(to_double(y[k]), want, tol, tol);
+            }
+    }
+
+    // Backward with batch statistics, against the closed form; and its split phases.
+    std::vector<T> dx(x.size()), dx_split(x.size());
+    std::vector<P> dweight(C), dbias(C), sum_dy(C), sum_dy_xhat(C);
+    bnorm::backward(dy.data(), x.data(), s, save_mean.data(), save_invstd.data(), weight.data(), true, dx.data(),
+                    dweight.data(), dbias.data());
+    bnorm::backward_reduce(dy.data(), x.data(), s, save_mean.data(), save_invstd.data(), sum_dy.data(),
+                           sum_dy_xhat.data());
+    bnorm::backward_elemt(dy.data(), x.data(), s, save_mean.data(), save_invstd.data(), weight.data(),
+                          sum_dy.data(), sum_dy_xhat.data(), M, dx_split.data());
+    CHECK(std::memcmp(dx.data(), dx_split.data(), dx.size() * sizeof(T)) == 0);
+    for (int64_t c = 0; c < C; ++c) {
+        double sdy = 0, sdyx = 0, scale_dy = 0;
+        const double m = save_mean[c], is = save_invstd[c];
+        for (int64_t o = 0; o < s.outer; ++o)
+            for (int64_t i = 0; i < s.inner; ++i) {
+                const int64_t k = index(s, o, c, i);
+                sdy += to_double(dy[k]);
+                sdyx += to_double(dy[k]) * (to_double(x[k]) - m) * is;
+                scale_dy += std::fabs(to_double(dy[k]));
+            }
+        CHECK_CLOSE(dbias[c], sdy, tol, tol * scale_dy);
+        CHECK_CLOSE(dweight[c], sdyx, tol, tol * scale_dy);
+        CHECK(dbias[c] == sum_dy[c] && dweight[c] == sum_dy_xhat[c]);
+        for (int64_t o = 0; o < s.outer; ++o)
+            for (int64_t i = 0; i < s.inner; ++i) {
+                const int64_t k = index(s, o, c, i);
+                const double xhat = (to_double(x[k]) - m) * is;
+                const double want = double(weight[c]) * is * (to_double(dy[k]) - sdy / M - xhat * sdyx / M);
+                CHECK_CLOSE(to_double(dx[k]), want, tol, tol * 10);
+            }
+    }
+
+    // Backward with fixed statistics: dx = dy * weight * invstd.
+    bnorm::backward(dy.data(), x.data(), s, save_mean.data(), save_invstd.data(), weight.data(), false, dx.data(),
+                    dweight.data(), dbias.data());
+    for (int64_t k = 0; k < s.size(); ++k) {
+        const int64_t c = (k / s.inner) % C;
+        CHECK_CLOSE(to_double(dx[k]), to_double(dy[k]) * double(weight[c]) * double(save_invstd[c]), tol, tol);
+    }
+
+    // Inference equals the reference with the running statistics.
+    bnorm::forward_infer(x.data(), s, running_mean.data(), running_var.data(), weight.data(), bias.data(), eps,
+                         y.data());
+    for (int64_t k = 0; k < s.size(); ++k) {
+        const int64_t c = (k / s.inner) % C;
+        const double want = (to_double(x[k]) - running_mean[c]) / std::sqrt(double(running_var[c]) + eps) *
+                                double(weight[c]) + double(bias[c]);
+        CHECK_CLOSE(to_double(y[k]), want, tol, tol);
+    }
+}
+
+template <class T>
+void test_thread_determinism(Shape s) {
+    using P = bnorm::param_t<T>;
+    const auto x = random_data<T>(s, 1.0, 3);
+    const auto dy = random_data<T>(s, 0.0, 4);
+    std::vector<std::vector<T>> ys, dxs;
+    std::vector<std::vector<P>> stats;
+    for (int threads : {1, 2, 3}) {
+        bnorm::set_num_threads(threads);
+        std::vector<T> y(x.size()), dx(x.size());
+        std::vector<P> mean(s.channels), invstd(s.channels), dw(s.channels), db(s.channels);
+        bnorm::forward_train(x.data(), s, (const P*)nullptr, nullptr, nullptr, nullptr, 0.1, 1e-5, y.data(),
+                             mean.data(), invstd.data());
+        bnorm::backward(dy.data(), x.data(), s, mean.data(), invstd.data(), nullptr, true, dx.data(), dw.data(),
+                        db.data());
+        ys.push_back(y);
+        dxs.push_back(dx);
+        mean.insert(mean.end(), dw.begin(), dw.end());
+        stats.push_back(mean);
+    }
+    bnorm::set_num_threads(2);
+    for (size_t k = 1; k < ys.size(); ++k) {
+        CHECK(std::memcmp(ys[0].data(), ys[k].data(), ys[0].size() * sizeof(T)) == 0);
+        CHECK(std::memcmp(dxs[0].data(), dxs[k].data(), dxs[0].size() * sizeof(T)) == 0);
+        CHECK(std::memcmp(stats[0].data(), stats[k].data(), stats[0].size() * sizeof(P)) == 0);
+    }
+}
+
+void test_errors_leave_buffers_untouched() {
+    const Shape s{4, 2, 3};
+    std::vector<float> x(24, 1.0f), y(24, -7.0f), mean(2, 9.0f), invstd(2, 9.0f), rm(2, 5.0f), rv(2, 6.0f);
+    auto train = [&](Shape shape, double momentum, double eps) {
+        bnorm::forward_train(x.data(), shape, (const float*)nullptr, nullptr, rm.data(), rv.data(), momentum, eps,
+                             y.data(), mean.data(), invstd.data());
+    };
+    CHECK_THROWS(train(s, 1.5, 1e-5), bnorm::ValueError);
+    CHECK_THROWS(train(s, -0.1, 1e-5), bnorm::ValueError);
+    CHECK_THROWS(train(s, std::nan(""), 1e-5), bnorm::ValueError);
+    CHECK_THROWS(train(s, 0.1, 0.0), bnorm::ValueError);
+    CHECK_THROWS(train(s, 0.1, -1.0), bnorm::ValueError);
+    CHECK_THROWS(train(Shape{1, 2, 1}, 0.1, 1e-5), bnorm::ValueError);
+    CHECK_THROWS(train(Shape{-1, 2, 3}, 0.1, 1e-5), bnorm::ValueError);
+    CHECK(y == std::vector<float>(24, -7.0f));
+    CHECK(mean == std::vector<float>(2, 9.0f) && invstd == std::vector<float>(2, 9.0f));
+    CHECK(rm == std::vector<float>(2, 5.0f) && rv == std::vector<float>(2, 6.0f));
+    CHECK_THROWS(bnorm::batch_stats<float>(x.data(), s, nullptr, invstd.data()), bnorm::ValueError);
+    CHECK_THROWS(bnorm::forward_infer<float>(x.data(), s, nullptr, rv.data(), nullptr, nullptr, 1e-5, y.data()),
+                 bnorm::ValueError);
+    CHECK_THROWS(bnorm::backward_elemt<float>(x.data(), x.data(), s, mean.data(), invstd.data(), nullptr,
+                                              mean.data(), mean.data(), 0.0, y.data()),
+                 bnorm::ValueError);
+    CHECK(y == std::vector<float>(24, -7.0f));
+    CHECK_THROWS(bnorm::set_num_threads(0), bnorm::ValueError);
+    try {
+        train(Shape{1, 2, 1}, 0.1, 1e-5);
+    } catch (const std::exception& e) {
+        CHECK(std::string(e.what()).find("expected more than 1 value per channel when training") == 0);
+    }
+}
+
+void test_numerics() {
+    // Large mean: two-pass accuracy from float32 data.
+    const Shape s{64, 2, 100};
+    auto x = random_data<float>(s, 1e4, 5);
+    std::vector<float> mean(2), var(2);
+    bnorm::batch_stats(x.data(), s, mean.data(), var.data());
+    const Reference r = reference_moments(x, s);
+    for (int c = 0; c < 2; ++c) {
+        CHECK_CLOSE(mean[c], r.mean[c], 1e-7, 0);
+        CHECK_CLOSE(var[c], r.var[c], 1e-5, 0);
+    }
+    // Constant channels of any magnitude map exactly to bias.
+    for (float v : {1.0f, 1e20f, 3e38f, -3e38f, 1e-30f}) {
+        const Shape k{3, 1, 7};
+        std::vector<float> xc(21, v), y(21), m(1), is(1);
+        const float bias = 0.25f;
+        bnorm::forward_train(xc.data(), k, (const float*)nullptr, &bias, nullptr, nullptr, 0.1, 1e-5, y.data(),
+                             m.data(), is.data());
+        CHECK(m[0] == v);
+        for (float yi : y) CHECK(yi == bias);
+    }
+    // NaN stays in its channel.
+    {
+        const Shape k{4, 2, 3};
+        std::vector<double> xn(24, 1.0), y(24), m(2), is(2);
+        for (int64_t i = 0; i < 24; ++i) xn[i] = double(i % 5);
+        xn[index(k, 2, 1, 1)] = std::nan("");
+        bnorm::forward_train(xn.data(), k, (const double*)nullptr, nullptr, nullptr, nullptr, 0.1, 1e-5, y.data(),
+                             m.data(), is.data());
+        for (int64_t o = 0; o < 4; ++o)
+            for (int64_t i = 0; i < 3; ++i) {
+                CHECK(std::isfinite(y[index(k, o, 0, i)]));
+                CHECK(std::isnan(y[index(k, o, 1, i)]));
+            }
+    }
+    // The [1, 2, 3, 4] example: normalizing variance 1.25, running variance 5/3.
+    {
+        const double x4[4] = {1, 2, 3, 4};
+        double y[4], m, is, rm = 0, rv = 0;
+        bnorm::forward_train(x4, Shape{4, 1, 1}, (const double*)nullptr, nullptr, &rm, &rv, 1.0, 1e-5, y, &m, &is);
+        CHECK_CLOSE(1.0 / (is * is) - 1e-5, 1.25, 1e-12, 0);
+        CHECK_CLOSE(rv, 5.0 / 3.0, 1e-15, 0);
+        CHECK_CLOSE(rm, 2.5, 0, 0);
+    }
+    // Empty batch: running statistics untouched.
+    {
+        float rm = 3, rv = 4, m, is;
+        bnorm::forward_train<float>(nullptr, Shape{0, 1, 5}, nullptr, nullptr, &rm, &rv, 0.5, 1e-5, nullptr,
+                             &m, &is);
+        CHECK(rm == 3 && rv == 4);
+    }
+}
+
+void test_merge_stats() {
+    // Two shards of one channel: {1, 2} and {3, 4, 5}, plus an empty shard.
+    const double counts[3] = {2, 0, 3};
+    const double means[3] = {1.5, 99, 4}, vars[3] = {0.25, 99, 2.0 / 3.0};
+    double count, mean, var;
+    bnorm::merge_stats<double>(3, 1, counts, means, vars, &count, &mean, &var);
+    CHECK(count == 5);
+    CHECK_CLOSE(mean, 3.0, 1e-15, 0);
+    CHECK_CLOSE(var, 2.0, 1e-15, 0);
+    const double bad[3] = {2, -1, 3};
+    CHECK_THROWS(bnorm::merge_stats<double>(3, 1, bad, means, vars, &count, &mean, &var), bnorm::ValueError);
+}
+
+void test_half_conversion() {
+    using bnorm::detail::float_to_half;
+    using bnorm::detail::half_to_float;
+    for (uint32_t bits = 0; bits < 65536; ++bits) {
+        const bnorm::half h{uint16_t(bits)};
+        const float f = half_to_float(h);
+        if (std::isnan(f)) {
+            CHECK(((bits >> 10) & 0x1f) == 0x1f && (bits & 0x3ff) != 0);
+            CHECK(std::isnan(half_to_float(float_to_half(f))));
+        } else {
+            CHECK(float_to_half(f).bits == bits);
+        }
+    }
+#ifdef __FLT16_MAX__
+    // Rounding of arbitrary floats agrees with the compiler's _Float16.
+    std::mt19937 rng(7);
+    for (int k = 0; k < 1000000; ++k) {
+        const uint32_t u = rng();
+        float f;
+        std::memcpy(&f, &u, sizeof f);
+        if (std::isnan(f)) continue;
+        const _Float16 want = static_cast<_Float16>(f);
+        uint16_t want_bits;
+        std::memcpy(&want_bits, &want, sizeof want_bits);
+        if (float_to_half(f).bits != want_bits) {
+            CHECK(float_to_half(f).bits == want_bits);
+            break;
+        }
+    }
+#endif
+}
+
+}  // namespace
+
+int main() {
+    bnorm::set_num_threads(2);
+    const Shape shapes[] = {
+        {4, 3, 5},      // planes, tiny
+        {7, 5, 1},      // rows
+        {3, 2, 5000},   // planes, a row cut into several tiles
+        {1000, 3, 1},   // rows, many row tiles
+        {2, 1500, 1},   // rows, more than one channel block
+        {40, 4, 130},   // planes, several rows per tile
+        {1, 3, 9},      // N == 1 with spatial size > 1
+    };
+    for (const Shape& s : shapes) {
+        test_forward_backward<float>(s);
+        test_forward_backward<double>(s);
+        test_forward_backward<bnorm::half>(s);
+    }
+    test_thread_determinism<float>({64, 3, 3000});
+    test_thread_determinism<float>({40000, 17, 1});
+    test_thread_determinism<bnorm::half>({8, 64, 700});
+    test_thread_determinism<double>({3, 2, 70000});
+    test_errors_leave_buffers_untouched();
+    test_numerics();
+    test_merge_stats();
+    test_half_conversion();
+    std::printf("test_cpu: %d failure(s)\n", check::failures());
+    return check::failures() == 0 ? 0 : 1;
+}
