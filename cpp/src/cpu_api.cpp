@@ -12,8 +12,8 @@
 #include <vector>
 
 #include "bnorm/cpu.hpp"
+#include "coefficients.hpp"
 #include "cpu_kernels.hpp"
-#include "half.hpp"
 
 namespace bnorm {
 namespace {
@@ -62,29 +62,15 @@ std::vector<P> filled(int64_t n, P value) {
     return std::vector<P>(static_cast<size_t>(n), value);
 }
 
-// weight (or 1) * invstd, rounded to P.
+// weight (or 1) * invstd per channel, rounded to P.
 template <class P>
-std::vector<P> scale_of(int64_t channels, const P* invstd, const P* weight) {
+std::vector<P> scales(int64_t channels, const P* invstd, const P* weight) {
     std::vector<P> scale(static_cast<size_t>(channels));
-    for (int64_t c = 0; c < channels; ++c) scale[c] = weight ? P(invstd[c] * weight[c]) : invstd[c];
+    for (int64_t c = 0; c < channels; ++c) scale[c] = detail::scale_of(invstd[c], weight, c);
     return scale;
 }
 
-template <class P>
-P invstd_of(double var, double eps) {
-    return P(1.0 / std::sqrt(var + eps));
-}
-
-// y = ((x - mean) - mean_lo) * invstd * weight + bias, arguments already checked.
-template <class T>
-void normalize_centered(const T* x, Shape shape, const param_t<T>* mean, const param_t<T>* mean_lo,
-                        const param_t<T>* invstd, const param_t<T>* weight, const param_t<T>* bias, T* y) {
-    using P = param_t<T>;
-    const std::vector<P> scale = scale_of(shape.channels, invstd, weight);
-    const std::vector<P> shift = bias ? std::vector<P>(bias, bias + shape.channels)
-                                      : filled<P>(shape.channels, 0);
-    kernels::affine(x, shape, threads(), mean, mean_lo, scale.data(), shift.data(), y);
-}
+using detail::invstd_of;
 
 }  // namespace
 
@@ -158,7 +144,9 @@ void normalize(const T* x, Shape shape, const param_t<T>* mean, const param_t<T>
     check_pointer(mean, "mean");
     check_pointer(invstd, "invstd");
     check_pointer(y, "y");
-    normalize_centered(x, shape, mean, filled<P>(shape.channels, 0).data(), invstd, weight, bias, y);
+    const std::vector<P> scale = scales(shape.channels, invstd, weight);
+    const std::vector<P> zero = filled<P>(shape.channels, 0);
+    kernels::affine(x, shape, threads(), mean, zero.data(), scale.data(), bias ? bias : zero.data(), y);
 }
 
 template <class T>
@@ -185,20 +173,12 @@ void forward_train(const T* x, Shape shape, const param_t<T>* weight, const para
     check_pointer(x, "x");
     check_pointer(y, "y");
     std::vector<double> mean(static_cast<size_t>(shape.channels)), var(static_cast<size_t>(shape.channels));
-    kernels::moments(x, shape, threads(), mean.data(), var.data());
-    std::vector<P> batch_mean(static_cast<size_t>(shape.channels)), mean_lo(static_cast<size_t>(shape.channels)),
-        invstd(static_cast<size_t>(shape.channels));
-    for (int64_t c = 0; c < shape.channels; ++c) {
-        batch_mean[c] = P(mean[c]);
-        mean_lo[c] = P(mean[c] - double(batch_mean[c]));
-        invstd[c] = invstd_of<P>(var[c], eps);
-    }
-    normalize_centered(x, shape, batch_mean.data(), mean_lo.data(), invstd.data(), weight, bias, y);
+    kernels::forward_train(x, shape, threads(), eps, weight, bias, y, mean.data(), var.data());
     // Written last, so that running buffers may alias weight or bias.
     const double unbias = double(shape.count()) / double(shape.count() - 1);
     for (int64_t c = 0; c < shape.channels; ++c) {
-        save_mean[c] = batch_mean[c];
-        save_invstd[c] = invstd[c];
+        save_mean[c] = P(mean[c]);
+        save_invstd[c] = invstd_of<P>(var[c], eps);
         if (running_mean)
             running_mean[c] = P((1 - momentum) * running_mean[c] + momentum * mean[c]);
         if (running_var)
@@ -237,10 +217,8 @@ void backward_reduce(const T* dy, const T* x, Shape shape, const param_t<T>* mea
         check_pointer(x, "x");
         kernels::backward_sums(dy, x, shape, threads(), mean, s_dy.data(), s_dy_xmu.data());
     }
-    for (int64_t c = 0; c < shape.channels; ++c) {
-        sum_dy[c] = P(s_dy[c]);
-        sum_dy_xhat[c] = P(s_dy_xmu[c] * double(invstd[c]));
-    }
+    for (int64_t c = 0; c < shape.channels; ++c)
+        detail::round_backward_sums(s_dy[c], s_dy_xmu[c], invstd[c], sum_dy[c], sum_dy_xhat[c]);
 }
 
 template <class T>
@@ -259,12 +237,11 @@ void backward_elemt(const T* dy, const T* x, Shape shape, const param_t<T>* mean
                           static_cast<const void*>(dx)})
         check_pointer(p, "dy, x, mean, invstd, sum_dy, sum_dy_xhat and dx");
     const int64_t C = shape.channels;
-    std::vector<P> dy_mean(static_cast<size_t>(C)), xmu_scale(static_cast<size_t>(C));
+    std::vector<P> dy_mean(static_cast<size_t>(C)), xmu_scale(static_cast<size_t>(C)), scale(static_cast<size_t>(C));
     for (int64_t c = 0; c < C; ++c) {
-        dy_mean[c] = P(double(sum_dy[c]) / count);
-        xmu_scale[c] = P(double(invstd[c]) * double(sum_dy_xhat[c]) / count);
+        const auto k = detail::backward_coefficients(sum_dy[c], sum_dy_xhat[c], invstd[c], weight, c, count);
+        dy_mean[c] = k.dy_mean, xmu_scale[c] = k.xmu_scale, scale[c] = k.scale;
     }
-    const std::vector<P> scale = scale_of(C, invstd, weight);
     kernels::backward_dx(dy, x, shape, threads(), mean, dy_mean.data(), xmu_scale.data(),
                          scale.data(), dx);
 }
@@ -279,15 +256,16 @@ void backward(const T* dy, const T* x, Shape shape, const param_t<T>* mean,
     check_pointer(dweight, "dweight");
     check_pointer(dbias, "dbias");
     // Sums go to scratch first: dweight and dbias are written last, so they may alias weight.
-    std::vector<P> sum_dy(static_cast<size_t>(shape.channels)), sum_dy_xhat(static_cast<size_t>(shape.channels));
-    backward_reduce(dy, x, shape, mean, invstd, sum_dy.data(), sum_dy_xhat.data());
+    std::vector<P> sum_dy(static_cast<size_t>(shape.channels), P(0)), sum_dy_xhat(static_cast<size_t>(shape.channels), P(0));
     if (shape.size() > 0) {
+        for (const void* p : {static_cast<const void*>(dy), static_cast<const void*>(x), static_cast<const void*>(mean),
+                              static_cast<const void*>(invstd), static_cast<const void*>(dx)})
+            check_pointer(p, "dy, x, mean, invstd and dx");
         if (batch_stats) {
-            backward_elemt(dy, x, shape, mean, invstd, weight, sum_dy.data(), sum_dy_xhat.data(),
-                           double(shape.count()), dx);
+            kernels::backward_train(dy, x, shape, threads(), mean, invstd, weight, dx, sum_dy.data(), sum_dy_xhat.data());
         } else {
-            check_pointer(dx, "dx");
-            const std::vector<P> scale = scale_of(shape.channels, invstd, weight);
+            backward_reduce(dy, x, shape, mean, invstd, sum_dy.data(), sum_dy_xhat.data());
+            const std::vector<P> scale = scales(shape.channels, invstd, weight);
             const std::vector<P> zero = filled<P>(shape.channels, 0);
             kernels::affine(dy, shape, threads(), zero.data(), zero.data(), scale.data(), zero.data(), dx);
         }

@@ -11,11 +11,28 @@
 // formula) in tile order, and the tiles of a channel are split into a number of work items
 // that depends only on the shape: the merge order, and therefore every bit of the result,
 // is the same for any thread count.
+//
+// Training forward and backward are fused per channel in the planes schedule when there
+// are at least as many channels as threads: a thread reduces one channel, then writes its
+// output while the channel is still in its L2, so x (and dy) cross DRAM once. Large
+// outputs are written with non-temporal stores (no read-for-ownership of the output).
+// Work is handed out dynamically: on a shared machine a descheduled thread then delays a
+// call by at most one work item (results do not depend on who computes what).
 #include "cpu_kernels.hpp"
 
 #include <algorithm>
+#include <cstdint>
+#include <type_traits>
 #include <vector>
 
+#if defined(__SSE2__) && defined(__GNUC__)
+#include <emmintrin.h>
+#define BNORM_SSE2 1
+#else
+#define BNORM_SSE2 0
+#endif
+
+#include "coefficients.hpp"
 #include "half.hpp"
 
 namespace bnorm::kernels {
@@ -24,10 +41,12 @@ namespace {
 using detail::load;
 using detail::store;
 
-constexpr int64_t kTileElems = 4096;      // 16 KiB of float per tile: both passes hit L1
-constexpr int64_t kChannelBlock = 1024;   // channels per rows-schedule tile (stack scratch)
-constexpr int64_t kWorkItems = 64;        // partials per call, enough for 64 threads
-constexpr int64_t kSerialBelow = 1 << 15; // fewer elements than this: one thread is faster
+constexpr int64_t kTileElems = 4096;        // planes tile: 16 KiB of float, both passes hit L1
+constexpr int64_t kRowTileElems = 16384;    // rows tile: fewer per-channel merges, fits L2
+constexpr int64_t kChannelBlock = 1024;     // channels per rows-schedule tile (stack scratch)
+constexpr int64_t kWorkItems = 64;          // partials per call, enough for 64 threads
+constexpr int64_t kSerialBelow = 1 << 15;   // fewer elements than this: one thread is faster
+constexpr int64_t kStreamBytes = 4 << 20;   // outputs larger than this skip the caches
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -93,6 +112,49 @@ struct PlaneTiles {
     }
 };
 
+// How the tiles of each channel (planes schedule) are split into work items: a function
+// of the shape alone, so the merge order never depends on the thread count.
+struct PlaneSplits {
+    PlaneTiles tiles;
+    int64_t splits;
+
+    explicit PlaneSplits(Shape s)
+        : tiles(s),
+          splits(std::clamp<int64_t>(ceil_div(kWorkItems, std::max<int64_t>(s.channels, 1)), 1,
+                                     std::max<int64_t>(tiles.count, 1))) {}
+
+    // The merged partial of split `split` of channel c: its tiles merged in order.
+    template <class Partial, class Op>
+    Partial split_partial(Shape s, const Op& op, int64_t c, int64_t split) const {
+        Partial acc{};
+        for (int64_t t = split * tiles.count / splits; t < (split + 1) * tiles.count / splits; ++t)
+            merge(acc, op.plane_tile(c, tiles.tile(s, t)));
+        return acc;
+    }
+
+    // The merged partial of channel c, computed by one thread: its splits merged in order,
+    // exactly as reduce() merges the same splits computed by several threads.
+    template <class Partial, class Op>
+    Partial channel_partial(Shape s, const Op& op, int64_t c) const {
+        Partial total{};
+        for (int64_t split = 0; split < splits; ++split) merge(total, split_partial<Partial>(s, op, c, split));
+        return total;
+    }
+};
+
+// The rows schedule's blocking: channel blocks of `width`, row tiles of `rows_per_tile`,
+// and `splits` row ranges per channel block.
+struct RowSplits {
+    int64_t width, blocks, rows_per_tile, tiles, splits;
+
+    explicit RowSplits(Shape s)
+        : width(std::clamp<int64_t>(s.channels, 1, kChannelBlock)),
+          blocks(ceil_div(s.channels, width)),
+          rows_per_tile(std::max<int64_t>(1, kRowTileElems / width)),
+          tiles(ceil_div(s.outer, rows_per_tile)),
+          splits(std::clamp<int64_t>(ceil_div(kWorkItems, blocks), 1, std::max<int64_t>(tiles, 1))) {}
+};
+
 // Runs op over every tile and writes one merged Partial per channel. Op provides
 //   Partial plane_tile(c, PlaneTiles::Tile)                      (planes schedule)
 //   void row_tile(c0, c1, r0, r1, Partial* acc)  merging into acc[c - c0]  (rows schedule)
@@ -102,44 +164,33 @@ void reduce(Shape s, int threads, const Op& op, std::vector<Partial>& result) {
     result.assign(C, Partial{});
     const int team = team_size(s, threads);
     if (s.inner > 1) {
-        const PlaneTiles tiles(s);
-        const int64_t splits = std::clamp<int64_t>(ceil_div(kWorkItems, C), 1,
-                                                   std::max<int64_t>(tiles.count, 1));
+        const PlaneSplits plan(s);
+        const int64_t splits = plan.splits;
         std::vector<Partial> part(C * splits);
-#pragma omp parallel for num_threads(team) schedule(static)
-        for (int64_t item = 0; item < C * splits; ++item) {
-            const int64_t c = item / splits, split = item % splits;
-            const int64_t t0 = split * tiles.count / splits;
-            const int64_t t1 = (split + 1) * tiles.count / splits;
-            Partial acc{};
-            for (int64_t t = t0; t < t1; ++t) merge(acc, op.plane_tile(c, tiles.tile(s, t)));
-            part[item] = acc;
-        }
+#pragma omp parallel for num_threads(team) schedule(dynamic)
+        for (int64_t item = 0; item < C * splits; ++item)
+            part[item] = plan.split_partial<Partial>(s, op, item / splits, item % splits);
         for (int64_t c = 0; c < C; ++c)
-            for (int64_t split = 0; split < splits; ++split)
-                merge(result[c], part[c * splits + split]);
+            for (int64_t split = 0; split < splits; ++split) merge(result[c], part[c * splits + split]);
     } else {
-        const int64_t width = std::min(C, kChannelBlock);
-        const int64_t blocks = ceil_div(C, width);
-        const int64_t rows_per_tile = std::max<int64_t>(1, kTileElems / width);
-        const int64_t tiles = ceil_div(s.outer, rows_per_tile);
-        const int64_t splits = std::clamp<int64_t>(ceil_div(kWorkItems, blocks), 1,
-                                                   std::max<int64_t>(tiles, 1));
-        std::vector<Partial> part(splits * C);
-#pragma omp parallel for num_threads(team) schedule(static)
-        for (int64_t item = 0; item < blocks * splits; ++item) {
-            const int64_t block = item / splits, split = item % splits;
-            const int64_t c0 = block * width, c1 = std::min(C, c0 + width);
-            for (int64_t t = split * tiles / splits; t < (split + 1) * tiles / splits; ++t) {
-                const int64_t r0 = t * rows_per_tile;
-                op.row_tile(c0, c1, r0, std::min(s.outer, r0 + rows_per_tile),
-                            &part[split * C + c0]);
+        const RowSplits plan(s);
+        std::vector<Partial> part(plan.splits * C);
+#pragma omp parallel for num_threads(team) schedule(dynamic)
+        for (int64_t item = 0; item < plan.blocks * plan.splits; ++item) {
+            const int64_t block = item / plan.splits, split = item % plan.splits;
+            const int64_t c0 = block * plan.width, c1 = std::min(C, c0 + plan.width);
+            for (int64_t t = split * plan.tiles / plan.splits; t < (split + 1) * plan.tiles / plan.splits; ++t) {
+                const int64_t r0 = t * plan.rows_per_tile;
+                op.row_tile(c0, c1, r0, std::min(s.outer, r0 + plan.rows_per_tile), &part[split * C + c0]);
             }
         }
-        for (int64_t split = 0; split < splits; ++split)
+        for (int64_t split = 0; split < plan.splits; ++split)
             for (int64_t c = 0; c < C; ++c) merge(result[c], part[split * C + c]);
     }
 }
+
+// Whether the fused per-channel schedule applies: planes, and a channel for every thread.
+bool fuse_per_channel(Shape s, int team) { return s.inner > 1 && s.channels >= team; }
 
 // Shifted two-pass statistics of a tile. Pass 1 sums x - K with K the tile's first value
 // (exact for constant data, and no overflow for any finite float); pass 2 sums the
@@ -248,25 +299,120 @@ struct BackwardSumsOp {
     }
 };
 
-// Calls op(c, i) for every element i (flat index) of channel c, in parallel.
-template <class Op>
-void for_each_element(Shape s, int threads, const Op& op) {
-    const int team = team_size(s, threads);
-    const int64_t C = s.channels;
-    if (s.inner > 1) {
-#pragma omp parallel for num_threads(team) schedule(static)
-        for (int64_t row = 0; row < s.outer * C; ++row) {
-            const int64_t c = row % C, begin = row * s.inner;
-#pragma omp simd
-            for (int64_t i = begin; i < begin + s.inner; ++i) op(c, i);
-        }
-    } else {
-#pragma omp parallel for num_threads(team) schedule(static)
-        for (int64_t r = 0; r < s.outer; ++r) {
-#pragma omp simd
-            for (int64_t c = 0; c < C; ++c) op(c, r * C + c);
+#if BNORM_SSE2
+// SSE2 registers of float and double (GCC and Clang give them arithmetic operators).
+template <class T> struct Vec;
+template <> struct Vec<float> {
+    using R = __m128;
+    static constexpr int64_t width = 4;
+    static R load(const float* p) { return _mm_loadu_ps(p); }
+    static R set(float v) { return _mm_set1_ps(v); }
+    static void stream(float* p, R v) { _mm_stream_ps(p, v); }
+};
+template <> struct Vec<double> {
+    using R = __m128d;
+    static constexpr int64_t width = 2;
+    static R load(const double* p) { return _mm_loadu_pd(p); }
+    static R set(double v) { return _mm_set1_pd(v); }
+    static void stream(double* p, R v) { _mm_stream_pd(p, v); }
+};
+#else
+template <class T> struct Vec {};
+#endif
+
+// Vec<T>, named through the index type of a generic lambda so that the vector code of
+// types without one (half) is never instantiated.
+template <class T, class Index> struct VecFor {
+    using type = Vec<T>;
+};
+
+// out[i] = scalar(i) for i < n. With `stream` (float, double on x86), whole aligned vectors
+// are computed by vector(i) and written with non-temporal stores; both compute the same
+// IEEE operations in the same order, so the bits do not depend on the path.
+template <class T, class Scalar, class Vector>
+inline void write_run(T* out, int64_t n, bool stream, const Scalar& scalar, const Vector& vector) {
+    int64_t i = 0;
+#if BNORM_SSE2
+    if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+        if (stream) {
+            for (; i < n && reinterpret_cast<uintptr_t>(out + i) % 16 != 0; ++i) store(out + i, scalar(i));
+            for (; i + Vec<T>::width <= n; i += Vec<T>::width) Vec<T>::stream(out + i, vector(i));
         }
     }
+#else
+    (void)stream;
+    (void)vector;
+#endif
+#pragma omp simd
+    for (int64_t j = i; j < n; ++j) store(out + j, scalar(j));
+}
+
+// Non-temporal stores are weakly ordered: fence before the results are used elsewhere.
+inline void stream_fence(bool stream) {
+#if BNORM_SSE2
+    if (stream) _mm_sfence();
+#else
+    (void)stream;
+#endif
+}
+
+// Rows handed out at a time by the elementwise loops: about kTileElems elements.
+int64_t rows_per_chunk(int64_t row_length) { return std::max<int64_t>(1, kTileElems / std::max<int64_t>(row_length, 1)); }
+
+template <class T>
+bool streams(Shape s) {
+    return s.size() * int64_t(sizeof(T)) >= kStreamBytes;
+}
+
+// y = ((x - center) - lo) * scale + shift over one run of a single channel.
+template <class T>
+void affine_run(const T* x, T* y, int64_t n, const detail::Affine<param_t<T>>& k, bool stream) {
+    write_run(
+        y, n, stream, [&](int64_t i) { return ((load(x + i) - k.center) - k.center_lo) * k.scale + k.shift; },
+        [&](auto i) {
+            using V = typename VecFor<T, decltype(i)>::type;
+            return ((V::load(x + i) - V::set(k.center)) - V::set(k.center_lo)) * V::set(k.scale) + V::set(k.shift);
+        });
+}
+
+// The same over one row of the rows schedule, coefficients varying along it.
+template <class T>
+void affine_row(const T* x, T* y, int64_t n, const param_t<T>* center, const param_t<T>* lo,
+                const param_t<T>* scale, const param_t<T>* shift, bool stream) {
+    write_run(
+        y, n, stream, [&](int64_t c) { return ((load(x + c) - center[c]) - lo[c]) * scale[c] + shift[c]; },
+        [&](auto c) {
+            using V = typename VecFor<T, decltype(c)>::type;
+            return ((V::load(x + c) - V::load(center + c)) - V::load(lo + c)) * V::load(scale + c) +
+                   V::load(shift + c);
+        });
+}
+
+// dx = (dy - dy_mean - (x - mean) * xmu_scale) * scale over one run of a single channel.
+template <class T>
+void backward_run(const T* dy, const T* x, T* dx, int64_t n, param_t<T> mean,
+                  const detail::BackwardCoefficients<param_t<T>>& k, bool stream) {
+    write_run(
+        dx, n, stream,
+        [&](int64_t i) { return (load(dy + i) - k.dy_mean - (load(x + i) - mean) * k.xmu_scale) * k.scale; },
+        [&](auto i) {
+            using V = typename VecFor<T, decltype(i)>::type;
+            return (V::load(dy + i) - V::set(k.dy_mean) - (V::load(x + i) - V::set(mean)) * V::set(k.xmu_scale)) *
+                   V::set(k.scale);
+        });
+}
+
+template <class T>
+void backward_row(const T* dy, const T* x, T* dx, int64_t n, const param_t<T>* mean, const param_t<T>* dy_mean,
+                  const param_t<T>* xmu_scale, const param_t<T>* scale, bool stream) {
+    write_run(
+        dx, n, stream,
+        [&](int64_t c) { return (load(dy + c) - dy_mean[c] - (load(x + c) - mean[c]) * xmu_scale[c]) * scale[c]; },
+        [&](auto c) {
+            using V = typename VecFor<T, decltype(c)>::type;
+            return (V::load(dy + c) - V::load(dy_mean + c) - (V::load(x + c) - V::load(mean + c)) * V::load(xmu_scale + c)) *
+                   V::load(scale + c);
+        });
 }
 
 }  // namespace
@@ -282,11 +428,55 @@ void moments(const T* x, Shape shape, int threads, double* mean, double* var) {
 }
 
 template <class T>
-void affine(const T* x, Shape shape, int threads, const param_t<T>* center,
-            const param_t<T>* center_lo, const param_t<T>* scale, const param_t<T>* shift, T* y) {
-    for_each_element(shape, threads, [=](int64_t c, int64_t i) {
-        store(y + i, ((load(x + i) - center[c]) - center_lo[c]) * scale[c] + shift[c]);
-    });
+void affine(const T* x, Shape s, int threads, const param_t<T>* center, const param_t<T>* center_lo,
+            const param_t<T>* scale, const param_t<T>* shift, T* y) {
+    const int team = team_size(s, threads);
+    const bool stream = streams<T>(s);
+    const int64_t C = s.channels;
+    if (s.inner > 1) {
+#pragma omp parallel for num_threads(team) schedule(dynamic, rows_per_chunk(s.inner))
+        for (int64_t row = 0; row < s.outer * C; ++row) {
+            const int64_t c = row % C;
+            affine_run(x + row * s.inner, y + row * s.inner, s.inner, {center[c], center_lo[c], scale[c], shift[c]},
+                       stream);
+        }
+    } else {
+#pragma omp parallel for num_threads(team) schedule(dynamic, rows_per_chunk(C))
+        for (int64_t r = 0; r < s.outer; ++r)
+            affine_row(x + r * C, y + r * C, C, center, center_lo, scale, shift, stream);
+    }
+    stream_fence(stream);
+}
+
+template <class T>
+void forward_train(const T* x, Shape s, int threads, double eps, const param_t<T>* weight, const param_t<T>* bias,
+                   T* y, double* mean, double* var) {
+    using P = param_t<T>;
+    const int team = team_size(s, threads);
+    if (!fuse_per_channel(s, team)) {
+        moments(x, s, threads, mean, var);
+        std::vector<P> center(s.channels), lo(s.channels), scale(s.channels), shift(s.channels);
+        for (int64_t c = 0; c < s.channels; ++c) {
+            const auto k = detail::train_affine(mean[c], var[c], eps, weight, bias, c);
+            center[c] = k.center, lo[c] = k.center_lo, scale[c] = k.scale, shift[c] = k.shift;
+        }
+        affine(x, s, threads, center.data(), lo.data(), scale.data(), shift.data(), y);
+        return;
+    }
+    const PlaneSplits plan(s);
+    const MomentsOp<T> op{x, s};
+    const bool stream = streams<T>(s);
+    const int64_t stride = s.channels * s.inner;
+#pragma omp parallel for num_threads(team) schedule(dynamic)
+    for (int64_t c = 0; c < s.channels; ++c) {
+        const Moments m = plan.channel_partial<Moments>(s, op, c);
+        mean[c] = m.mean;
+        var[c] = m.n > 0 ? m.m2 / m.n : 0.0;
+        const auto k = detail::train_affine(mean[c], var[c], eps, weight, bias, c);
+        for (int64_t o = 0; o < s.outer; ++o)
+            affine_run(x + o * stride + c * s.inner, y + o * stride + c * s.inner, s.inner, k, stream);
+    }
+    stream_fence(stream);
 }
 
 template <class T>
@@ -301,12 +491,59 @@ void backward_sums(const T* dy, const T* x, Shape shape, int threads, const para
 }
 
 template <class T>
-void backward_dx(const T* dy, const T* x, Shape shape, int threads, const param_t<T>* mean,
-                 const param_t<T>* dy_mean, const param_t<T>* xmu_scale,
-                 const param_t<T>* scale, T* dx) {
-    for_each_element(shape, threads, [=](int64_t c, int64_t i) {
-        store(dx + i, (load(dy + i) - dy_mean[c] - (load(x + i) - mean[c]) * xmu_scale[c]) * scale[c]);
-    });
+void backward_dx(const T* dy, const T* x, Shape s, int threads, const param_t<T>* mean, const param_t<T>* dy_mean,
+                 const param_t<T>* xmu_scale, const param_t<T>* scale, T* dx) {
+    const int team = team_size(s, threads);
+    const bool stream = streams<T>(s);
+    const int64_t C = s.channels;
+    if (s.inner > 1) {
+#pragma omp parallel for num_threads(team) schedule(dynamic, rows_per_chunk(s.inner))
+        for (int64_t row = 0; row < s.outer * C; ++row) {
+            const int64_t c = row % C, offset = row * s.inner;
+            backward_run(dy + offset, x + offset, dx + offset, s.inner, mean[c], {dy_mean[c], xmu_scale[c], scale[c]},
+                         stream);
+        }
+    } else {
+#pragma omp parallel for num_threads(team) schedule(dynamic, rows_per_chunk(C))
+        for (int64_t r = 0; r < s.outer; ++r)
+            backward_row(dy + r * C, x + r * C, dx + r * C, C, mean, dy_mean, xmu_scale, scale, stream);
+    }
+    stream_fence(stream);
+}
+
+template <class T>
+void backward_train(const T* dy, const T* x, Shape s, int threads, const param_t<T>* mean, const param_t<T>* invstd,
+                    const param_t<T>* weight, T* dx, param_t<T>* sum_dy, param_t<T>* sum_dy_xhat) {
+    using P = param_t<T>;
+    const int team = team_size(s, threads);
+    const double count = double(s.count());
+    if (!fuse_per_channel(s, team)) {
+        std::vector<double> s_dy(s.channels), s_dy_xmu(s.channels);
+        backward_sums(dy, x, s, threads, mean, s_dy.data(), s_dy_xmu.data());
+        std::vector<P> dy_mean(s.channels), xmu_scale(s.channels), scale(s.channels);
+        for (int64_t c = 0; c < s.channels; ++c) {
+            detail::round_backward_sums(s_dy[c], s_dy_xmu[c], invstd[c], sum_dy[c], sum_dy_xhat[c]);
+            const auto k = detail::backward_coefficients(sum_dy[c], sum_dy_xhat[c], invstd[c], weight, c, count);
+            dy_mean[c] = k.dy_mean, xmu_scale[c] = k.xmu_scale, scale[c] = k.scale;
+        }
+        backward_dx(dy, x, s, threads, mean, dy_mean.data(), xmu_scale.data(), scale.data(), dx);
+        return;
+    }
+    const PlaneSplits plan(s);
+    const BackwardSumsOp<T> op{dy, x, mean, s};
+    const bool stream = streams<T>(s);
+    const int64_t stride = s.channels * s.inner;
+#pragma omp parallel for num_threads(team) schedule(dynamic)
+    for (int64_t c = 0; c < s.channels; ++c) {
+        const Sums sums = plan.channel_partial<Sums>(s, op, c);
+        detail::round_backward_sums(sums.dy, sums.dy_xmu, invstd[c], sum_dy[c], sum_dy_xhat[c]);
+        const auto k = detail::backward_coefficients(sum_dy[c], sum_dy_xhat[c], invstd[c], weight, c, count);
+        for (int64_t o = 0; o < s.outer; ++o) {
+            const int64_t offset = o * stride + c * s.inner;
+            backward_run(dy + offset, x + offset, dx + offset, s.inner, mean[c], k, stream);
+        }
+    }
+    stream_fence(stream);
 }
 
 #define BNORM_INSTANTIATE(T)                                                                  \
@@ -316,7 +553,12 @@ void backward_dx(const T* dy, const T* x, Shape shape, int threads, const param_
     template void backward_sums<T>(const T*, const T*, Shape, int, const param_t<T>*, double*, \
                                    double*);                                                  \
     template void backward_dx<T>(const T*, const T*, Shape, int, const param_t<T>*,           \
-                                 const param_t<T>*, const param_t<T>*, const param_t<T>*, T*);
+                                 const param_t<T>*, const param_t<T>*, const param_t<T>*, T*); \
+    template void forward_train<T>(const T*, Shape, int, double, const param_t<T>*,           \
+                                   const param_t<T>*, T*, double*, double*);                  \
+    template void backward_train<T>(const T*, const T*, Shape, int, const param_t<T>*,        \
+                                    const param_t<T>*, const param_t<T>*, T*, param_t<T>*,    \
+                                    param_t<T>*);
 BNORM_INSTANTIATE(float)
 BNORM_INSTANTIATE(double)
 BNORM_INSTANTIATE(half)

@@ -15,11 +15,17 @@ void moments(const T* x, Shape shape, int threads, double* mean, double* var);
 
 /// y = ((x - center[c]) - center_lo[c]) * scale[c] + shift[c]; y may be x.
 /// center_lo carries the low part of a center more precise than P (a float32 x with a
-/// double mean); x - center is exact when x is near the center, so the pair keeps y
-/// accurate for |mean| >> std.
+/// double mean): x - center is exact near the center, so y stays accurate for |mean| >> std.
 template <class T>
 void affine(const T* x, Shape shape, int threads, const param_t<T>* center,
             const param_t<T>* center_lo, const param_t<T>* scale, const param_t<T>* shift, T* y);
+
+/// Training forward: moments (double mean and biased var) and y normalized with
+/// detail::train_affine of them. Equal, bit for bit, to moments then affine; where the
+/// layout allows, each channel is normalized right after its statistics, from cache.
+template <class T>
+void forward_train(const T* x, Shape shape, int threads, double eps, const param_t<T>* weight,
+                   const param_t<T>* bias, T* y, double* mean, double* var);
 
 /// Per-channel sum(dy) and sum(dy * (x - mean[c])), in double.
 template <class T>
@@ -31,5 +37,13 @@ template <class T>
 void backward_dx(const T* dy, const T* x, Shape shape, int threads, const param_t<T>* mean,
                  const param_t<T>* dy_mean, const param_t<T>* xmu_scale,
                  const param_t<T>* scale, T* dx);
+
+/// Backward with batch statistics: the P-rounded sums (sum_dy, sum_dy_xhat) and dx from
+/// detail::backward_coefficients of them. Equal, bit for bit, to backward_sums then
+/// backward_dx; where the layout allows, each channel's dx is written from cache.
+template <class T>
+void backward_train(const T* dy, const T* x, Shape shape, int threads, const param_t<T>* mean,
+                    const param_t<T>* invstd, const param_t<T>* weight, T* dx,
+                    param_t<T>* sum_dy, param_t<T>* sum_dy_xhat);
 
 }  // namespace bnorm::kernels

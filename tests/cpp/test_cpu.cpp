@@ -171,6 +171,22 @@ void test_thread_determinism(Shape s) {
     }
 }
 
+// Outputs large enough for non-temporal stores, written at every alignment: the same bits.
+template <class T>
+void test_streaming_alignment(Shape s) {
+    using P = bnorm::param_t<T>;
+    const auto x = random_data<T>(s, 1.0, 9);
+    std::vector<T> reference(x.size()), shifted(x.size() + 8);
+    std::vector<P> mean(s.channels), invstd(s.channels);
+    bnorm::forward_train(x.data(), s, (const P*)nullptr, nullptr, nullptr, nullptr, 0.1, 1e-5, reference.data(),
+                         mean.data(), invstd.data());
+    for (int offset : {1, 2, 3}) {
+        bnorm::forward_train(x.data(), s, (const P*)nullptr, nullptr, nullptr, nullptr, 0.1, 1e-5,
+                             shifted.data() + offset, mean.data(), invstd.data());
+        CHECK(std::memcmp(reference.data(), shifted.data() + offset, x.size() * sizeof(T)) == 0);
+    }
+}
+
 void test_errors_leave_buffers_untouched() {
     const Shape s{4, 2, 3};
     std::vector<float> x(24, 1.0f), y(24, -7.0f), mean(2, 9.0f), invstd(2, 9.0f), rm(2, 5.0f), rv(2, 6.0f);
@@ -313,6 +329,8 @@ int main() {
         {2, 1500, 1},   // rows, more than one channel block
         {40, 4, 130},   // planes, several rows per tile
         {1, 3, 9},      // N == 1 with spatial size > 1
+        {16, 4, 20000}, // large enough for non-temporal stores
+        {70000, 5, 1},  // the same, rows schedule
     };
     for (const Shape& s : shapes) {
         test_forward_backward<float>(s);
@@ -323,6 +341,11 @@ int main() {
     test_thread_determinism<float>({40000, 17, 1});
     test_thread_determinism<bnorm::half>({8, 64, 700});
     test_thread_determinism<double>({3, 2, 70000});
+    test_thread_determinism<float>({16, 4, 20000});    // streaming stores, fused and not
+    test_thread_determinism<double>({70000, 16, 1});   // streaming stores, rows schedule
+    test_streaming_alignment<float>({16, 4, 20001});
+    test_streaming_alignment<float>({70001, 17, 1});
+    test_streaming_alignment<double>({8, 3, 30001});
     test_errors_leave_buffers_untouched();
     test_numerics();
     test_merge_stats();
