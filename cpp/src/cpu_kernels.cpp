@@ -43,6 +43,7 @@ using detail::store;
 
 constexpr int64_t kTileElems = 4096;        // planes tile: 16 KiB of float, both passes hit L1
 constexpr int64_t kRowTileElems = 16384;    // rows tile: fewer per-channel merges, fits L2
+constexpr int64_t kRowTileRows = 256;       // rows tile: float sums of at most 256 values
 constexpr int64_t kChannelBlock = 1024;     // channels per rows-schedule tile (stack scratch)
 constexpr int64_t kWorkItems = 64;          // partials per call, enough for 64 threads
 constexpr int64_t kSerialBelow = 1 << 15;   // fewer elements than this: one thread is faster
@@ -150,7 +151,7 @@ struct RowSplits {
     explicit RowSplits(Shape s)
         : width(std::clamp<int64_t>(s.channels, 1, kChannelBlock)),
           blocks(ceil_div(s.channels, width)),
-          rows_per_tile(std::max<int64_t>(1, kRowTileElems / width)),
+          rows_per_tile(std::clamp<int64_t>(kRowTileElems / width, 1, kRowTileRows)),
           tiles(ceil_div(s.outer, rows_per_tile)),
           splits(std::clamp<int64_t>(ceil_div(kWorkItems, blocks), 1, std::max<int64_t>(tiles, 1))) {}
 };

@@ -8,12 +8,15 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/optional.h>
+#include <nanobind/stl/string.h>
 #include <nanobind/stl/tuple.h>
+#include <nanobind/stl/vector.h>
 
 #include <cstdint>
 #include <optional>
 #include <string>
 #include <tuple>
+#include <vector>
 #include <type_traits>
 
 #include "bnorm/bnorm.hpp"
@@ -244,6 +247,25 @@ void backward(const In& dy, const In& x, ShapeTuple shape_, const In& mean, cons
     });
 }
 
+#if BNORM_HAS_CUDA
+// A fresh device buffer owned by Python (freed with the last reference), exported through
+// DLPack: the outputs of frameworks whose arrays are immutable (JAX).
+nb::ndarray<> cuda_empty(const std::vector<size_t>& shape, const std::string& dtype, int device) {
+    nb::dlpack::dtype dt;
+    if (dtype == "float32") dt = nb::dtype<float>();
+    else if (dtype == "float64") dt = nb::dtype<double>();
+    else if (dtype == "float16") dt = kHalf;
+    else if (dtype == "bfloat16") dt = kBfloat16;
+    else throw bnorm::TypeError("bnorm: cannot allocate dtype " + dtype);
+    size_t bytes = dt.bits / 8;
+    for (size_t n : shape) bytes *= n;
+    bnorm::cuda::set_device(device);
+    void* data = bnorm::cuda::allocate(bytes);
+    nb::capsule owner(data, [](void* p) noexcept { bnorm::cuda::deallocate(p); });
+    return nb::ndarray<>(data, shape.size(), shape.data(), owner, nullptr, dt, nb::device::cuda::value, device);
+}
+#endif
+
 bool cuda_available() {
 #if BNORM_HAS_CUDA
     return bnorm::cuda::available();
@@ -284,6 +306,9 @@ NB_MODULE(_core, m) {
     m.def("set_num_threads", &bnorm::set_num_threads, "n"_a);
     m.def("get_num_threads", &bnorm::get_num_threads);
     m.def("cuda_available", &cuda_available);
+#if BNORM_HAS_CUDA
+    m.def("cuda_empty", &cuda_empty, "shape"_a, "dtype"_a, "device"_a);
+#endif
     m.attr("built_with_cuda") = bool(BNORM_HAS_CUDA);
     m.attr("__version__") = BNORM_VERSION_STRING;
 }

@@ -63,6 +63,16 @@ class _NumPy:
         return a.flags.writeable
 
     @staticmethod
+    def export(a):
+        """The object handed to _core for array a."""
+        return a
+
+    @staticmethod
+    def wrap(a):
+        """The array returned to the user for an output _core wrote."""
+        return a
+
+    @staticmethod
     def copy_into(dst, src) -> None:
         np.copyto(dst, src)
 
@@ -128,7 +138,7 @@ class _Call:
             raise TypeError(f"bnorm: {name} must have x's dtype {self.dtype}, got {self.xp.dtype_name(a)}")
         if tuple(a.shape) != self.input_shape:
             raise ValueError(f"bnorm: {name} must have x's shape {self.input_shape}, got {tuple(a.shape)}")
-        return a if self.xp.is_contiguous(a) else self.xp.contiguous(a)
+        return self.xp.export(a if self.xp.is_contiguous(a) else self.xp.contiguous(a))
 
     def vector(self, a, name, *, required=True):
         """A per-channel input vector (weight, bias, statistics) of the parameter dtype."""
@@ -146,7 +156,7 @@ class _Call:
             )
         if tuple(a.shape) != (self.channels,):
             raise ValueError(f"bnorm: {name} must have shape ({self.channels},), got {tuple(a.shape)}")
-        return a if self.xp.is_contiguous(a) else self.xp.contiguous(a)
+        return self.xp.export(a if self.xp.is_contiguous(a) else self.xp.contiguous(a))
 
     def buffer(self, a, name):
         """A per-channel vector updated in place (running statistics)."""
@@ -154,12 +164,12 @@ class _Call:
             return None
         if self.xp is _NumPy and not isinstance(a, np.ndarray):
             raise TypeError(f"bnorm: {name} must be a NumPy array (it is updated in place), got {type(a).__name__}")
-        a_checked = self.vector(a, name)
-        if a_checked is not a:
+        self.vector(a, name)
+        if not self.xp.is_contiguous(a):
             raise ValueError(f"bnorm: {name} must be C-contiguous (it is updated in place)")
         if not self.xp.is_writeable(a):
             raise ValueError(f"bnorm: {name} is read-only (it is updated in place)")
-        return a
+        return self.xp.export(a)
 
     def new_vector(self):
         return self.xp.empty((self.channels,), self.param_dtype)
@@ -168,8 +178,7 @@ class _Call:
         """(the array _core writes, the array returned): out itself when it is C-contiguous,
         else a fresh array copied into out after the call."""
         if out is None:
-            y = self.xp.empty(self.input_shape, self.dtype)
-            return _Output(y, y, self.xp)
+            return _Output(self.xp, self.xp.empty(self.input_shape, self.dtype))
         if self.xp is _NumPy and not isinstance(out, np.ndarray):
             raise TypeError(f"bnorm: out must be a NumPy array, got {type(out).__name__}")
         if self.xp is not _NumPy and not self.xp.owns(out):
@@ -181,8 +190,8 @@ class _Call:
         if not self.xp.is_writeable(out):
             raise ValueError("bnorm: out is read-only")
         if self.xp.is_contiguous(out):
-            return _Output(out, out, self.xp)
-        return _Output(self.xp.empty(self.input_shape, self.dtype), out, self.xp)
+            return _Output(self.xp, self.xp.export(out), out)
+        return _Output(self.xp, self.xp.empty(self.input_shape, self.dtype), out, copy_back=True)
 
     def require_batch(self):
         if self.count == 1:
@@ -192,14 +201,24 @@ class _Call:
             )
 
 
+    def result(self, a):
+        """A new vector or array _core wrote, as the user's array type."""
+        return self.xp.wrap(a)
+
+
 class _Output:
-    def __init__(self, target, result, xp):
-        self.target, self.result, self.xp = target, result, xp
+    """Where _core writes an output (target), and what the user gets: a fresh array, out
+    itself, or out filled from a fresh C-contiguous target when out is not contiguous."""
+
+    def __init__(self, xp, target, out=None, copy_back=False):
+        self.xp, self.target, self.out, self.copy_back = xp, target, out, copy_back
 
     def done(self):
-        if self.target is not self.result:
-            self.xp.copy_into(self.result, self.target)
-        return self.result
+        if self.out is None:
+            return self.xp.wrap(self.target)
+        if self.copy_back:
+            self.xp.copy_into(self.out, self.target)
+        return self.out
 
 
 def forward_train(
@@ -244,7 +263,7 @@ def forward_train(
         call.x, call.shape, weight, bias, running_mean, running_var, float(momentum), float(eps),
         y.target, save_mean, save_invstd, call.xp.stream,
     )
-    return y.done(), save_mean, save_invstd
+    return y.done(), call.result(save_mean), call.result(save_invstd)
 
 
 def forward_infer(x, running_mean, running_var, weight=None, bias=None, *, axis=1, eps=1e-5, out=None, stream=None):
@@ -289,7 +308,7 @@ def backward(dy, x, mean, invstd, weight=None, *, axis=1, batch_stats=True, out=
     dx = call.output(out)
     dweight, dbias = call.new_vector(), call.new_vector()
     _core.backward(dy, call.x, call.shape, mean, invstd, weight, bool(batch_stats), dx.target, dweight, dbias, call.xp.stream)
-    return dx.done(), dweight, dbias
+    return dx.done(), call.result(dweight), call.result(dbias)
 
 
 def batch_stats(x, *, axis=1, stream=None):
@@ -300,7 +319,7 @@ def batch_stats(x, *, axis=1, stream=None):
     call = _Call(x, axis, stream)
     mean, var = call.new_vector(), call.new_vector()
     _core.batch_stats(call.x, call.shape, mean, var, call.xp.stream)
-    return call.count, mean, var
+    return call.count, call.result(mean), call.result(var)
 
 
 def merge_stats(counts, means, vars, *, stream=None):
@@ -317,7 +336,12 @@ def merge_stats(counts, means, vars, *, stream=None):
     """
     xp = _backend(means, stream)
     if xp is _NumPy:
-        means, vars, counts = np.asarray(means), np.asarray(vars), np.asarray(counts)
+        means, vars = np.asarray(means), np.asarray(vars)
+    if xp is _NumPy or not xp.owns(counts):
+        counts = np.asarray(counts)  # counts may live on the host for device statistics
+    for a, name in ((means, "means"), (vars, "vars")):
+        if xp is not _NumPy and not xp.owns(a):
+            raise ValueError(f"bnorm: {name} must be an array of the same framework and device as means")
     if means.ndim != 2:
         raise ValueError(f"bnorm: means must have shape (parts, channels), got {tuple(means.shape)}")
     dtype = xp.dtype_name(means)
@@ -335,14 +359,13 @@ def merge_stats(counts, means, vars, *, stream=None):
     if xp.dtype_name(counts)[:1] not in ("i", "u", "f"):
         raise TypeError(f"bnorm: counts must be integers or floats, got {xp.dtype_name(counts)}")
     table = xp.counts_table(counts, parts, channels)
-    means = means if xp.is_contiguous(means) else xp.contiguous(means)
-    vars = vars if xp.is_contiguous(vars) else xp.contiguous(vars)
+    means = xp.export(means if xp.is_contiguous(means) else xp.contiguous(means))
+    vars = xp.export(vars if xp.is_contiguous(vars) else xp.contiguous(vars))
     count = xp.empty((channels,), "float64")
     mean, var = xp.empty((channels,), dtype), xp.empty((channels,), dtype)
-    _core.merge_stats(table, means, vars, count, mean, var, xp.stream)
-    if counts.ndim == 1:
-        count = counts.sum().item()  # an int for integer counts, exact
-    return count, mean, var
+    _core.merge_stats(xp.export(table), means, vars, count, mean, var, xp.stream)
+    count = counts.sum().item() if counts.ndim == 1 else xp.wrap(count)  # exact: an int for integer counts
+    return count, xp.wrap(mean), xp.wrap(var)
 
 
 def normalize(x, mean, invstd, weight=None, bias=None, *, axis=1, out=None, stream=None):
@@ -368,7 +391,7 @@ def backward_reduce(dy, x, mean, invstd, *, axis=1, stream=None):
     invstd = call.vector(invstd, "invstd")
     sum_dy, sum_dy_xhat = call.new_vector(), call.new_vector()
     _core.backward_reduce(dy, call.x, call.shape, mean, invstd, sum_dy, sum_dy_xhat, call.xp.stream)
-    return sum_dy, sum_dy_xhat
+    return call.result(sum_dy), call.result(sum_dy_xhat)
 
 
 def backward_elemt(dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count, *, axis=1, out=None, stream=None):

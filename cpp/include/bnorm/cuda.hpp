@@ -8,6 +8,8 @@
 // with CUDA's error string. Results are identical run to run (no order-dependent atomics).
 #pragma once
 
+#include <cstddef>
+
 #include "bnorm/types.hpp"
 
 struct CUstream_st;  // cudaStream_t is CUstream_st*: no CUDA header needed to use this API
@@ -23,6 +25,12 @@ bool available();
 /// Makes `device` the calling thread's current device (cudaSetDevice): every call below
 /// runs on the current device, which must be the one that holds its pointers.
 void set_device(int device);
+
+/// Device memory on the current device (cudaMalloc), for outputs of callers that cannot
+/// allocate writable device arrays themselves (JAX). Release with deallocate.
+void* allocate(size_t bytes);
+/// Frees memory from allocate (cudaFree); never throws.
+void deallocate(void* pointer) noexcept;
 
 template <class T>
 void batch_stats(const T* x, Shape shape, param_t<T>* mean, param_t<T>* var,

@@ -1,0 +1,20 @@
+// bnorm CUDA backend: device selection and plain allocations for the bindings.
+#include <cuda_runtime.h>
+
+#include "common.cuh"
+
+namespace bnorm::cuda {
+
+void set_device(int device) { BNORM_CUDA_CHECK(cudaSetDevice(device)); }
+
+void* allocate(size_t bytes) {
+    void* pointer = nullptr;
+    if (bytes > 0) BNORM_CUDA_CHECK(cudaMalloc(&pointer, bytes));
+    return pointer;
+}
+
+void deallocate(void* pointer) noexcept {
+    if (pointer) cudaFree(pointer);
+}
+
+}  // namespace bnorm::cuda

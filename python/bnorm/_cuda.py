@@ -1,0 +1,182 @@
+"""CUDA arrays for the functional API: the array operations of PyTorch, CuPy and JAX on
+CUDA devices, with the same interface as _functional._NumPy.
+
+Arrays reach _core through DLPack without copies. Outputs are arrays of x's framework on
+x's device: allocated by the framework (PyTorch, CuPy: their caching allocators), or for
+JAX, whose arrays are immutable, by bnorm (cudaMalloc) and handed to JAX through DLPack.
+Everything runs on ``stream`` (an integer cudaStream_t; None or 0: the legacy default
+stream), without host synchronization.
+"""
+
+from __future__ import annotations
+
+from . import _core
+
+_DTYPES = ("float16", "float32", "float64", "bfloat16")
+
+
+def backend(x, stream):
+    """The array namespace for CUDA array x."""
+    if not _core.built_with_cuda:
+        raise ValueError("bnorm: x is a CUDA array but this bnorm was built without CUDA")
+    framework = type(x).__module__.split(".")[0]
+    namespace = {"torch": _Torch, "cupy": _CuPy, "jax": _Jax, "jaxlib": _Jax}.get(framework)
+    if namespace is None:
+        raise TypeError(f"bnorm: CUDA arrays of {type(x).__module__}.{type(x).__name__} are not supported "
+                        "(PyTorch, CuPy and JAX are)")
+    if stream is not None and (isinstance(stream, bool) or not isinstance(stream, int) or stream < 0):
+        raise TypeError(f"bnorm: stream must be an integer CUDA stream handle, got {stream!r}")
+    return namespace(x, 0 if stream is None else stream)
+
+
+class _Torch:
+    dtypes = _DTYPES
+
+    def __init__(self, x, stream):
+        import torch
+
+        self.torch, self.device, self.stream = torch, x.device, stream
+
+    def owns(self, a):
+        return isinstance(a, self.torch.Tensor) and a.device == self.device
+
+    @staticmethod
+    def dtype_name(a):
+        return str(a.dtype).removeprefix("torch.")
+
+    def empty(self, shape, dtype_name):
+        return self.torch.empty(shape, dtype=getattr(self.torch, dtype_name), device=self.device)
+
+    @staticmethod
+    def is_contiguous(a):
+        return a.is_contiguous()
+
+    @staticmethod
+    def contiguous(a):
+        return a.contiguous()
+
+    @staticmethod
+    def export(a):
+        # DLPack refuses tensors that require grad; bnorm computes gradients itself.
+        return a.detach()
+
+    @staticmethod
+    def wrap(a):
+        return a
+
+    @staticmethod
+    def is_writeable(a):
+        return True
+
+    @staticmethod
+    def copy_into(dst, src):
+        dst.copy_(src)
+
+    def counts_table(self, counts, parts, channels):
+        counts = self.torch.as_tensor(counts, dtype=self.torch.float64, device=self.device)
+        return counts.reshape(parts, 1 if counts.ndim == 1 else channels).expand(parts, channels).contiguous()
+
+
+class _CuPy:
+    dtypes = _DTYPES
+
+    def __init__(self, x, stream):
+        import cupy
+
+        self.cupy, self.device, self.stream = cupy, x.device, stream
+
+    def owns(self, a):
+        return isinstance(a, self.cupy.ndarray) and a.device == self.device
+
+    @staticmethod
+    def dtype_name(a):
+        return a.dtype.name
+
+    def empty(self, shape, dtype_name):
+        with self.device:
+            return self.cupy.empty(shape, dtype=dtype_name)
+
+    @staticmethod
+    def is_contiguous(a):
+        return a.flags.c_contiguous
+
+    def contiguous(self, a):
+        with self.device:
+            return self.cupy.ascontiguousarray(a)
+
+    @staticmethod
+    def export(a):
+        return a
+
+    @staticmethod
+    def wrap(a):
+        return a
+
+    @staticmethod
+    def is_writeable(a):
+        return True
+
+    @staticmethod
+    def copy_into(dst, src):
+        dst[...] = src
+
+    def counts_table(self, counts, parts, channels):
+        with self.device:
+            counts = self.cupy.asarray(counts, dtype="float64")
+            return self.cupy.ascontiguousarray(
+                self.cupy.broadcast_to(counts.reshape(parts, 1 if counts.ndim == 1 else channels), (parts, channels)))
+
+
+class _Jax:
+    """JAX arrays are immutable: outputs are fresh device buffers from bnorm, wrapped as JAX
+    arrays through DLPack; running statistics cannot be updated in place (pass None and
+    update them functionally from save_mean / batch_stats)."""
+
+    dtypes = _DTYPES
+
+    def __init__(self, x, stream):
+        import jax
+        import jax.numpy as jnp
+
+        self.jax, self.jnp, self.stream = jax, jnp, stream
+        (self.device,) = x.devices()
+
+    def owns(self, a):
+        return isinstance(a, self.jax.Array) and a.devices() == {self.device}
+
+    @staticmethod
+    def dtype_name(a):
+        return a.dtype.name
+
+    def empty(self, shape, dtype_name):
+        # a bnorm-owned device buffer (DLPack-capable), turned into a JAX array by wrap()
+        return _core.cuda_empty(tuple(shape), dtype_name, self.device.id)
+
+    @staticmethod
+    def is_contiguous(a):
+        return True  # JAX arrays are always row-major and dense
+
+    @staticmethod
+    def contiguous(a):
+        return a
+
+    @staticmethod
+    def export(a):
+        return a
+
+    def wrap(self, a):
+        # a fresh bnorm buffer (empty) becomes a JAX array without a copy
+        return a if isinstance(a, self.jax.Array) else self.jax.dlpack.from_dlpack(a)
+
+    @staticmethod
+    def is_writeable(a):
+        return False
+
+    @staticmethod
+    def copy_into(dst, src):
+        raise ValueError("bnorm: JAX arrays are immutable: out= cannot be a JAX array")
+
+    def counts_table(self, counts, parts, channels):
+        counts = self.jnp.asarray(counts, dtype="float64")
+        table = self.jnp.broadcast_to(counts.reshape(parts, 1 if counts.ndim == 1 else channels), (parts, channels))
+        return self.jax.device_put(table, self.device)
