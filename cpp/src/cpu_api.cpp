@@ -81,6 +81,8 @@ void set_num_threads(int n) {
 
 int get_num_threads() { return threads(); }
 
+const char* cpu_isa() { return kernels::isa_name(kernels::isa()); }
+
 template <class T>
 void batch_stats(const T* x, Shape shape, param_t<T>* mean, param_t<T>* var) {
     check_shape(shape);
@@ -204,7 +206,6 @@ void forward_infer(const T* x, Shape shape, const param_t<T>* running_mean,
 template <class T>
 void backward_reduce(const T* dy, const T* x, Shape shape, const param_t<T>* mean,
                      const param_t<T>* invstd, param_t<T>* sum_dy, param_t<T>* sum_dy_xhat) {
-    using P = param_t<T>;
     check_shape(shape);
     if (shape.channels == 0) return;
     check_pointer(mean, "mean");

@@ -20,13 +20,17 @@
 // call by at most one work item (results do not depend on who computes what).
 #include "cpu_kernels.hpp"
 
+#ifndef BNORM_KERNEL_ISA
+#define BNORM_KERNEL_ISA baseline  // CMake compiles this file once per instruction set
+#endif
+
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
 #include <vector>
 
 #if defined(__SSE2__) && defined(__GNUC__)
-#include <emmintrin.h>
+#include <immintrin.h>
 #define BNORM_SSE2 1
 #else
 #define BNORM_SSE2 0
@@ -35,7 +39,7 @@
 #include "coefficients.hpp"
 #include "half.hpp"
 
-namespace bnorm::kernels {
+namespace bnorm::kernels::BNORM_KERNEL_ISA {
 namespace {
 
 using detail::load;
@@ -301,8 +305,40 @@ struct BackwardSumsOp {
 };
 
 #if BNORM_SSE2
-// SSE2 registers of float and double (GCC and Clang give them arithmetic operators).
+// The widest registers of float and double this build may use (GCC and Clang give them
+// arithmetic operators). Used for the non-temporal stores, which need aligned vectors.
 template <class T> struct Vec;
+#if defined(__AVX512F__)
+template <> struct Vec<float> {
+    using R = __m512;
+    static constexpr int64_t width = 16;
+    static R load(const float* p) { return _mm512_loadu_ps(p); }
+    static R set(float v) { return _mm512_set1_ps(v); }
+    static void stream(float* p, R v) { _mm512_stream_ps(p, v); }
+};
+template <> struct Vec<double> {
+    using R = __m512d;
+    static constexpr int64_t width = 8;
+    static R load(const double* p) { return _mm512_loadu_pd(p); }
+    static R set(double v) { return _mm512_set1_pd(v); }
+    static void stream(double* p, R v) { _mm512_stream_pd(p, v); }
+};
+#elif defined(__AVX__)
+template <> struct Vec<float> {
+    using R = __m256;
+    static constexpr int64_t width = 8;
+    static R load(const float* p) { return _mm256_loadu_ps(p); }
+    static R set(float v) { return _mm256_set1_ps(v); }
+    static void stream(float* p, R v) { _mm256_stream_ps(p, v); }
+};
+template <> struct Vec<double> {
+    using R = __m256d;
+    static constexpr int64_t width = 4;
+    static R load(const double* p) { return _mm256_loadu_pd(p); }
+    static R set(double v) { return _mm256_set1_pd(v); }
+    static void stream(double* p, R v) { _mm256_stream_pd(p, v); }
+};
+#else
 template <> struct Vec<float> {
     using R = __m128;
     static constexpr int64_t width = 4;
@@ -317,6 +353,7 @@ template <> struct Vec<double> {
     static R set(double v) { return _mm_set1_pd(v); }
     static void stream(double* p, R v) { _mm_stream_pd(p, v); }
 };
+#endif
 #else
 template <class T> struct Vec {};
 #endif
@@ -336,7 +373,8 @@ inline void write_run(T* out, int64_t n, bool stream, const Scalar& scalar, cons
 #if BNORM_SSE2
     if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
         if (stream) {
-            for (; i < n && reinterpret_cast<uintptr_t>(out + i) % 16 != 0; ++i) store(out + i, scalar(i));
+            constexpr uintptr_t alignment = sizeof(typename Vec<T>::R);
+            for (; i < n && reinterpret_cast<uintptr_t>(out + i) % alignment != 0; ++i) store(out + i, scalar(i));
             for (; i + Vec<T>::width <= n; i += Vec<T>::width) Vec<T>::stream(out + i, vector(i));
         }
     }
@@ -565,4 +603,4 @@ BNORM_INSTANTIATE(double)
 BNORM_INSTANTIATE(half)
 #undef BNORM_INSTANTIATE
 
-}  // namespace bnorm::kernels
+}  // namespace bnorm::kernels::BNORM_KERNEL_ISA

@@ -25,6 +25,7 @@ __all__ = [
     "backward_elemt",
     "set_num_threads",
     "get_num_threads",
+    "cpu_isa",
     "cuda_available",
 ]
 
@@ -427,6 +428,12 @@ def set_num_threads(n: int) -> None:
 def get_num_threads() -> int:
     """The number of CPU threads bnorm uses."""
     return _core.get_num_threads()
+
+
+def cpu_isa() -> str:
+    """The instruction set of the CPU kernels in use: "baseline", "avx2" or "avx512" (the
+    widest this CPU runs, unless the environment variable BNORM_CPU_ISA names another)."""
+    return _core.cpu_isa()
 
 
 def cuda_available() -> bool:

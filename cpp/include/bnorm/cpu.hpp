@@ -80,4 +80,10 @@ void backward(const T* dy, const T* x, Shape shape, const param_t<T>* mean,
 void set_num_threads(int n);
 int get_num_threads();
 
+/// The instruction set of the CPU kernels in use: "baseline" (SSE2 on x86-64), "avx2" or
+/// "avx512": the widest this CPU runs, unless the environment variable BNORM_CPU_ISA names
+/// a narrower one. Results are deterministic for a given instruction set; reductions may
+/// differ in the last bits between instruction sets (vector widths change the sum order).
+const char* cpu_isa();
+
 }  // namespace bnorm

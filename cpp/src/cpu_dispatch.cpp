@@ -1,0 +1,111 @@
+// The kernels' entry points: each calls the build of the kernel for the widest instruction
+// set the CPU runs (or the one BNORM_CPU_ISA names), so one portable binary is fast on
+// every x86-64 machine.
+#include <cstdlib>
+#include <cstring>
+
+#include "cpu_kernels.hpp"
+
+namespace bnorm::kernels {
+namespace {
+
+Isa best_supported() {
+#if BNORM_KERNELS_X86 && (defined(__GNUC__) || defined(__clang__))
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("f16c") &&
+        __builtin_cpu_supports("fma"))
+        return Isa::avx512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+        return Isa::avx2;
+#endif
+    return Isa::baseline;
+}
+
+Isa choose() {
+    const Isa best = best_supported();
+    const char* requested = std::getenv("BNORM_CPU_ISA");
+    if (requested == nullptr) return best;
+    for (Isa candidate : {Isa::baseline, Isa::avx2, Isa::avx512})
+        if (std::strcmp(requested, isa_name(candidate)) == 0 && candidate <= best) return candidate;
+    return best;  // unknown, or not supported by this CPU: the best supported one
+}
+
+}  // namespace
+
+const char* isa_name(Isa isa) {
+    switch (isa) {
+        case Isa::avx512: return "avx512";
+        case Isa::avx2: return "avx2";
+        default: return "baseline";
+    }
+}
+
+Isa isa() {
+    static const Isa chosen = choose();
+    return chosen;
+}
+
+#if BNORM_KERNELS_X86
+#define BNORM_DISPATCH(name, ...)                                     \
+    switch (isa()) {                                                  \
+        case Isa::avx512: return avx512::name<T>(__VA_ARGS__);        \
+        case Isa::avx2: return avx2::name<T>(__VA_ARGS__);            \
+        default: return baseline::name<T>(__VA_ARGS__);               \
+    }
+#else
+#define BNORM_DISPATCH(name, ...) return baseline::name<T>(__VA_ARGS__);
+#endif
+
+template <class T>
+void moments(const T* x, Shape s, int threads, double* mean, double* var) {
+    BNORM_DISPATCH(moments, x, s, threads, mean, var)
+}
+
+template <class T>
+void affine(const T* x, Shape s, int threads, const param_t<T>* center, const param_t<T>* center_lo,
+            const param_t<T>* scale, const param_t<T>* shift, T* y) {
+    BNORM_DISPATCH(affine, x, s, threads, center, center_lo, scale, shift, y)
+}
+
+template <class T>
+void forward_train(const T* x, Shape s, int threads, double eps, const param_t<T>* weight, const param_t<T>* bias,
+                   T* y, double* mean, double* var) {
+    BNORM_DISPATCH(forward_train, x, s, threads, eps, weight, bias, y, mean, var)
+}
+
+template <class T>
+void backward_sums(const T* dy, const T* x, Shape s, int threads, const param_t<T>* mean, double* sum_dy,
+                   double* sum_dy_xmu) {
+    BNORM_DISPATCH(backward_sums, dy, x, s, threads, mean, sum_dy, sum_dy_xmu)
+}
+
+template <class T>
+void backward_dx(const T* dy, const T* x, Shape s, int threads, const param_t<T>* mean, const param_t<T>* dy_mean,
+                 const param_t<T>* xmu_scale, const param_t<T>* scale, T* dx) {
+    BNORM_DISPATCH(backward_dx, dy, x, s, threads, mean, dy_mean, xmu_scale, scale, dx)
+}
+
+template <class T>
+void backward_train(const T* dy, const T* x, Shape s, int threads, const param_t<T>* mean, const param_t<T>* invstd,
+                    const param_t<T>* weight, T* dx, param_t<T>* sum_dy, param_t<T>* sum_dy_xhat) {
+    BNORM_DISPATCH(backward_train, dy, x, s, threads, mean, invstd, weight, dx, sum_dy, sum_dy_xhat)
+}
+
+#define BNORM_INSTANTIATE(T)                                                                                      \
+    template void moments<T>(const T*, Shape, int, double*, double*);                                             \
+    template void affine<T>(const T*, Shape, int, const param_t<T>*, const param_t<T>*, const param_t<T>*,        \
+                            const param_t<T>*, T*);                                                               \
+    template void forward_train<T>(const T*, Shape, int, double, const param_t<T>*, const param_t<T>*, T*,        \
+                                   double*, double*);                                                             \
+    template void backward_sums<T>(const T*, const T*, Shape, int, const param_t<T>*, double*, double*);          \
+    template void backward_dx<T>(const T*, const T*, Shape, int, const param_t<T>*, const param_t<T>*,            \
+                                 const param_t<T>*, const param_t<T>*, T*);                                       \
+    template void backward_train<T>(const T*, const T*, Shape, int, const param_t<T>*, const param_t<T>*,         \
+                                    const param_t<T>*, T*, param_t<T>*, param_t<T>*);
+BNORM_INSTANTIATE(float)
+BNORM_INSTANTIATE(double)
+BNORM_INSTANTIATE(half)
+#undef BNORM_INSTANTIATE
+
+}  // namespace bnorm::kernels
