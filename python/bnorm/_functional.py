@@ -30,7 +30,7 @@ __all__ = [
 ]
 
 _CPU_DTYPES = ("float16", "float32", "float64")
-_CUDA_DTYPES = _CPU_DTYPES + ("bfloat16",)
+_DTYPE_NAMES = {np.dtype(name): name for name in _CPU_DTYPES}  # dtype.name is slow to compute
 
 
 class _NumPy:
@@ -45,7 +45,7 @@ class _NumPy:
 
     @staticmethod
     def dtype_name(a) -> str:
-        return a.dtype.name
+        return _DTYPE_NAMES.get(a.dtype) or a.dtype.name
 
     @staticmethod
     def empty(shape, dtype_name: str):
