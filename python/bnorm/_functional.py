@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import Any, Optional, Tuple, Union
 
 import numpy as np
 
@@ -28,6 +29,9 @@ __all__ = [
     "cpu_isa",
     "cuda_available",
 ]
+
+#: A NumPy array, or a CUDA array of PyTorch, CuPy or JAX (anything with __dlpack__).
+Array = Any
 
 _CPU_DTYPES = ("float16", "float32", "float64")
 _DTYPE_NAMES = {np.dtype(name): name for name in _CPU_DTYPES}  # dtype.name is slow to compute
@@ -223,9 +227,10 @@ class _Output:
 
 
 def forward_train(
-    x, weight=None, bias=None, running_mean=None, running_var=None, *, axis=1, momentum=0.1, eps=1e-5,
-    out=None, stream=None,
-):
+    x: Array, weight: Optional[Array] = None, bias: Optional[Array] = None, running_mean: Optional[Array] = None,
+    running_var: Optional[Array] = None, *, axis: int = 1, momentum: float = 0.1, eps: float = 1e-5,
+    out: Optional[Array] = None, stream: Optional[int] = None,
+) -> Tuple[Array, Array, Array]:
     """Batch normalization in training mode.
 
     Normalizes x with the mean and biased variance of each channel (C = x.shape[axis],
@@ -267,7 +272,10 @@ def forward_train(
     return y.done(), call.result(save_mean), call.result(save_invstd)
 
 
-def forward_infer(x, running_mean, running_var, weight=None, bias=None, *, axis=1, eps=1e-5, out=None, stream=None):
+def forward_infer(
+    x: Array, running_mean: Array, running_var: Array, weight: Optional[Array] = None, bias: Optional[Array] = None,
+    *, axis: int = 1, eps: float = 1e-5, out: Optional[Array] = None, stream: Optional[int] = None,
+) -> Array:
     """Batch normalization in inference mode, with fixed statistics:
     y = (x - running_mean) / sqrt(running_var + eps) * weight + bias.
 
@@ -284,7 +292,10 @@ def forward_infer(x, running_mean, running_var, weight=None, bias=None, *, axis=
     return y.done()
 
 
-def backward(dy, x, mean, invstd, weight=None, *, axis=1, batch_stats=True, out=None, stream=None):
+def backward(
+    dy: Array, x: Array, mean: Array, invstd: Array, weight: Optional[Array] = None, *, axis: int = 1,
+    batch_stats: bool = True, out: Optional[Array] = None, stream: Optional[int] = None,
+) -> Tuple[Array, Array, Array]:
     """Gradients of batch normalization.
 
     Args:
@@ -312,7 +323,7 @@ def backward(dy, x, mean, invstd, weight=None, *, axis=1, batch_stats=True, out=
     return dx.done(), call.result(dweight), call.result(dbias)
 
 
-def batch_stats(x, *, axis=1, stream=None):
+def batch_stats(x: Array, *, axis: int = 1, stream: Optional[int] = None) -> Tuple[int, Array, Array]:
     """Per-channel statistics of x: (count, mean, var) with count = M, the number of values
     per channel (an int), and var the biased variance. Computed with shifted two-pass sums
     merged with Chan's formula (accurate for |mean| >> std). For an empty x, mean and var
@@ -323,7 +334,9 @@ def batch_stats(x, *, axis=1, stream=None):
     return call.count, call.result(mean), call.result(var)
 
 
-def merge_stats(counts, means, vars, *, stream=None):
+def merge_stats(
+    counts: Array, means: Array, vars: Array, *, stream: Optional[int] = None
+) -> Tuple[Union[int, float, Array], Array, Array]:
     """Chan's combination of partial statistics over a leading axis.
 
     Args:
@@ -369,7 +382,10 @@ def merge_stats(counts, means, vars, *, stream=None):
     return count, xp.wrap(mean), xp.wrap(var)
 
 
-def normalize(x, mean, invstd, weight=None, bias=None, *, axis=1, out=None, stream=None):
+def normalize(
+    x: Array, mean: Array, invstd: Array, weight: Optional[Array] = None, bias: Optional[Array] = None, *,
+    axis: int = 1, out: Optional[Array] = None, stream: Optional[int] = None,
+) -> Array:
     """y = (x - mean) * invstd * weight + bias per channel (weight and bias may be None).
     The elementwise phase of ``forward_train``, for statistics computed elsewhere
     (e.g. merged across shards with ``merge_stats``)."""
@@ -383,7 +399,9 @@ def normalize(x, mean, invstd, weight=None, bias=None, *, axis=1, out=None, stre
     return y.done()
 
 
-def backward_reduce(dy, x, mean, invstd, *, axis=1, stream=None):
+def backward_reduce(
+    dy: Array, x: Array, mean: Array, invstd: Array, *, axis: int = 1, stream: Optional[int] = None
+) -> Tuple[Array, Array]:
     """The reduction phase of ``backward``: (sum_dy, sum_dy_xhat) per channel, with
     xhat = (x - mean) * invstd. Sum these over shards before ``backward_elemt``."""
     call = _Call(x, axis, stream)
@@ -395,7 +413,10 @@ def backward_reduce(dy, x, mean, invstd, *, axis=1, stream=None):
     return call.result(sum_dy), call.result(sum_dy_xhat)
 
 
-def backward_elemt(dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count, *, axis=1, out=None, stream=None):
+def backward_elemt(
+    dy: Array, x: Array, mean: Array, invstd: Array, weight: Optional[Array], sum_dy: Array, sum_dy_xhat: Array,
+    count: Union[int, float], *, axis: int = 1, out: Optional[Array] = None, stream: Optional[int] = None,
+) -> Array:
     """The elementwise phase of ``backward`` with batch statistics:
     dx = weight * invstd * (dy - sum_dy / count - xhat * sum_dy_xhat / count),
     where count is the number of values per channel over all shards (> 0)."""

@@ -1,0 +1,213 @@
+"""Every bad input raises TypeError (wrong dtype) or ValueError (wrong shape or value), with
+a message naming the offending argument."""
+
+import re
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+import bnorm
+import reference as ref
+
+C = 3
+SHAPE = (4, C, 5)
+
+
+def _valid(dtype=np.float32):
+    rng = np.random.default_rng(0)
+    x = ref.make_x(rng, SHAPE, 1, dtype)
+    w, b, rm, rv = ref.make_params(rng, C, dtype)
+    pd = ref.param_dtype(dtype)
+    return SimpleNamespace(
+        x=x, dy=ref.make_dy(rng, SHAPE, dtype), weight=w, bias=b, running_mean=rm,
+        running_var=rv, mean=rm.copy(), invstd=ref.invstd_of(rv).astype(pd),
+        sum_dy=np.ones(C, pd), sum_dy_xhat=np.ones(C, pd), count=20, axis=1, eps=1e-5,
+        momentum=0.1, batch_stats=True, out=None)
+
+
+CALLS = {
+    "forward_train": lambda a: bnorm.forward_train(
+        a.x, a.weight, a.bias, a.running_mean, a.running_var, axis=a.axis,
+        momentum=a.momentum, eps=a.eps, out=a.out),
+    "forward_infer": lambda a: bnorm.forward_infer(
+        a.x, a.running_mean, a.running_var, a.weight, a.bias, axis=a.axis, eps=a.eps,
+        out=a.out),
+    "backward": lambda a: bnorm.backward(
+        a.dy, a.x, a.mean, a.invstd, a.weight, axis=a.axis, batch_stats=a.batch_stats,
+        out=a.out),
+    "batch_stats": lambda a: bnorm.batch_stats(a.x, axis=a.axis),
+    "normalize": lambda a: bnorm.normalize(
+        a.x, a.mean, a.invstd, a.weight, a.bias, axis=a.axis, out=a.out),
+    "backward_reduce": lambda a: bnorm.backward_reduce(a.dy, a.x, a.mean, a.invstd,
+                                                       axis=a.axis),
+    "backward_elemt": lambda a: bnorm.backward_elemt(
+        a.dy, a.x, a.mean, a.invstd, a.weight, a.sum_dy, a.sum_dy_xhat, a.count,
+        axis=a.axis, out=a.out),
+}
+
+# which arguments each function reads
+USES = {
+    "forward_train": {"x", "weight", "bias", "running_mean", "running_var", "axis",
+                      "momentum", "eps", "out"},
+    "forward_infer": {"x", "running_mean", "running_var", "weight", "bias", "axis", "eps",
+                      "out"},
+    "backward": {"dy", "x", "mean", "invstd", "weight", "axis", "out"},
+    "batch_stats": {"x", "axis"},
+    "normalize": {"x", "mean", "invstd", "weight", "bias", "axis", "out"},
+    "backward_reduce": {"dy", "x", "mean", "invstd", "axis"},
+    "backward_elemt": {"dy", "x", "mean", "invstd", "weight", "sum_dy", "sum_dy_xhat",
+                       "axis", "out"},
+}
+
+X_LIKE = {"x", "dy"}
+PER_CHANNEL = {"weight", "bias", "running_mean", "running_var", "mean", "invstd", "sum_dy",
+               "sum_dy_xhat"}
+
+
+def _bad_inputs():
+    """(id, function, x dtype, overrides(a) -> dict, exception, message pattern or None)."""
+    cases = []
+
+    def add(fn, ident, dtype, over, exc, pattern):
+        cases.append(pytest.param(fn, dtype, over, exc, pattern, id=f"{fn}-{ident}"))
+
+    for fn, uses in USES.items():
+        # wrong dtypes of x (TypeError)
+        for bad in (np.int32, np.int64, np.complex64, np.bool_):
+            add(fn, f"x-{np.dtype(bad).name}", np.float32,
+                lambda a, bad=bad: {k: getattr(a, k).astype(bad) for k in uses & X_LIKE},
+                TypeError, None)
+        if "dy" in uses:
+            add(fn, "dy-float64-for-float32", np.float32,
+                lambda a: {"dy": a.dy.astype(np.float64)}, TypeError, "dy")
+        # per-channel arrays of the wrong dtype (TypeError); float16 x needs float32 ones
+        for name in sorted(uses & PER_CHANNEL):
+            for xdt, pdt in ((np.float64, np.float32), (np.float32, np.float64),
+                             (np.float16, np.float16), (np.float16, np.float64)):
+                add(fn, f"{name}-{np.dtype(pdt).name}-for-{np.dtype(xdt).name}", xdt,
+                    lambda a, name=name, pdt=pdt: {name: getattr(a, name).astype(pdt)},
+                    TypeError, name)
+            # wrong shapes (ValueError)
+            for shp in ((C + 1,), (C - 1,), (1, C), ()):
+                add(fn, f"{name}-shape{shp}", np.float32,
+                    lambda a, name=name, shp=shp: {name: np.ones(shp, np.float32)},
+                    ValueError, name)
+        # ndim < 2
+        add(fn, "x-1d", np.float32,
+            lambda a, uses=uses: {k: getattr(a, k)[0, 0].copy() for k in uses & X_LIKE},
+            ValueError, None)
+        add(fn, "x-0d", np.float32,
+            lambda a, uses=uses: {k: np.float32(1.0) * np.ones((), np.float32)
+                                  for k in uses & X_LIKE}, ValueError, None)
+        # axis out of range
+        for axis in (3, -4, 100):
+            add(fn, f"axis{axis}", np.float32, lambda a, axis=axis: {"axis": axis},
+                ValueError, "axis")
+        if "dy" in uses:
+            add(fn, "dy-shape", np.float32, lambda a: {"dy": a.dy[:, :, :4].copy()},
+                ValueError, "dy")
+            add(fn, "dy-transposed-shape", np.float32,
+                lambda a: {"dy": np.ascontiguousarray(a.dy.transpose(0, 2, 1))},
+                ValueError, "dy")
+        if "out" in uses:
+            add(fn, "out-shape", np.float32,
+                lambda a: {"out": np.empty((4, C, 6), np.float32)}, ValueError, "out")
+            add(fn, "out-dtype", np.float32,
+                lambda a: {"out": np.empty(SHAPE, np.float64)}, TypeError, "out")
+            add(fn, "out-readonly", np.float32,
+                lambda a: {"out": _readonly(np.empty(SHAPE, np.float32))}, ValueError, "out")
+        if "eps" in uses:
+            for eps in (0.0, -1e-5):
+                add(fn, f"eps{eps}", np.float32, lambda a, eps=eps: {"eps": eps},
+                    ValueError, "eps")
+        if "momentum" in uses:
+            for m in (-0.1, 1.0001, 2.0, float("nan")):
+                add(fn, f"momentum{m}", np.float32, lambda a, m=m: {"momentum": m},
+                    ValueError, "momentum")
+    for name in ("running_mean", "running_var"):
+        add("forward_train", f"{name}-readonly", np.float32,
+            lambda a, name=name: {name: _readonly(getattr(a, name))}, ValueError, name)
+    add("forward_train", "M==1", np.float32,
+        lambda a: {"x": a.x[:1, :, :1].copy()}, ValueError,
+        r"^expected more than 1 value per channel when training, got input of shape")
+    return cases
+
+
+def _readonly(arr):
+    arr = arr.copy()
+    arr.flags.writeable = False
+    return arr
+
+
+@pytest.mark.parametrize("fn,dtype,over,exc,pattern", _bad_inputs())
+def test_bad_input_raises(fn, dtype, over, exc, pattern):
+    a = _valid(dtype)
+    updates = over(a)
+    for k, v in updates.items():
+        setattr(a, k, v)
+    snapshot = {k: v.copy() for k, v in vars(a).items() if isinstance(v, np.ndarray)}
+    with pytest.raises(exc) as info:
+        CALLS[fn](a)
+    if pattern is not None:
+        assert re.search(pattern, str(info.value), re.IGNORECASE), \
+            f"message does not name {pattern!r}: {info.value!r}"
+    for k, v in snapshot.items():
+        ref.assert_bitwise(getattr(a, k), v, f"{k} modified by a failed call")
+
+
+def test_all_valid_calls_succeed():
+    """The baseline every bad-input case perturbs is itself valid."""
+    for dtype in ref.DTYPES:
+        for fn, call in CALLS.items():
+            call(_valid(dtype))
+
+
+@pytest.mark.parametrize("counts,means,vars_", [
+    (np.ones(3), np.zeros((2, 4)), np.zeros((2, 4))),      # counts vs shards
+    (np.ones(2), np.zeros((2, 4)), np.zeros((2, 5))),      # means vs vars
+    (np.ones(2), np.zeros(4), np.zeros(4)),                # means not 2-D
+    (np.array([1.0, -1.0]), np.zeros((2, 4)), np.zeros((2, 4))),  # negative count
+], ids=["counts-len", "vars-shape", "means-1d", "negative-count"])
+def test_merge_stats_bad_input(counts, means, vars_):
+    with pytest.raises(ValueError):
+        bnorm.merge_stats(counts, means, vars_)
+
+
+def test_merge_stats_dtype_mismatch():
+    with pytest.raises(TypeError):
+        bnorm.merge_stats(np.ones(2), np.zeros((2, 4), np.float32), np.zeros((2, 4)))
+
+
+@pytest.mark.parametrize("num_features,kwargs,exc,pattern", [
+    pytest.param(0, {}, ValueError, "num_features", id="num_features=0"),
+    pytest.param(-2, {}, ValueError, "num_features", id="num_features=-2"),
+    pytest.param(3, {"eps": 0.0}, ValueError, "eps", id="eps=0"),
+    pytest.param(3, {"eps": -1.0}, ValueError, "eps", id="eps=-1"),
+    pytest.param(3, {"momentum": 1.5}, ValueError, "momentum", id="momentum=1.5"),
+    pytest.param(3, {"momentum": -0.5}, ValueError, "momentum", id="momentum=-0.5"),
+    pytest.param(3, {"dtype": np.int32}, TypeError, "dtype", id="dtype=int32"),
+])
+def test_layer_bad_construction(num_features, kwargs, exc, pattern):
+    with pytest.raises(exc, match=f"(?i){pattern}"):
+        bnorm.BatchNorm(num_features, **kwargs)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_layer_bad_input(training):
+    bn = bnorm.BatchNorm(3)
+    bn.train(training)
+    with pytest.raises(ValueError):
+        bn(np.ones((4, 5), np.float32))  # 5 channels, layer has 3
+    with pytest.raises(ValueError):
+        bn(np.ones(3, np.float32))  # 1-D
+    with pytest.raises(TypeError):
+        bn(np.ones((4, 3), np.float64))  # layer is float32
+    assert bn.num_batches_tracked == 0
+    np.testing.assert_array_equal(bn.running_mean, 0)
+    np.testing.assert_array_equal(bn.running_var, 1)
+    if training:
+        with pytest.raises(ValueError, match="^expected more than 1 value per channel"):
+            bn(np.ones((1, 3), np.float32))
+    else:
+        bn(np.ones((1, 3), np.float32))  # one sample is fine in eval mode

@@ -1,0 +1,232 @@
+"""The bnorm.BatchNorm layer against the float64 reference layer (PyTorch semantics):
+training steps with parameter updates, then eval; momentum=None, track_running_stats=False,
+affine=False, channels-last; state_dict / load_state_dict with PyTorch's keys."""
+
+import numpy as np
+import pytest
+
+import bnorm
+import reference as ref
+from reference import assert_close
+
+C = 5
+
+CONFIGS = [
+    pytest.param({}, id="default"),
+    pytest.param({"momentum": None}, id="cumulative"),
+    pytest.param({"momentum": 0.5, "eps": 1e-3}, id="momentum0.5-eps1e-3"),
+    pytest.param({"momentum": 1.0}, id="momentum1"),
+    pytest.param({"momentum": 0.0}, id="momentum0"),
+    pytest.param({"track_running_stats": False}, id="untracked"),
+    pytest.param({"affine": False}, id="noaffine"),
+    pytest.param({"affine": False, "track_running_stats": False}, id="noaffine-untracked"),
+    pytest.param({"axis": -1}, id="channels-last"),
+    pytest.param({"axis": -1, "momentum": None}, id="channels-last-cumulative"),
+]
+
+DTYPES = [pytest.param(np.float32, id="float32"), pytest.param(np.float64, id="float64")]
+
+
+def _batches(rng, axis, dtype, sizes=(8, 5, 16, 3)):
+    shapes = [(n, C, 6) if axis == 1 else (n, 4, 3, C) for n in sizes]
+    return [(ref.make_x(rng, s, axis, dtype, loc=3.0), ref.make_dy(rng, s, dtype))
+            for s in shapes]
+
+
+def _make(config, dtype):
+    bn = bnorm.BatchNorm(C, dtype=dtype, **config)
+    return bn, ref.RefBatchNorm(C, **config)
+
+
+def _check_state(bn, rb, dtype):
+    t = ref.tol(dtype, "stat")
+    if rb.affine:
+        assert bn.weight.dtype == dtype and bn.bias.dtype == dtype
+        assert_close(bn.weight, rb.weight, t, "weight")
+        assert_close(bn.bias, rb.bias, t, "bias")
+    else:
+        assert bn.weight is None and bn.bias is None
+    if rb.track_running_stats:
+        assert bn.running_mean.dtype == dtype and bn.running_var.dtype == dtype
+        assert_close(bn.running_mean, rb.running_mean, t, "running_mean")
+        assert_close(bn.running_var, rb.running_var, t, "running_var")
+        assert int(bn.num_batches_tracked) == rb.num_batches_tracked
+    else:
+        assert bn.running_mean is None and bn.running_var is None
+        assert bn.num_batches_tracked is None
+
+
+def _step(bn, rb, x, dy, dtype, lr=0.05):
+    """Forward, backward, compare, then an SGD update of the layer's own arrays in place."""
+    y, ry = bn(x), rb(x)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    assert_close(y, ry, ref.tol(dtype, "out"), "y")
+    dx, rdx = bn.backward(dy), rb.backward(dy)
+    assert dx.shape == x.shape and dx.dtype == x.dtype
+    assert_close(dx, rdx, ref.tol(dtype, "out"), "dx")
+    if rb.affine:
+        assert_close(bn.grad_weight, rb.grad_weight, ref.tol(dtype, "stat"), "grad_weight")
+        assert_close(bn.grad_bias, rb.grad_bias, ref.tol(dtype, "stat"), "grad_bias")
+        bn.weight[...] -= lr * bn.grad_weight
+        bn.bias[...] -= lr * bn.grad_bias
+        rb.weight, rb.bias = bn.weight.astype(np.float64), bn.bias.astype(np.float64)
+    _check_state(bn, rb, dtype)
+    return y
+
+
+def _train(bn, rb, batches, dtype):
+    return [_step(bn, rb, x, dy, dtype) for x, dy in batches]
+
+
+def test_initial_state():
+    bn = bnorm.BatchNorm(4)
+    assert bn.training
+    assert bn.weight.dtype == np.float32 and bn.weight.shape == (4,)
+    np.testing.assert_array_equal(bn.weight, 1)
+    np.testing.assert_array_equal(bn.bias, 0)
+    np.testing.assert_array_equal(bn.running_mean, 0)
+    np.testing.assert_array_equal(bn.running_var, 1)
+    assert int(bn.num_batches_tracked) == 0
+    bn.eval()
+    assert not bn.training
+    bn.train()
+    assert bn.training
+    bn.train(mode=False)
+    assert not bn.training
+    bn.train(True)
+    assert bn.training
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("config", CONFIGS)
+def test_training_then_eval(rng, config, dtype):
+    axis = config.get("axis", 1)
+    bn, rb = _make(config, dtype)
+    _check_state(bn, rb, dtype)
+    _train(bn, rb, _batches(rng, axis, dtype), dtype)
+    bn.eval()
+    rb.eval()
+    assert not bn.training
+    frozen = (None if bn.running_mean is None
+              else (bn.running_mean.copy(), bn.running_var.copy(), int(bn.num_batches_tracked)))
+    _train(bn, rb, _batches(rng, axis, dtype, sizes=(4, 1, 7)), dtype)  # N=1 fine in eval
+    if frozen is not None:  # eval never touches the running statistics
+        ref.assert_bitwise(bn.running_mean, frozen[0], "running_mean changed in eval")
+        ref.assert_bitwise(bn.running_var, frozen[1], "running_var changed in eval")
+        assert int(bn.num_batches_tracked) == frozen[2]
+    bn.train()
+    rb.train()
+    _train(bn, rb, _batches(rng, axis, dtype, sizes=(6,)), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cumulative_average_momentum_none(rng, dtype):
+    """momentum=None: running_mean is the plain average of the batch means so far."""
+    bn = bnorm.BatchNorm(C, momentum=None, dtype=dtype)
+    means, unbiased = [], []
+    for x, _ in _batches(rng, 1, dtype, sizes=(4, 9, 2, 6, 3)):
+        bn(x)
+        m, mean, var = ref.batch_stats(x, 1)
+        means.append(mean)
+        unbiased.append(var * m / (m - 1))
+        assert int(bn.num_batches_tracked) == len(means)
+        t = ref.tol(dtype, "stat") * 4
+        assert_close(bn.running_mean, np.mean(means, axis=0), t, "running_mean")
+        # running_var starts at 1 but the first factor is 1/1: it is forgotten at once
+        assert_close(bn.running_var, np.mean(unbiased, axis=0), t, "running_var")
+
+
+def test_untracked_uses_batch_stats_in_eval(rng):
+    bn = bnorm.BatchNorm(C, track_running_stats=False)
+    bn.eval()
+    x = ref.make_x(rng, (10, C, 4), 1, np.float32)
+    y = bn(x)
+    assert_close(y, ref.forward_train(x)[0], 1e-5, "eval output with batch statistics")
+
+
+def test_layer_one_two_three_four():
+    bn = bnorm.BatchNorm(1, momentum=1.0, dtype=np.float64)
+    x = np.array([[1.0], [2.0], [3.0], [4.0]])
+    y = bn(x)
+    np.testing.assert_allclose(y, (x - 2.5) / np.sqrt(1.25 + 1e-5), rtol=1e-12)
+    np.testing.assert_allclose(bn.running_mean, [2.5], rtol=1e-12)
+    np.testing.assert_allclose(bn.running_var, [5.0 / 3.0], rtol=1e-12)
+
+
+def test_layer_single_value_per_channel(rng):
+    bn = bnorm.BatchNorm(3)
+    x = np.ones((1, 3), np.float32)
+    with pytest.raises(ValueError, match="^expected more than 1 value per channel when "
+                                         "training, got input of shape"):
+        bn(x)
+    np.testing.assert_array_equal(bn.running_mean, 0)
+    np.testing.assert_array_equal(bn.running_var, 1)
+    bn.eval()
+    np.testing.assert_allclose(bn(x), x / np.sqrt(1 + 1e-5), rtol=1e-6)
+    # N == 1 with a spatial size is fine in training
+    bn.train()
+    x = ref.make_x(rng, (1, 3, 7), 1, np.float32)
+    assert_close(bn(x), ref.forward_train(x)[0], 1e-5, "N=1, L=7")
+
+
+def _expected_keys(config):
+    keys = set()
+    if config.get("affine", True):
+        keys |= {"weight", "bias"}
+    if config.get("track_running_stats", True):
+        keys |= {"running_mean", "running_var", "num_batches_tracked"}
+    return keys
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("config", CONFIGS)
+def test_state_dict_roundtrip(rng, config, dtype):
+    axis = config.get("axis", 1)
+    bn, rb = _make(config, dtype)
+    batches = _batches(rng, axis, dtype)
+    _train(bn, rb, batches[:3], dtype)
+    sd = bn.state_dict()
+    assert set(sd) == _expected_keys(config)
+    if "num_batches_tracked" in sd:
+        assert int(np.asarray(sd["num_batches_tracked"])) == 3
+    for k in ("weight", "bias", "running_mean", "running_var"):
+        if k in sd:
+            ref.assert_bitwise(np.asarray(sd[k]), getattr(bn, k), f"state_dict[{k!r}]")
+    bn2 = bnorm.BatchNorm(C, dtype=dtype, **config)
+    bn2.load_state_dict(sd)
+    _check_state(bn2, rb, dtype)
+    for k in sd:
+        ref.assert_bitwise(np.asarray(getattr(bn2, k)), np.asarray(getattr(bn, k)),
+                           f"loaded {k}")
+    # both layers behave identically afterwards, in eval and in further training
+    x, dy = batches[3]
+    for mode in (False, True):
+        bn.train(mode)
+        bn2.train(mode)
+        ref.assert_bitwise(bn2(x), bn(x), f"output after load, training={mode}")
+        ref.assert_bitwise(bn2.backward(dy), bn.backward(dy), f"dx after load, training={mode}")
+    for k in sd:
+        ref.assert_bitwise(np.asarray(getattr(bn2, k)), np.asarray(getattr(bn, k)),
+                           f"{k} after further training")
+
+
+def test_load_state_dict_from_plain_arrays():
+    """A state dict of NumPy arrays in PyTorch's form (num_batches_tracked a 0-d int64
+    array, as torch's tensor.numpy() gives) loads."""
+    sd = {"weight": np.arange(3, dtype=np.float32), "bias": np.full(3, 0.5, np.float32),
+          "running_mean": np.array([1.0, 2.0, 3.0], np.float32),
+          "running_var": np.array([4.0, 5.0, 6.0], np.float32),
+          "num_batches_tracked": np.array(7, np.int64)}
+    bn = bnorm.BatchNorm(3)
+    bn.load_state_dict(sd)
+    for k in ("weight", "bias", "running_mean", "running_var"):
+        np.testing.assert_array_equal(getattr(bn, k), sd[k])
+    assert int(bn.num_batches_tracked) == 7
+    # the layer keeps its own copies
+    sd["running_mean"][:] = 0
+    np.testing.assert_array_equal(bn.running_mean, [1.0, 2.0, 3.0])
+    bn.eval()
+    x = np.ones((2, 3), np.float32)
+    expect = ref.forward_infer(x, [1.0, 2.0, 3.0], [4.0, 5.0, 6.0], np.arange(3.0),
+                               np.full(3, 0.5))
+    assert_close(bn(x), expect, 1e-6, "eval output after load")

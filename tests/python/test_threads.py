@@ -1,0 +1,126 @@
+"""Threading: results bitwise identical for any bnorm thread count, and concurrent calls
+from Python threads are safe (the GIL is released during computation)."""
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+import bnorm
+import reference as ref
+
+# ~2M elements each: big enough for every kernel to split work across threads.
+BIG_LAYOUTS = [
+    ((32, 16, 64, 64), 1, np.float32),      # NCHW
+    ((8, 64, 64, 64), -1, np.float32),      # channels-last, C=64
+    ((512, 2, 2048), 1, np.float32),        # small C, long inner
+    ((2**20, 2), 1, np.float32),            # (N, C) with C=2: inner=1, huge outer
+    ((3, 3, 233017), 1, np.float32),        # odd sizes, outer < threads
+    ((1, 5, 400009), 1, np.float64),        # N=1: one outer row
+    ((4096, 8, 64), 1, np.float16),
+    ((65536, 32), -1, np.float16),
+]
+
+
+def _everything(x, dy, axis, params):
+    """Every operation's outputs, as one flat list of arrays."""
+    w, b, rm0, rv0 = params
+    rm, rv = rm0.copy(), rv0.copy()
+    y, mean, invstd = bnorm.forward_train(x, w, b, rm, rv, axis=axis, momentum=0.3)
+    out = [y, mean, invstd, rm, rv]
+    out.append(bnorm.forward_infer(x, rm0, rv0, w, b, axis=axis))
+    out.extend(bnorm.backward(dy, x, mean, invstd, w, axis=axis, batch_stats=True))
+    out.extend(bnorm.backward(dy, x, rm0, invstd, w, axis=axis, batch_stats=False))
+    count, bmean, bvar = bnorm.batch_stats(x, axis=axis)
+    out.extend([bmean, bvar])
+    out.append(bnorm.normalize(x, bmean, invstd, w, b, axis=axis))
+    sum_dy, sum_dy_xhat = bnorm.backward_reduce(dy, x, mean, invstd, axis=axis)
+    out.extend([sum_dy, sum_dy_xhat])
+    out.append(bnorm.backward_elemt(dy, x, mean, invstd, w, sum_dy, sum_dy_xhat, count,
+                                    axis=axis))
+    return out
+
+
+def _data(rng, shape, axis, dtype):
+    x = ref.make_x(rng, shape, axis, dtype, loc=50.0)
+    dy = ref.make_dy(rng, shape, dtype)
+    params = ref.make_params(rng, shape[ref.norm_axis(len(shape), axis)], dtype)
+    return x, dy, params
+
+
+def test_num_threads_roundtrip(restore_threads):
+    for n in (1, 2, 3):
+        bnorm.set_num_threads(n)
+        assert bnorm.get_num_threads() == n
+
+
+@pytest.mark.parametrize("layout", BIG_LAYOUTS,
+                         ids=lambda l: f"{'x'.join(map(str, l[0]))}-ax{l[1]}-{np.dtype(l[2]).name}")
+def test_bitwise_identical_for_any_thread_count(rng, restore_threads, layout):
+    shape, axis, dtype = layout
+    x, dy, params = _data(rng, shape, axis, dtype)
+    results = {}
+    for n in (1, 2, 3):
+        bnorm.set_num_threads(n)
+        results[n] = _everything(x, dy, axis, params)
+    for n in (2, 3):
+        for i, (a, b) in enumerate(zip(results[n], results[1])):
+            ref.assert_bitwise(a, b, f"output {i} with {n} threads vs 1 thread")
+
+
+def test_merge_stats_bitwise_for_any_thread_count(rng, restore_threads):
+    counts = rng.integers(0, 1000, 64).astype(np.float64)
+    means = rng.standard_normal((64, 10000))
+    vars_ = rng.uniform(0, 3, (64, 10000))
+    results = []
+    for n in (1, 2, 3):
+        bnorm.set_num_threads(n)
+        results.append(bnorm.merge_stats(counts, means, vars_))
+    for r in results[1:]:
+        for a, b in zip(r[1:], results[0][1:]):
+            ref.assert_bitwise(a, b, "merge_stats")
+
+
+def test_concurrent_calls_from_python_threads(rng):
+    layouts = [((64, 8, 1024), 1, np.float32), ((8192, 16), -1, np.float64),
+               ((16, 4, 4096), 1, np.float16), ((256, 3, 17, 17), 1, np.float32)]
+    jobs = [(_data(rng, s, a, d), a) for s, a, d in layouts for _ in range(3)]
+    serial = [_everything(x, dy, axis, p) for (x, dy, p), axis in jobs]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        futures = [pool.submit(_everything, x, dy, axis, p)
+                   for _ in range(2) for (x, dy, p), axis in jobs]
+        concurrent = [f.result() for f in futures]
+    for j, got in enumerate(concurrent):
+        for i, (a, b) in enumerate(zip(got, serial[j % len(jobs)])):
+            ref.assert_bitwise(a, b, f"job {j} output {i}: concurrent vs serial")
+
+
+def test_concurrent_layers(rng):
+    """Independent BatchNorm layers trained from several threads at once."""
+    batches = [ref.make_x(rng, (32, 6, 500), 1, np.float32) for _ in range(4)]
+
+    def train(seed):
+        bn = bnorm.BatchNorm(6)
+        for x in batches[seed:] + batches[:seed]:
+            y = bn(x)
+            bn.backward(y)
+        return bn.running_mean.copy(), bn.running_var.copy(), bn.grad_weight.copy()
+
+    serial = [train(s) for s in range(4)]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        concurrent = list(pool.map(train, [0, 1, 2, 3] * 2))
+    for j, got in enumerate(concurrent):
+        for a, b in zip(got, serial[j % 4]):
+            ref.assert_bitwise(a, b, "layer trained concurrently")
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_omp_num_threads_is_honoured(n):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS=str(n))
+    out = subprocess.run([sys.executable, "-c", "import bnorm; print(bnorm.get_num_threads())"],
+                         env=env, capture_output=True, text=True, check=True)
+    assert int(out.stdout.strip()) == n
