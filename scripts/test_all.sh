@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
 # Builds and installs bnorm with its test dependencies into the current Python, then runs
-# every test: the pytest suite, the C++ tests (ctest), and the C++ tests again under
-# AddressSanitizer + UndefinedBehaviorSanitizer. The CUDA backend is compiled wherever nvcc
-# exists (its tests skip without a GPU).
+# every test: the pytest suite (MPI runs included), the C++ tests and the install/consumer
+# tests (ctest), the C++ tests again under AddressSanitizer + UndefinedBehaviorSanitizer, the
+# docs build, and the repaired wheel in a fresh venv. The CUDA backend is compiled wherever
+# nvcc exists (its tests skip without a GPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 JOBS=${JOBS:-2}
 
-echo "== install bnorm[test]"
-"$PYTHON" -m pip install ".[test]"
+echo "== install bnorm[test,demo,mpi,docs]"
+"$PYTHON" -m pip install ".[test,demo,mpi,docs]"
 
 echo "== pytest"
-"$PYTHON" -m pytest tests/python -q
+BNORM_REQUIRE_MPI=1 "$PYTHON" -m pytest tests/python -q
 
 echo "== C++ tests"
 cmake -S . -B build/cpp-tests -DBNORM_TESTS=ON -DBNORM_PYTHON=OFF
@@ -24,3 +25,9 @@ cmake -S . -B build/cpp-asan -DBNORM_TESTS=ON -DBNORM_PYTHON=OFF -DBNORM_CUDA=OF
   -DCMAKE_BUILD_TYPE=Debug
 cmake --build build/cpp-asan -j "$JOBS"
 ctest --test-dir build/cpp-asan --output-on-failure
+
+echo "== docs (mkdocs --strict, API page checked against the installed package)"
+bash scripts/build_docs.sh
+
+echo "== wheel: pip wheel + auditwheel repair, tests against it in a fresh venv, sdist round trip"
+PYTHON="$PYTHON" JOBS="$JOBS" bash scripts/build_wheel.sh
