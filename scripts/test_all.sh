@@ -30,4 +30,5 @@ echo "== docs (mkdocs --strict, API page checked against the installed package)"
 bash scripts/build_docs.sh
 
 echo "== wheel: pip wheel + auditwheel repair, tests against it in a fresh venv, sdist round trip"
-PYTHON="$PYTHON" JOBS="$JOBS" bash scripts/build_wheel.sh
+# The >2^31-element test (2 x ~1 min) already ran against the same sources above.
+PYTHON="$PYTHON" JOBS="$JOBS" PYTEST_ARGS="-k=not(test_more_than_2_31_elements)" bash scripts/build_wheel.sh

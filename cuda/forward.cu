@@ -1,0 +1,235 @@
+// bnorm CUDA backend: batch_stats, normalize, forward_train, forward_infer.
+//
+// forward_train is two kernels (plus a counter memset when a channel spans several blocks):
+//   1. the statistics reduction (reduce.cuh); the block that finishes a channel computes, in
+//      double, mean / var / invstd, writes save_mean and save_invstd, the normalize
+//      coefficients (center = P(mean), center_lo = P(mean - center), scale = invstd * weight,
+//      shift = bias) into the workspace, and updates the running buffers;
+//   2. the elementwise pass y = ((x - center) - center_lo) * scale + shift.
+// Because step 2 reads weight and bias only through the workspace copies made in step 1
+// (each channel's weight/bias read before its running buffers are written, in the same
+// thread), running_mean / running_var may alias weight / bias, as on the CPU. Nothing
+// synchronizes with the host; the workspace is stream-ordered (common.cuh).
+#include "elementwise.cuh"
+#include "reduce.cuh"
+
+namespace bnorm::cuda {
+namespace detail {
+namespace {
+
+/// The statistics reduction's Op (see reduce.cuh for the interface).
+template <class T>
+struct StatsOp {
+    using A = acc_t<T>;
+    using P = param_t<T>;
+    using State = Moments<A>;
+    using Final = Moments<double>;
+    static constexpr int kInputs = 1;
+    static constexpr bool kShiftFromData = true;  // center each block on its first value
+
+    bool train = false;
+    // batch_stats
+    P* mean = nullptr;
+    P* var = nullptr;
+    // forward_train
+    P* save_mean = nullptr;
+    P* save_invstd = nullptr;
+    P* center = nullptr;     // workspace: normalize coefficients
+    P* center_lo = nullptr;
+    P* scale = nullptr;
+    P* shift = nullptr;
+    const P* weight = nullptr;
+    const P* bias = nullptr;
+    P* running_mean = nullptr;
+    P* running_var = nullptr;
+    double momentum = 0, eps = 0;
+
+    __device__ A center_of(int64_t) const { return A(0); }
+
+    template <int N>
+    __device__ __forceinline__ void tile(State& st, const A* xv, const A*, A shift_value) const {
+        merge(st, tile_moments<N>(xv, shift_value));
+    }
+
+    __device__ __forceinline__ Final to_final(const State& s, A shift_value) const {
+        return {double(s.n), double(shift_value) + double(s.mean), double(s.m2)};
+    }
+
+    __device__ void finish(int64_t c, const Final& f) const {
+        const double mu = f.mean;
+        double v = f.n > 0 ? f.m2 / f.n : 0.0;
+        if (v < 0) v = 0;  // NaN passes
+        if (!train) {
+            mean[c] = P(mu);
+            var[c] = P(v);
+            return;
+        }
+        const P hi = P(mu);
+        const P lo = P(mu - double(hi));
+        const P invstd = P(1.0 / sqrt(v + eps));
+        center[c] = hi;
+        center_lo[c] = lo;
+        scale[c] = weight ? P(invstd * weight[c]) : invstd;
+        shift[c] = bias ? bias[c] : P(0);
+        save_mean[c] = hi;
+        save_invstd[c] = invstd;
+        // After weight[c] / bias[c] were read above: the running buffers may alias them.
+        const double unbias = f.n / (f.n - 1);
+        if (running_mean) running_mean[c] = P((1 - momentum) * double(running_mean[c]) + momentum * mu);
+        if (running_var) running_var[c] = P((1 - momentum) * double(running_var[c]) + momentum * v * unbias);
+    }
+};
+
+}  // namespace
+}  // namespace detail
+
+template <class T>
+void batch_stats(const T* x, Shape shape, param_t<T>* mean, param_t<T>* var, stream_t stream) {
+    using namespace detail;
+    using P = param_t<T>;
+    const char* op = "batch_stats";
+    check_shape(op, shape);
+    if (shape.channels == 0) return;
+    check_pointer(op, mean, "mean");
+    check_pointer(op, var, "var");
+    if (shape.count() == 0) {
+        BNORM_CUDA_CHECK(cudaMemsetAsync(mean, 0, size_t(shape.channels) * sizeof(P), stream));
+        BNORM_CUDA_CHECK(cudaMemsetAsync(var, 0, size_t(shape.channels) * sizeof(P), stream));
+        return;
+    }
+    check_pointer(op, x, "x");
+    ReducePlan plan = plan_reduce<T>(shape, aligned16(x));
+
+    Layout layout;
+    const size_t at_partials = layout.add<Moments<double>>(plan.partials);
+    const size_t at_counters = layout.add<unsigned>(plan.counters);
+    Workspace ws(layout.bytes(), stream);
+    plan.bind(region<void>(ws.data(), at_partials), region<unsigned>(ws.data(), at_counters));
+
+    StatsOp<T> stats;
+    stats.mean = mean;
+    stats.var = var;
+    launch_reduce(plan, x, static_cast<const T*>(nullptr), stats, stream);
+}
+
+template <class T>
+void normalize(const T* x, Shape shape, const param_t<T>* mean, const param_t<T>* invstd,
+               const param_t<T>* weight, const param_t<T>* bias, T* y, stream_t stream) {
+    using namespace detail;
+    const char* op = "normalize";
+    check_shape(op, shape);
+    if (shape.size() == 0) return;
+    check_pointer(op, x, "x");
+    check_pointer(op, mean, "mean");
+    check_pointer(op, invstd, "invstd");
+    check_pointer(op, y, "y");
+    EwCoefs<param_t<T>> k;
+    k.center = mean;
+    k.scale = invstd;
+    k.scale2 = weight;
+    k.shift = bias;
+    launch_elementwise<Ew::Forward>(x, static_cast<const T*>(nullptr), y, shape, k, stream);
+}
+
+template <class T>
+void forward_train(const T* x, Shape shape, const param_t<T>* weight, const param_t<T>* bias,
+                   param_t<T>* running_mean, param_t<T>* running_var, double momentum, double eps, T* y,
+                   param_t<T>* save_mean, param_t<T>* save_invstd, stream_t stream) {
+    using namespace detail;
+    using P = param_t<T>;
+    const char* op = "forward_train";
+    check_shape(op, shape);
+    check_eps(op, eps);
+    check_momentum(op, momentum);
+    if (shape.count() == 1)
+        throw ValueError("expected more than 1 value per channel when training, got input of shape " +
+                         shape_string(shape));
+    const int64_t C = shape.channels;
+    if (C == 0) return;
+    check_pointer(op, save_mean, "save_mean");
+    check_pointer(op, save_invstd, "save_invstd");
+    if (shape.count() == 0) {  // empty batch: running statistics untouched
+        BNORM_CUDA_CHECK(cudaMemsetAsync(save_mean, 0, size_t(C) * sizeof(P), stream));
+        launch_fill(save_invstd, C, P(1.0 / std::sqrt(eps)), stream);
+        return;
+    }
+    check_pointer(op, x, "x");
+    check_pointer(op, y, "y");
+    ReducePlan plan = plan_reduce<T>(shape, aligned16(x));
+
+    Layout layout;
+    const size_t at_partials = layout.add<Moments<double>>(plan.partials);
+    const size_t at_counters = layout.add<unsigned>(plan.counters);
+    const size_t at_center = layout.add<P>(C);
+    const size_t at_center_lo = layout.add<P>(C);
+    const size_t at_scale = layout.add<P>(C);
+    const size_t at_shift = layout.add<P>(C);
+    Workspace ws(layout.bytes(), stream);
+    plan.bind(region<void>(ws.data(), at_partials), region<unsigned>(ws.data(), at_counters));
+
+    StatsOp<T> stats;
+    stats.train = true;
+    stats.save_mean = save_mean;
+    stats.save_invstd = save_invstd;
+    stats.center = region<P>(ws.data(), at_center);
+    stats.center_lo = region<P>(ws.data(), at_center_lo);
+    stats.scale = region<P>(ws.data(), at_scale);
+    stats.shift = region<P>(ws.data(), at_shift);
+    stats.weight = weight;
+    stats.bias = bias;
+    stats.running_mean = running_mean;
+    stats.running_var = running_var;
+    stats.momentum = momentum;
+    stats.eps = eps;
+    launch_reduce(plan, x, static_cast<const T*>(nullptr), stats, stream);
+
+    EwCoefs<P> k;
+    k.center = stats.center;
+    k.center_lo = stats.center_lo;
+    k.scale = stats.scale;
+    k.shift = stats.shift;
+    launch_elementwise<Ew::Forward>(x, static_cast<const T*>(nullptr), y, shape, k, stream);
+}
+
+template <class T>
+void forward_infer(const T* x, Shape shape, const param_t<T>* running_mean, const param_t<T>* running_var,
+                   const param_t<T>* weight, const param_t<T>* bias, double eps, T* y, stream_t stream) {
+    using namespace detail;
+    using P = param_t<T>;
+    const char* op = "forward_infer";
+    check_shape(op, shape);
+    check_eps(op, eps);
+    if (shape.size() == 0) return;
+    check_pointer(op, running_mean, "running_mean");
+    check_pointer(op, running_var, "running_var");
+    check_pointer(op, x, "x");
+    check_pointer(op, y, "y");
+    const int64_t C = shape.channels;
+    Layout layout;
+    const size_t at_scale = layout.add<P>(C);
+    Workspace ws(layout.bytes(), stream);
+    P* scale = region<P>(ws.data(), at_scale);
+    infer_prep_kernel<P><<<channel_grid(C), kThreads, 0, stream>>>(C, running_var, weight, eps, scale);
+    BNORM_LAUNCH_CHECK("infer_prep_kernel");
+    EwCoefs<P> k;
+    k.center = running_mean;
+    k.scale = scale;
+    k.shift = bias;
+    launch_elementwise<Ew::Forward>(x, static_cast<const T*>(nullptr), y, shape, k, stream);
+}
+
+#define BNORM_CUDA_INSTANTIATE_FORWARD(T)                                                                  \
+    template void batch_stats<T>(const T*, Shape, param_t<T>*, param_t<T>*, stream_t);                     \
+    template void normalize<T>(const T*, Shape, const param_t<T>*, const param_t<T>*, const param_t<T>*,   \
+                               const param_t<T>*, T*, stream_t);                                           \
+    template void forward_train<T>(const T*, Shape, const param_t<T>*, const param_t<T>*, param_t<T>*,     \
+                                   param_t<T>*, double, double, T*, param_t<T>*, param_t<T>*, stream_t);   \
+    template void forward_infer<T>(const T*, Shape, const param_t<T>*, const param_t<T>*,                  \
+                                   const param_t<T>*, const param_t<T>*, double, T*, stream_t);
+BNORM_CUDA_INSTANTIATE_FORWARD(float)
+BNORM_CUDA_INSTANTIATE_FORWARD(double)
+BNORM_CUDA_INSTANTIATE_FORWARD(half)
+BNORM_CUDA_INSTANTIATE_FORWARD(bfloat16)
+#undef BNORM_CUDA_INSTANTIATE_FORWARD
+
+}  // namespace bnorm::cuda
