@@ -29,21 +29,11 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__SSE2__) && defined(__GNUC__)
-#include <immintrin.h>
-#define BNORM_SSE2 1
-#else
-#define BNORM_SSE2 0
-#endif
-
 #include "coefficients.hpp"
-#include "half.hpp"
+#include "simd.hpp"
 
 namespace bnorm::kernels::BNORM_KERNEL_ISA {
 namespace {
-
-using detail::load;
-using detail::store;
 
 constexpr int64_t kTileElems = 4096;        // planes tile: 16 KiB of float, both passes hit L1
 constexpr int64_t kRowTileElems = 16384;    // rows tile: fewer per-channel merges, fits L2
@@ -197,6 +187,40 @@ void reduce(Shape s, int threads, const Op& op, std::vector<Partial>& result) {
 // Whether the fused per-channel schedule applies: planes, and a channel for every thread.
 bool fuse_per_channel(Shape s, int team) { return s.inner > 1 && s.channels >= team; }
 
+// Two sums over the runs of a plane tile (`rows` runs of `len` elements, `stride` apart,
+// element offsets relative to the tile's first). terms(L{}, k, a, b) adds the terms of the
+// L::width elements at offset k into a and b, for L = Simd<T> (vector lanes) and Scalar<T>
+// (the tails). Four independent vector accumulators per sum: one accumulator's add
+// latency (4 cycles) would cap an L1-resident pass at a quarter of the core's throughput,
+// below DRAM speed. Lanes and chains are added in a fixed order, so the result depends on
+// the tile alone (not on the thread count).
+template <class A>
+struct Pair {
+    A a, b;
+};
+
+template <class T, class Terms>
+inline Pair<param_t<T>> chained_sums(int64_t rows, int64_t stride, int64_t len, const Terms& terms) {
+    using S = Simd<T>;
+    using R = typename S::R;
+    constexpr int64_t W = S::width;
+    R a0 = S::set(0), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+    param_t<T> tail_a = 0, tail_b = 0;
+    for (int64_t r = 0; r < rows; ++r) {
+        const int64_t o = r * stride;
+        int64_t i = 0;
+        for (; i + 4 * W <= len; i += 4 * W) {
+            terms(S{}, o + i, a0, b0);
+            terms(S{}, o + i + W, a1, b1);
+            terms(S{}, o + i + 2 * W, a2, b2);
+            terms(S{}, o + i + 3 * W, a3, b3);
+        }
+        for (; i + W <= len; i += W) terms(S{}, o + i, a0, b0);
+        for (; i < len; ++i) terms(Scalar<T>{}, o + i, tail_a, tail_b);
+    }
+    return {S::sum((a0 + a1) + (a2 + a3)) + tail_a, S::sum((b0 + b1) + (b2 + b3)) + tail_b};
+}
+
 // Shifted two-pass statistics of a tile. Pass 1 sums x - K with K the tile's first value
 // (exact for constant data, and no overflow for any finite float); pass 2 sums the
 // deviations from that mean and their squares, and corrects the mean with the first.
@@ -207,28 +231,22 @@ struct MomentsOp {
     Shape s;
 
     Moments plane_tile(int64_t c, PlaneTiles::Tile t) const {
-        const int64_t stride = s.channels * s.inner, len = t.i1 - t.i0;
-        const T* base = x + c * s.inner + t.i0;
-        const A shift = load(base + t.r0 * stride);
-        A sum = 0;
-        for (int64_t r = t.r0; r < t.r1; ++r) {
-            const T* p = base + r * stride;
-#pragma omp simd reduction(+ : sum)
-            for (int64_t i = 0; i < len; ++i) sum += load(p + i) - shift;
-        }
-        const double n = double((t.r1 - t.r0) * len);
+        const int64_t stride = s.channels * s.inner, len = t.i1 - t.i0, rows = t.r1 - t.r0;
+        const T* base = x + c * s.inner + t.i0 + t.r0 * stride;
+        const A shift = load(base);
+        const A sum = chained_sums<T>(rows, stride, len, [&](auto lanes, int64_t k, auto& a, auto&) {
+            using L = decltype(lanes);
+            a += L::load(base + k) - L::set(shift);
+        }).a;
+        const double n = double(rows * len);
         const A mean1 = shift + A(sum / A(n));
-        A dev = 0, dev_sq = 0;
-        for (int64_t r = t.r0; r < t.r1; ++r) {
-            const T* p = base + r * stride;
-#pragma omp simd reduction(+ : dev, dev_sq)
-            for (int64_t i = 0; i < len; ++i) {
-                const A d = load(p + i) - mean1;
-                dev += d;
-                dev_sq += d * d;
-            }
-        }
-        return {n, double(mean1) + double(dev) / n, corrected_m2(dev_sq, dev, n)};
+        const Pair<A> dev = chained_sums<T>(rows, stride, len, [&](auto lanes, int64_t k, auto& a, auto& b) {
+            using L = decltype(lanes);
+            const auto d = L::load(base + k) - L::set(mean1);
+            a += d;
+            b += d * d;
+        });
+        return {n, double(mean1) + double(dev.a) / n, corrected_m2(dev.b, dev.a, n)};
     }
 
     void row_tile(int64_t c0, int64_t c1, int64_t r0, int64_t r1, Moments* acc) const {
@@ -270,20 +288,17 @@ struct BackwardSumsOp {
 
     Sums plane_tile(int64_t c, PlaneTiles::Tile t) const {
         const int64_t stride = s.channels * s.inner, len = t.i1 - t.i0;
-        const int64_t offset = c * s.inner + t.i0;
+        const int64_t offset = c * s.inner + t.i0 + t.r0 * stride;
+        const T* g = dy + offset;
+        const T* p = x + offset;
         const A m = mean[c];
-        A sum_dy = 0, sum_dy_xmu = 0;
-        for (int64_t r = t.r0; r < t.r1; ++r) {
-            const T* g = dy + offset + r * stride;
-            const T* p = x + offset + r * stride;
-#pragma omp simd reduction(+ : sum_dy, sum_dy_xmu)
-            for (int64_t i = 0; i < len; ++i) {
-                const A d = load(g + i);
-                sum_dy += d;
-                sum_dy_xmu += d * (load(p + i) - m);
-            }
-        }
-        return {double(sum_dy), double(sum_dy_xmu)};
+        const Pair<A> sums = chained_sums<T>(t.r1 - t.r0, stride, len, [&](auto lanes, int64_t k, auto& a, auto& b) {
+            using L = decltype(lanes);
+            const auto d = L::load(g + k);
+            a += d;
+            b += d * (L::load(p + k) - L::set(m));
+        });
+        return {double(sums.a), double(sums.b)};
     }
 
     void row_tile(int64_t c0, int64_t c1, int64_t r0, int64_t r1, Sums* acc) const {
@@ -304,95 +319,23 @@ struct BackwardSumsOp {
     }
 };
 
-#if BNORM_SSE2
-// The widest registers of float and double this build may use (GCC and Clang give them
-// arithmetic operators). Used for the non-temporal stores, which need aligned vectors.
-template <class T> struct Vec;
-#if defined(__AVX512F__)
-template <> struct Vec<float> {
-    using R = __m512;
-    static constexpr int64_t width = 16;
-    static R load(const float* p) { return _mm512_loadu_ps(p); }
-    static R set(float v) { return _mm512_set1_ps(v); }
-    static void stream(float* p, R v) { _mm512_stream_ps(p, v); }
-};
-template <> struct Vec<double> {
-    using R = __m512d;
-    static constexpr int64_t width = 8;
-    static R load(const double* p) { return _mm512_loadu_pd(p); }
-    static R set(double v) { return _mm512_set1_pd(v); }
-    static void stream(double* p, R v) { _mm512_stream_pd(p, v); }
-};
-#elif defined(__AVX__)
-template <> struct Vec<float> {
-    using R = __m256;
-    static constexpr int64_t width = 8;
-    static R load(const float* p) { return _mm256_loadu_ps(p); }
-    static R set(float v) { return _mm256_set1_ps(v); }
-    static void stream(float* p, R v) { _mm256_stream_ps(p, v); }
-};
-template <> struct Vec<double> {
-    using R = __m256d;
-    static constexpr int64_t width = 4;
-    static R load(const double* p) { return _mm256_loadu_pd(p); }
-    static R set(double v) { return _mm256_set1_pd(v); }
-    static void stream(double* p, R v) { _mm256_stream_pd(p, v); }
-};
-#else
-template <> struct Vec<float> {
-    using R = __m128;
-    static constexpr int64_t width = 4;
-    static R load(const float* p) { return _mm_loadu_ps(p); }
-    static R set(float v) { return _mm_set1_ps(v); }
-    static void stream(float* p, R v) { _mm_stream_ps(p, v); }
-};
-template <> struct Vec<double> {
-    using R = __m128d;
-    static constexpr int64_t width = 2;
-    static R load(const double* p) { return _mm_loadu_pd(p); }
-    static R set(double v) { return _mm_set1_pd(v); }
-    static void stream(double* p, R v) { _mm_stream_pd(p, v); }
-};
-#endif
-#else
-template <class T> struct Vec {};
-#endif
-
-// Vec<T>, named through the index type of a generic lambda so that the vector code of
-// types without one (half) is never instantiated.
-template <class T, class Index> struct VecFor {
-    using type = Vec<T>;
-};
-
-// out[i] = scalar(i) for i < n. With `stream` (float, double on x86), whole aligned vectors
-// are computed by vector(i) and written with non-temporal stores; both compute the same
-// IEEE operations in the same order, so the bits do not depend on the path.
-template <class T, class Scalar, class Vector>
-inline void write_run(T* out, int64_t n, bool stream, const Scalar& scalar, const Vector& vector) {
+// out[k] = value(L{}, k) for k < n, whole vectors with L = Simd<T>, the rest with
+// Scalar<T>; both compute the same IEEE operations in the same order, so the bits do not
+// depend on the path. With `stream`, the vectors are written with non-temporal stores
+// once out is aligned to them (no read-for-ownership of the output's cache lines).
+template <class T, class Value>
+inline void write_run(T* out, int64_t n, bool stream, const Value& value) {
+    using S = Simd<T>;
     int64_t i = 0;
-#if BNORM_SSE2
-    if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
-        if (stream) {
-            constexpr uintptr_t alignment = sizeof(typename Vec<T>::R);
-            for (; i < n && reinterpret_cast<uintptr_t>(out + i) % alignment != 0; ++i) store(out + i, scalar(i));
-            for (; i + Vec<T>::width <= n; i += Vec<T>::width) Vec<T>::stream(out + i, vector(i));
-        }
+    if (stream) {
+        constexpr uintptr_t alignment = uintptr_t(S::width) * sizeof(T);
+        for (; i < n && reinterpret_cast<uintptr_t>(out + i) % alignment != 0; ++i)
+            Scalar<T>::store(out + i, value(Scalar<T>{}, i));
+        for (; i + S::width <= n; i += S::width) S::stream(out + i, value(S{}, i));
+    } else {
+        for (; i + S::width <= n; i += S::width) S::store(out + i, value(S{}, i));
     }
-#else
-    (void)stream;
-    (void)vector;
-#endif
-#pragma omp simd
-    for (int64_t j = i; j < n; ++j) store(out + j, scalar(j));
-}
-
-// Non-temporal stores are weakly ordered: fence before the results are used elsewhere.
-inline void stream_fence(bool stream) {
-#if BNORM_SSE2
-    if (stream) _mm_sfence();
-#else
-    (void)stream;
-#endif
+    for (; i < n; ++i) Scalar<T>::store(out + i, value(Scalar<T>{}, i));
 }
 
 // Rows handed out at a time by the elementwise loops: about kTileElems elements.
@@ -406,52 +349,47 @@ bool streams(Shape s) {
 // y = ((x - center) - lo) * scale + shift over one run of a single channel.
 template <class T>
 void affine_run(const T* x, T* y, int64_t n, const detail::Affine<param_t<T>>& k, bool stream) {
-    write_run(
-        y, n, stream, [&](int64_t i) { return ((load(x + i) - k.center) - k.center_lo) * k.scale + k.shift; },
-        [&](auto i) {
-            using V = typename VecFor<T, decltype(i)>::type;
-            return ((V::load(x + i) - V::set(k.center)) - V::set(k.center_lo)) * V::set(k.scale) + V::set(k.shift);
-        });
+    write_run(y, n, stream, [&](auto lanes, int64_t i) {
+        using L = decltype(lanes);
+        return ((L::load(x + i) - L::set(k.center)) - L::set(k.center_lo)) * L::set(k.scale) + L::set(k.shift);
+    });
 }
 
 // The same over one row of the rows schedule, coefficients varying along it.
 template <class T>
 void affine_row(const T* x, T* y, int64_t n, const param_t<T>* center, const param_t<T>* lo,
                 const param_t<T>* scale, const param_t<T>* shift, bool stream) {
-    write_run(
-        y, n, stream, [&](int64_t c) { return ((load(x + c) - center[c]) - lo[c]) * scale[c] + shift[c]; },
-        [&](auto c) {
-            using V = typename VecFor<T, decltype(c)>::type;
-            return ((V::load(x + c) - V::load(center + c)) - V::load(lo + c)) * V::load(scale + c) +
-                   V::load(shift + c);
-        });
+    using P = Simd<param_t<T>>;  // the coefficients are arrays of the accumulation type
+    write_run(y, n, stream, [&](auto lanes, int64_t c) {
+        using L = decltype(lanes);
+        using C = std::conditional_t<L::width == 1, Scalar<param_t<T>>, P>;
+        static_assert(C::width == L::width, "x and coefficient vectors have the same lanes");
+        return ((L::load(x + c) - C::load(center + c)) - C::load(lo + c)) * C::load(scale + c) + C::load(shift + c);
+    });
 }
 
 // dx = (dy - dy_mean - (x - mean) * xmu_scale) * scale over one run of a single channel.
 template <class T>
 void backward_run(const T* dy, const T* x, T* dx, int64_t n, param_t<T> mean,
                   const detail::BackwardCoefficients<param_t<T>>& k, bool stream) {
-    write_run(
-        dx, n, stream,
-        [&](int64_t i) { return (load(dy + i) - k.dy_mean - (load(x + i) - mean) * k.xmu_scale) * k.scale; },
-        [&](auto i) {
-            using V = typename VecFor<T, decltype(i)>::type;
-            return (V::load(dy + i) - V::set(k.dy_mean) - (V::load(x + i) - V::set(mean)) * V::set(k.xmu_scale)) *
-                   V::set(k.scale);
-        });
+    write_run(dx, n, stream, [&](auto lanes, int64_t i) {
+        using L = decltype(lanes);
+        return (L::load(dy + i) - L::set(k.dy_mean) - (L::load(x + i) - L::set(mean)) * L::set(k.xmu_scale)) *
+               L::set(k.scale);
+    });
 }
 
 template <class T>
 void backward_row(const T* dy, const T* x, T* dx, int64_t n, const param_t<T>* mean, const param_t<T>* dy_mean,
                   const param_t<T>* xmu_scale, const param_t<T>* scale, bool stream) {
-    write_run(
-        dx, n, stream,
-        [&](int64_t c) { return (load(dy + c) - dy_mean[c] - (load(x + c) - mean[c]) * xmu_scale[c]) * scale[c]; },
-        [&](auto c) {
-            using V = typename VecFor<T, decltype(c)>::type;
-            return (V::load(dy + c) - V::load(dy_mean + c) - (V::load(x + c) - V::load(mean + c)) * V::load(xmu_scale + c)) *
-                   V::load(scale + c);
-        });
+    using P = Simd<param_t<T>>;
+    write_run(dx, n, stream, [&](auto lanes, int64_t c) {
+        using L = decltype(lanes);
+        using C = std::conditional_t<L::width == 1, Scalar<param_t<T>>, P>;
+        static_assert(C::width == L::width, "x and coefficient vectors have the same lanes");
+        return (L::load(dy + c) - C::load(dy_mean + c) - (L::load(x + c) - C::load(mean + c)) * C::load(xmu_scale + c)) *
+               C::load(scale + c);
+    });
 }
 
 }  // namespace

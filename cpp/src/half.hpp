@@ -52,26 +52,4 @@ inline half float_to_half(float f) {
     return half{uint16_t(out | (sign >> 16))};
 }
 
-// Loads and stores in the accumulation type: float for half and float, double for double.
-// Where the CPU converts half in hardware (F16C builds), the compiler's _Float16 gives
-// conversions it vectorizes; both round to nearest even, so results are the same.
-inline float load(const float* p) { return *p; }
-inline double load(const double* p) { return *p; }
-inline void store(float* p, float v) { *p = v; }
-inline void store(double* p, double v) { *p = v; }
-#if defined(__F16C__) && defined(__FLT16_MAX__)
-inline float load(const half* p) {
-    _Float16 h;
-    std::memcpy(&h, p, sizeof h);
-    return float(h);
-}
-inline void store(half* p, float v) {
-    const _Float16 h = static_cast<_Float16>(v);
-    std::memcpy(p, &h, sizeof h);
-}
-#else
-inline float load(const half* p) { return half_to_float(*p); }
-inline void store(half* p, float v) { *p = float_to_half(v); }
-#endif
-
 }  // namespace bnorm::detail

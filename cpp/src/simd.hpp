@@ -1,0 +1,203 @@
+// Element access and vector registers for the CPU kernels, per instruction set.
+//
+// cpu_kernels.cpp is compiled once per instruction set (baseline, AVX2, AVX-512) and this
+// header with it, so everything here lives in that build's namespace: functions whose body
+// depends on the compiler flags must not be shared between the builds (the linker would
+// keep one of the copies, possibly one the CPU cannot run).
+//
+// load/store convert one element to/from the accumulation type (float for half and float,
+// double for double). Simd<T> is a vector of `width` accumulation-type lanes loaded from /
+// stored to T: AVX-512 (16 floats / 8 doubles), AVX (8 / 4), SSE2 (4 / 2); half needs F16C
+// (or AVX-512) for its conversions. Where none applies, Simd<T> is a single scalar lane, so
+// kernels written on Simd<T> run everywhere. The explicit vectors give the reductions
+// independent accumulator chains that the compiler's vectorizer would not keep, and give
+// non-temporal stores.
+#pragma once
+
+#ifndef BNORM_KERNEL_ISA
+#error "simd.hpp belongs to cpu_kernels.cpp, compiled per instruction set"
+#endif
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(__SSE2__) && defined(__GNUC__)
+#include <immintrin.h>
+#define BNORM_SIMD_X86 1
+#else
+#define BNORM_SIMD_X86 0
+#endif
+
+#include "bnorm/types.hpp"
+#include "half.hpp"
+
+namespace bnorm::kernels::BNORM_KERNEL_ISA {
+
+inline float load(const float* p) { return *p; }
+inline double load(const double* p) { return *p; }
+inline void store(float* p, float v) { *p = v; }
+inline void store(double* p, double v) { *p = v; }
+#if defined(__F16C__) && defined(__FLT16_MAX__)
+// The compiler's _Float16 converts with F16C; the same rounding (nearest even) as the
+// portable conversion, so every build gives the same bits.
+inline float load(const half* p) {
+    _Float16 h;
+    std::memcpy(&h, p, sizeof h);
+    return float(h);
+}
+inline void store(half* p, float v) {
+    const _Float16 h = static_cast<_Float16>(v);
+    std::memcpy(p, &h, sizeof h);
+}
+#else
+inline float load(const half* p) { return detail::half_to_float(*p); }
+inline void store(half* p, float v) { *p = detail::float_to_half(v); }
+#endif
+
+// One lane: the scalar tails of the vector loops, and the whole loop where Simd<T> has no
+// vector registers. `stream` is an ordinary store.
+template <class T>
+struct Scalar {
+    using A = param_t<T>;
+    using R = A;
+    static constexpr int64_t width = 1;
+    static R load(const T* p) { return BNORM_KERNEL_ISA::load(p); }
+    static R set(A v) { return v; }
+    static void store(T* p, R v) { BNORM_KERNEL_ISA::store(p, v); }
+    static void stream(T* p, R v) { BNORM_KERNEL_ISA::store(p, v); }
+    static A sum(R v) { return v; }
+};
+
+template <class T>
+struct Simd : Scalar<T> {};
+
+// Horizontal sum of a vector's lanes, in lane order (a fixed order: the bits of a result
+// never depend on anything but the data).
+template <class A, class R>
+inline A lane_sum(R v) {
+    constexpr int lanes = int(sizeof(R) / sizeof(A));
+    A lane[lanes];
+    std::memcpy(lane, &v, sizeof v);
+    A total = lane[0];
+    for (int i = 1; i < lanes; ++i) total += lane[i];
+    return total;
+}
+
+#if BNORM_SIMD_X86
+#if defined(__AVX512F__)
+template <>
+struct Simd<float> {
+    using A = float;
+    using R = __m512;
+    static constexpr int64_t width = 16;
+    static R load(const float* p) { return _mm512_loadu_ps(p); }
+    static R set(float v) { return _mm512_set1_ps(v); }
+    static void store(float* p, R v) { _mm512_storeu_ps(p, v); }
+    static void stream(float* p, R v) { _mm512_stream_ps(p, v); }
+    static A sum(R v) { return lane_sum<A>(v); }
+};
+template <>
+struct Simd<double> {
+    using A = double;
+    using R = __m512d;
+    static constexpr int64_t width = 8;
+    static R load(const double* p) { return _mm512_loadu_pd(p); }
+    static R set(double v) { return _mm512_set1_pd(v); }
+    static void store(double* p, R v) { _mm512_storeu_pd(p, v); }
+    static void stream(double* p, R v) { _mm512_stream_pd(p, v); }
+    static A sum(R v) { return lane_sum<A>(v); }
+};
+template <>
+struct Simd<half> {
+    using A = float;
+    using R = __m512;
+    static constexpr int64_t width = 16;
+    // (the maskz forms: GCC 12 warns about the undefined source register of the others)
+    static R load(const half* p) {
+        return _mm512_maskz_cvtph_ps(0xffff, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    }
+    static R set(float v) { return _mm512_set1_ps(v); }
+    static void store(half* p, R v) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_maskz_cvtps_ph(0xffff, v, _MM_FROUND_TO_NEAREST_INT));
+    }
+    static void stream(half* p, R v) {
+        _mm256_stream_si256(reinterpret_cast<__m256i*>(p), _mm512_maskz_cvtps_ph(0xffff, v, _MM_FROUND_TO_NEAREST_INT));
+    }
+    static A sum(R v) { return lane_sum<A>(v); }
+};
+#elif defined(__AVX__)
+template <>
+struct Simd<float> {
+    using A = float;
+    using R = __m256;
+    static constexpr int64_t width = 8;
+    static R load(const float* p) { return _mm256_loadu_ps(p); }
+    static R set(float v) { return _mm256_set1_ps(v); }
+    static void store(float* p, R v) { _mm256_storeu_ps(p, v); }
+    static void stream(float* p, R v) { _mm256_stream_ps(p, v); }
+    static A sum(R v) { return lane_sum<A>(v); }
+};
+template <>
+struct Simd<double> {
+    using A = double;
+    using R = __m256d;
+    static constexpr int64_t width = 4;
+    static R load(const double* p) { return _mm256_loadu_pd(p); }
+    static R set(double v) { return _mm256_set1_pd(v); }
+    static void store(double* p, R v) { _mm256_storeu_pd(p, v); }
+    static void stream(double* p, R v) { _mm256_stream_pd(p, v); }
+    static A sum(R v) { return lane_sum<A>(v); }
+};
+#if defined(__F16C__)
+template <>
+struct Simd<half> {
+    using A = float;
+    using R = __m256;
+    static constexpr int64_t width = 8;
+    static R load(const half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+    static R set(float v) { return _mm256_set1_ps(v); }
+    static void store(half* p, R v) {
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+    }
+    static void stream(half* p, R v) {
+        _mm_stream_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+    }
+    static A sum(R v) { return lane_sum<A>(v); }
+};
+#endif
+#else
+template <>
+struct Simd<float> {
+    using A = float;
+    using R = __m128;
+    static constexpr int64_t width = 4;
+    static R load(const float* p) { return _mm_loadu_ps(p); }
+    static R set(float v) { return _mm_set1_ps(v); }
+    static void store(float* p, R v) { _mm_storeu_ps(p, v); }
+    static void stream(float* p, R v) { _mm_stream_ps(p, v); }
+    static A sum(R v) { return lane_sum<A>(v); }
+};
+template <>
+struct Simd<double> {
+    using A = double;
+    using R = __m128d;
+    static constexpr int64_t width = 2;
+    static R load(const double* p) { return _mm_loadu_pd(p); }
+    static R set(double v) { return _mm_set1_pd(v); }
+    static void store(double* p, R v) { _mm_storeu_pd(p, v); }
+    static void stream(double* p, R v) { _mm_stream_pd(p, v); }
+    static A sum(R v) { return lane_sum<A>(v); }
+};
+#endif
+#endif
+
+// Non-temporal stores are weakly ordered: fence before the results are used elsewhere.
+inline void stream_fence(bool stream) {
+#if BNORM_SIMD_X86
+    if (stream) _mm_sfence();
+#else
+    (void)stream;
+#endif
+}
+
+}  // namespace bnorm::kernels::BNORM_KERNEL_ISA
