@@ -15,7 +15,8 @@ SHAPES=${2:-64x256x784,50176x256x1,8192x1024x1,32x64x196,128x64x3136}
 shift $(( $# > 2 ? 2 : $# ))
 COMMITS=("$@")
 if [ ${#COMMITS[@]} -eq 0 ]; then
-  COMMITS=(245a3af 31e2644 f93ed56 HEAD)
+  # (the ISA dispatch, f93ed56, is first buildable at c81117c: its CMake change landed there)
+  COMMITS=(245a3af 31e2644 c81117c HEAD)
 fi
 ROOT=$PWD
 for commit in "${COMMITS[@]}"; do

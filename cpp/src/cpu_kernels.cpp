@@ -319,23 +319,36 @@ struct BackwardSumsOp {
     }
 };
 
-// out[k] = value(L{}, k) for k < n, whole vectors with L = Simd<T>, the rest with
-// Scalar<T>; both compute the same IEEE operations in the same order, so the bits do not
-// depend on the path. With `stream`, the vectors are written with non-temporal stores
-// once out is aligned to them (no read-for-ownership of the output's cache lines).
+// out[k] = value(L{}, k) for k < n: vectors with L = Simd<T>, scalars with L = Scalar<T>
+// where a run is shorter than a vector. Both compute the same IEEE operations lane by
+// lane, so the bits do not depend on the path. With `stream`, whole vectors are written
+// with non-temporal stores (no read-for-ownership of the output's cache lines) from the
+// first vector-aligned element on. The elements before it and after the last whole
+// vector are lanes of one vector each, computed as vectors: a scalar loop at either end
+// would cost more than the vector loop on short runs (a 256-channel row, a 14x14 plane).
+// Those two vectors are computed before anything is written: out may be an input
+// (in-place calls).
 template <class T, class Value>
 inline void write_run(T* out, int64_t n, bool stream, const Value& value) {
     using S = Simd<T>;
-    int64_t i = 0;
-    if (stream) {
-        constexpr uintptr_t alignment = uintptr_t(S::width) * sizeof(T);
-        for (; i < n && reinterpret_cast<uintptr_t>(out + i) % alignment != 0; ++i)
-            Scalar<T>::store(out + i, value(Scalar<T>{}, i));
-        for (; i + S::width <= n; i += S::width) S::stream(out + i, value(S{}, i));
-    } else {
-        for (; i + S::width <= n; i += S::width) S::store(out + i, value(S{}, i));
+    constexpr int64_t W = S::width;
+    if (W == 1 || n < W) {
+        for (int64_t i = 0; i < n; ++i) Scalar<T>::store(out + i, value(Scalar<T>{}, i));
+        return;
     }
-    for (; i < n; ++i) Scalar<T>::store(out + i, value(Scalar<T>{}, i));
+    const auto head = value(S{}, 0);
+    const auto tail = value(S{}, n - W);
+    constexpr uintptr_t alignment = uintptr_t(W) * sizeof(T);
+    const uintptr_t address = reinterpret_cast<uintptr_t>(out);
+    int64_t start = 0, i = 0;
+    if (stream && address % sizeof(T) == 0) {
+        start = i = int64_t((alignment - address % alignment) % alignment / sizeof(T));
+        for (; i + W <= n; i += W) S::stream(out + i, value(S{}, i));
+    } else {
+        for (; i + W <= n; i += W) S::store(out + i, value(S{}, i));
+    }
+    store_lanes(out, head, 0, start);
+    store_lanes(out + n - W, tail, i - (n - W), W);
 }
 
 // Rows handed out at a time by the elementwise loops: about kTileElems elements.

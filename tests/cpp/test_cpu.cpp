@@ -171,19 +171,25 @@ void test_thread_determinism(Shape s) {
     }
 }
 
-// Outputs large enough for non-temporal stores, written at every alignment: the same bits.
+// Outputs large enough for non-temporal stores, written at every alignment, and in place
+// (the output is the input, at every alignment): the same bits.
 template <class T>
 void test_streaming_alignment(Shape s) {
     using P = bnorm::param_t<T>;
     const auto x = random_data<T>(s, 1.0, 9);
-    std::vector<T> reference(x.size()), shifted(x.size() + 8);
+    std::vector<T> reference(x.size()), shifted(x.size() + 32);
     std::vector<P> mean(s.channels), invstd(s.channels);
     bnorm::forward_train(x.data(), s, (const P*)nullptr, nullptr, nullptr, nullptr, 0.1, 1e-5, reference.data(),
                          mean.data(), invstd.data());
-    for (int offset : {1, 2, 3}) {
+    for (int offset : {1, 2, 3, 5, 8, 16}) {
         bnorm::forward_train(x.data(), s, (const P*)nullptr, nullptr, nullptr, nullptr, 0.1, 1e-5,
                              shifted.data() + offset, mean.data(), invstd.data());
         CHECK(std::memcmp(reference.data(), shifted.data() + offset, x.size() * sizeof(T)) == 0);
+        T* in_place = shifted.data() + offset;
+        std::memcpy(in_place, x.data(), x.size() * sizeof(T));
+        bnorm::forward_train(in_place, s, (const P*)nullptr, nullptr, nullptr, nullptr, 0.1, 1e-5, in_place,
+                             mean.data(), invstd.data());
+        CHECK(std::memcmp(reference.data(), in_place, x.size() * sizeof(T)) == 0);
     }
 }
 
@@ -346,6 +352,8 @@ int main() {
     test_streaming_alignment<float>({16, 4, 20001});
     test_streaming_alignment<float>({70001, 17, 1});
     test_streaming_alignment<double>({8, 3, 30001});
+    test_streaming_alignment<bnorm::half>({8, 3, 100001});
+    test_streaming_alignment<bnorm::half>({150001, 17, 1});
     test_errors_leave_buffers_untouched();
     test_numerics();
     test_merge_stats();

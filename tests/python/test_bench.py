@@ -1,0 +1,88 @@
+"""Smoke tests of the benchmark (python -m bnorm.bench): it runs and prints its table.
+
+Tiny sizes and repeat counts; nothing here asserts anything about timings.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from bnorm import bench
+
+
+def _run(args, tmp_path, timeout=300):
+    env = {**os.environ, "MPLBACKEND": "Agg"}
+    proc = subprocess.run([sys.executable, "-m", "bnorm.bench"] + args, capture_output=True, text=True, timeout=timeout,
+                          cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_table_is_printed(tmp_path):
+    jpath = tmp_path / "r.json"
+    out = _run(["--shapes", "4x3x5x5:1,3x4x4x6:-1,16x7", "--repeat", "2", "--warmup", "1",
+                "--threads", "1", "--json", str(jpath)], tmp_path)
+    assert "bnorm" in out and "machine:" in out and "threads: bnorm 1" in out
+    assert "traffic model" in out and "> 1 means bnorm is faster" in out
+    header = [line for line in out.splitlines() if line.startswith("| op")]
+    assert len(header) == 1
+    for col in ("bnorm ms", "GB/s", "vs copy", "numpy/bnorm", "check"):
+        assert col in header[0]
+    rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| op")]
+    assert len(rows) == 9  # 3 shapes x 3 ops
+    for op in ("train", "infer", "backward"):
+        assert sum(r.startswith(f"| {op} ") for r in rows) == 3
+    assert all("| ok " in r for r in rows), "bnorm's output disagrees with the NumPy implementation"
+    assert "targets met:" in out
+
+    data = json.loads(jpath.read_text())
+    assert data["meta"]["bnorm_threads"] == 1 and data["meta"]["numpy"] == np.__version__
+    assert len(data["rows"]) == 9
+    r = data["rows"][0]
+    assert r["shape"] == [4, 3, 5, 5] and r["dtype"] == "float32"
+    assert r["timings"]["bnorm"]["rounds"] == 2 and r["vs_copy"] > 0
+    if data["meta"]["torch"]:
+        assert "torch/bnorm" in header[0] and r["torch_speedup"] > 0
+        assert data["rows"][3]["torch_layout"] == "channels_last"
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float16"])
+def test_other_dtypes(tmp_path, dtype):
+    out = _run(["--shapes", "5x4x3x3:1", "--dtype", dtype, "--repeat", "1", "--warmup", "1",
+                "--no-torch", "--ops", "train,bwd"], tmp_path)
+    assert f"### {dtype}" in out
+    rows = [line for line in out.splitlines() if line.startswith("| train") or line.startswith("| backward")]
+    assert len(rows) == 2 and all("| ok " in r for r in rows)
+
+
+def test_sweep(tmp_path):
+    png = tmp_path / "sweep.png"
+    jpath = tmp_path / "s.json"
+    args = ["--sweep", "--sweep-size", "4096", "--repeat", "1", "--no-torch", "--json", str(jpath)]
+    have_mpl = importlib.util.find_spec("matplotlib") is not None
+    if have_mpl:
+        args += ["--plot", str(png)]
+    out = _run(args, tmp_path)
+    assert "### sweep" in out and "worst neighbour ratio" in out
+    assert "no cliffs" in out or "cliff(s)" in out
+    sw = json.loads(jpath.read_text())["sweep"]
+    assert len(sw["sweeps"]) == 4 and all(len(s["points"]) >= 3 for s in sw["sweeps"])
+    if have_mpl:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_parse_shapes_and_errors():
+    assert bench.parse_shapes("64x256x28x28:1, 8192x1024") == [((64, 256, 28, 28), 1), ((8192, 1024), 1)]
+    assert bench.parse_shapes("2x3x4:-1") == [((2, 3, 4), -1)]
+    for bad in ("64", "4x4:2", "0x3:1", "ax3"):
+        with pytest.raises(Exception):
+            bench.parse_shapes(bad)
+    with pytest.raises(SystemExit):
+        bench.build_parser().parse_args(["--ops", "sideways"])
+    with pytest.raises(SystemExit):
+        bench.build_parser().parse_args(["--dtype", "int8"])
