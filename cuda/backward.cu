@@ -163,13 +163,13 @@ void backward(const T* dy, const T* x, Shape shape, const param_t<T>* mean, cons
     if (C == 0) return;
     check_pointer(op, dweight, "dweight");
     check_pointer(op, dbias, "dbias");
-    check_pointer(op, mean, "mean");
-    check_pointer(op, invstd, "invstd");
-    if (shape.count() == 0) {
+    if (shape.count() == 0) {  // as on the CPU: mean and invstd are not needed (nor checked)
         BNORM_CUDA_CHECK(cudaMemsetAsync(dweight, 0, size_t(C) * sizeof(P), stream));
         BNORM_CUDA_CHECK(cudaMemsetAsync(dbias, 0, size_t(C) * sizeof(P), stream));
         return;
     }
+    check_pointer(op, mean, "mean");
+    check_pointer(op, invstd, "invstd");
     check_pointer(op, dy, "dy");
     check_pointer(op, x, "x");
     check_pointer(op, dx, "dx");

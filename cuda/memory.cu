@@ -14,7 +14,9 @@ void* allocate(size_t bytes) {
 }
 
 void deallocate(void* pointer) noexcept {
-    if (pointer) cudaFree(pointer);
+    // A failed free must not stay in CUDA's last-error state, where the next launch check
+    // would report it as that launch's failure.
+    if (pointer && cudaFree(pointer) != cudaSuccess) (void)cudaGetLastError();
 }
 
 }  // namespace bnorm::cuda

@@ -187,6 +187,13 @@ void reduce(Shape s, int threads, const Op& op, std::vector<Partial>& result) {
 // Whether the fused per-channel schedule applies: planes, and a channel for every thread.
 bool fuse_per_channel(Shape s, int team) { return s.inner > 1 && s.channels >= team; }
 
+// Channels handed out at a time by the fused loops. Neighbouring channels' runs share a
+// cache line wherever a run does not end on a line boundary, so two threads writing
+// neighbouring channels at the same time bounce those lines between their caches (a 14x14
+// plane has 32 such lines per channel pair). Blocks of consecutive channels cut that by
+// the block size; four blocks per thread keep the hand-out dynamic.
+int64_t channel_block(Shape s, int team) { return std::max<int64_t>(1, s.channels / (4 * int64_t(team))); }
+
 // Two sums over the runs of a plane tile (`rows` runs of `len` elements, `stride` apart,
 // element offsets relative to the tile's first). terms(L{}, k, a, b) adds the terms of the
 // L::width elements at offset k into a and b, for L = Simd<T> (vector lanes) and Scalar<T>
@@ -457,7 +464,7 @@ void forward_train(const T* x, Shape s, int threads, double eps, const param_t<T
     const MomentsOp<T> op{x, s};
     const bool stream = streams<T>(s);
     const int64_t stride = s.channels * s.inner;
-#pragma omp parallel for num_threads(team) schedule(dynamic)
+#pragma omp parallel for num_threads(team) schedule(dynamic, channel_block(s, team))
     for (int64_t c = 0; c < s.channels; ++c) {
         const Moments m = plan.channel_partial<Moments>(s, op, c);
         mean[c] = m.mean;
@@ -523,7 +530,7 @@ void backward_train(const T* dy, const T* x, Shape s, int threads, const param_t
     const BackwardSumsOp<T> op{dy, x, mean, s};
     const bool stream = streams<T>(s);
     const int64_t stride = s.channels * s.inner;
-#pragma omp parallel for num_threads(team) schedule(dynamic)
+#pragma omp parallel for num_threads(team) schedule(dynamic, channel_block(s, team))
     for (int64_t c = 0; c < s.channels; ++c) {
         const Sums sums = plan.channel_partial<Sums>(s, op, c);
         detail::round_backward_sums(sums.dy, sums.dy_xmu, invstd[c], sum_dy[c], sum_dy_xhat[c]);

@@ -5,7 +5,20 @@
 // each enqueued on `stream` (nullptr: the legacy default stream) without host
 // synchronization. T is float, double, bnorm::half or bnorm::bfloat16. Argument errors
 // throw bnorm::ValueError before anything is enqueued; CUDA errors throw bnorm::CudaError
-// with CUDA's error string. Results are identical run to run (no order-dependent atomics).
+// with CUDA's error string. Results are identical run to run on one GPU architecture (no
+// order-dependent atomics; compilers may contract differently for another architecture).
+//
+// Differences from the CPU API, all on purpose:
+// - merge_stats reads counts on the device, where it cannot throw: invalid counts (negative,
+//   non-finite) give NaN statistics instead of a ValueError.
+// - backward with batch_stats = true: dweight and dbias must not alias mean (they are
+//   written before the elementwise pass reads mean); aliasing weight is fine.
+// - Scratch memory comes from a per-device stream-ordered pool created on the first call
+//   on that device: make one call before capturing a CUDA graph on a new device.
+// - A CUDA error left pending by earlier, unrelated work is reported by the next launch
+//   check (CUDA's last-error state is per thread), as in other CUDA libraries.
+// - Kernels are built for sm_80, sm_86, sm_89 and sm_90 (+ PTX): older GPUs report
+//   available() but every op throws CudaError "no kernel image".
 #pragma once
 
 #include <cstddef>
