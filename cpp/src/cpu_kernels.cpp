@@ -184,8 +184,28 @@ void reduce(Shape s, int threads, const Op& op, std::vector<Partial>& result) {
     }
 }
 
+// Planes whose runs are too short for vectors (inner < kShortRun: 2x2 to 7x7 maps) run
+// the rows schedule on the (outer, channels * inner, 1) view instead: each (channel, i)
+// position is a column of its own, per-channel arrays are expanded to positions, and
+// per-position partials are folded into their channel in position order (so results
+// still depend only on the shape). Up to kMaxPositions positions, whose expanded
+// coefficient arrays (16 bytes per position) stay in L2 while the rows stream by.
+constexpr int64_t kShortRun = 64;
+constexpr int64_t kMaxPositions = 16384;
+
+bool positions_as_rows(Shape s) { return s.inner > 1 && s.inner < kShortRun && s.channels * s.inner <= kMaxPositions; }
+
+Shape rows_view(Shape s) { return {s.outer, s.channels * s.inner, 1}; }
+
+template <class P>
+std::vector<P> expand_to_positions(Shape s, const P* per_channel) {
+    std::vector<P> out(size_t(s.channels * s.inner));
+    for (int64_t c = 0; c < s.channels; ++c) std::fill_n(out.begin() + c * s.inner, s.inner, per_channel[c]);
+    return out;
+}
+
 // Whether the fused per-channel schedule applies: planes, and a channel for every thread.
-bool fuse_per_channel(Shape s, int team) { return s.inner > 1 && s.channels >= team; }
+bool fuse_per_channel(Shape s, int team) { return s.inner > 1 && !positions_as_rows(s) && s.channels >= team; }
 
 // Channels handed out at a time by the fused loops. Neighbouring channels' runs share a
 // cache line wherever a run does not end on a line boundary, so two threads writing
@@ -228,6 +248,23 @@ inline Pair<param_t<T>> chained_sums(int64_t rows, int64_t stride, int64_t len, 
     return {S::sum((a0 + a1) + (a2 + a3)) + tail_a, S::sum((b0 + b1) + (b2 + b3)) + tail_b};
 }
 
+// Calls body(L{}, P{}, r, j) for the rows r in [r0, r1) of a rows-schedule tile and its
+// columns j in [0, w), a vector of columns at a time: L = Simd<T> loads x, P = Simd<A>
+// loads and stores the tile's per-column accumulators (arrays of the accumulation type A,
+// in L1), with the same lanes; the columns past the last whole vector with Scalar.
+template <class T, class Body>
+inline void for_row_lanes(int64_t r0, int64_t r1, int64_t w, const Body& body) {
+    using A = param_t<T>;
+    using S = Simd<T>;
+    using P = std::conditional_t<S::width == 1, Scalar<A>, Simd<A>>;
+    static_assert(P::width == S::width, "x and accumulator vectors have the same lanes");
+    for (int64_t r = r0; r < r1; ++r) {
+        int64_t j = 0;
+        for (; j + S::width <= w; j += S::width) body(S{}, P{}, r, j);
+        for (; j < w; ++j) body(Scalar<T>{}, Scalar<A>{}, r, j);
+    }
+}
+
 // Shifted two-pass statistics of a tile. Pass 1 sums x - K with K the tile's first value
 // (exact for constant data, and no overflow for any finite float); pass 2 sums the
 // deviations from that mean and their squares, and corrects the mean with the first.
@@ -264,21 +301,19 @@ struct MomentsOp {
             shift[j] = load(x + r0 * C + c0 + j);
             sum[j] = dev[j] = dev_sq[j] = 0;
         }
-        for (int64_t r = r0; r < r1; ++r) {
-            const T* p = x + r * C + c0;
-#pragma omp simd
-            for (int64_t j = 0; j < w; ++j) sum[j] += load(p + j) - shift[j];
-        }
+        for_row_lanes<T>(r0, r1, w, [&](auto lanes, auto acc_lanes, int64_t r, int64_t j) {
+            using L = decltype(lanes);
+            using P = decltype(acc_lanes);
+            P::store(sum + j, P::load(sum + j) + (L::load(x + r * C + c0 + j) - P::load(shift + j)));
+        });
         for (int64_t j = 0; j < w; ++j) shift[j] += A(sum[j] / A(n));  // now the pass-1 mean
-        for (int64_t r = r0; r < r1; ++r) {
-            const T* p = x + r * C + c0;
-#pragma omp simd
-            for (int64_t j = 0; j < w; ++j) {
-                const A d = load(p + j) - shift[j];
-                dev[j] += d;
-                dev_sq[j] += d * d;
-            }
-        }
+        for_row_lanes<T>(r0, r1, w, [&](auto lanes, auto acc_lanes, int64_t r, int64_t j) {
+            using L = decltype(lanes);
+            using P = decltype(acc_lanes);
+            const auto d = L::load(x + r * C + c0 + j) - P::load(shift + j);
+            P::store(dev + j, P::load(dev + j) + d);
+            P::store(dev_sq + j, P::load(dev_sq + j) + d * d);
+        });
         for (int64_t j = 0; j < w; ++j)
             merge(acc[j], Moments{n, double(shift[j]) + double(dev[j]) / n,
                                   corrected_m2(dev_sq[j], dev[j], n)});
@@ -312,16 +347,13 @@ struct BackwardSumsOp {
         const int64_t w = c1 - c0, C = s.channels;
         A sum_dy[kChannelBlock], sum_dy_xmu[kChannelBlock];
         for (int64_t j = 0; j < w; ++j) sum_dy[j] = sum_dy_xmu[j] = 0;
-        for (int64_t r = r0; r < r1; ++r) {
-            const T* g = dy + r * C + c0;
-            const T* p = x + r * C + c0;
-#pragma omp simd
-            for (int64_t j = 0; j < w; ++j) {
-                const A d = load(g + j);
-                sum_dy[j] += d;
-                sum_dy_xmu[j] += d * (load(p + j) - mean[c0 + j]);
-            }
-        }
+        for_row_lanes<T>(r0, r1, w, [&](auto lanes, auto acc_lanes, int64_t r, int64_t j) {
+            using L = decltype(lanes);
+            using P = decltype(acc_lanes);
+            const auto d = L::load(dy + r * C + c0 + j);
+            P::store(sum_dy + j, P::load(sum_dy + j) + d);
+            P::store(sum_dy_xmu + j, P::load(sum_dy_xmu + j) + d * (L::load(x + r * C + c0 + j) - P::load(mean + c0 + j)));
+        });
         for (int64_t j = 0; j < w; ++j) merge(acc[j], Sums{double(sum_dy[j]), double(sum_dy_xmu[j])});
     }
 };
@@ -417,7 +449,16 @@ void backward_row(const T* dy, const T* x, T* dx, int64_t n, const param_t<T>* m
 template <class T>
 void moments(const T* x, Shape shape, int threads, double* mean, double* var) {
     std::vector<Moments> result;
-    reduce(shape, threads, MomentsOp<T>{x, shape}, result);
+    if (positions_as_rows(shape)) {
+        const Shape view = rows_view(shape);
+        std::vector<Moments> positions;
+        reduce(view, threads, MomentsOp<T>{x, view}, positions);
+        result.assign(shape.channels, Moments{});
+        for (int64_t c = 0; c < shape.channels; ++c)
+            for (int64_t i = 0; i < shape.inner; ++i) merge(result[c], positions[c * shape.inner + i]);
+    } else {
+        reduce(shape, threads, MomentsOp<T>{x, shape}, result);
+    }
     for (int64_t c = 0; c < shape.channels; ++c) {
         mean[c] = result[c].mean;
         var[c] = result[c].n > 0 ? result[c].m2 / result[c].n : 0.0;
@@ -427,6 +468,11 @@ void moments(const T* x, Shape shape, int threads, double* mean, double* var) {
 template <class T>
 void affine(const T* x, Shape s, int threads, const param_t<T>* center, const param_t<T>* center_lo,
             const param_t<T>* scale, const param_t<T>* shift, T* y) {
+    if (positions_as_rows(s)) {
+        affine(x, rows_view(s), threads, expand_to_positions(s, center).data(), expand_to_positions(s, center_lo).data(),
+               expand_to_positions(s, scale).data(), expand_to_positions(s, shift).data(), y);
+        return;
+    }
     const int team = team_size(s, threads);
     const bool stream = streams<T>(s);
     const int64_t C = s.channels;
@@ -480,7 +526,17 @@ template <class T>
 void backward_sums(const T* dy, const T* x, Shape shape, int threads, const param_t<T>* mean,
                    double* sum_dy, double* sum_dy_xmu) {
     std::vector<Sums> result;
-    reduce(shape, threads, BackwardSumsOp<T>{dy, x, mean, shape}, result);
+    if (positions_as_rows(shape)) {
+        const Shape view = rows_view(shape);
+        const auto mean_at = expand_to_positions(shape, mean);
+        std::vector<Sums> positions;
+        reduce(view, threads, BackwardSumsOp<T>{dy, x, mean_at.data(), view}, positions);
+        result.assign(shape.channels, Sums{});
+        for (int64_t c = 0; c < shape.channels; ++c)
+            for (int64_t i = 0; i < shape.inner; ++i) merge(result[c], positions[c * shape.inner + i]);
+    } else {
+        reduce(shape, threads, BackwardSumsOp<T>{dy, x, mean, shape}, result);
+    }
     for (int64_t c = 0; c < shape.channels; ++c) {
         sum_dy[c] = result[c].dy;
         sum_dy_xmu[c] = result[c].dy_xmu;
@@ -490,6 +546,12 @@ void backward_sums(const T* dy, const T* x, Shape shape, int threads, const para
 template <class T>
 void backward_dx(const T* dy, const T* x, Shape s, int threads, const param_t<T>* mean, const param_t<T>* dy_mean,
                  const param_t<T>* xmu_scale, const param_t<T>* scale, T* dx) {
+    if (positions_as_rows(s)) {
+        backward_dx(dy, x, rows_view(s), threads, expand_to_positions(s, mean).data(),
+                    expand_to_positions(s, dy_mean).data(), expand_to_positions(s, xmu_scale).data(),
+                    expand_to_positions(s, scale).data(), dx);
+        return;
+    }
     const int team = team_size(s, threads);
     const bool stream = streams<T>(s);
     const int64_t C = s.channels;

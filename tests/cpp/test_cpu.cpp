@@ -337,6 +337,9 @@ int main() {
         {1, 3, 9},      // N == 1 with spatial size > 1
         {16, 4, 20000}, // large enough for non-temporal stores
         {70000, 5, 1},  // the same, rows schedule
+        {300, 5, 9},    // short planes (3x3) as rows of channel x inner positions
+        {5, 333, 49},   // short planes over the position limit: planes schedule, 49-element runs
+        {2, 3, 17},     // short planes, runs longer than a vector (head and tail vectors)
     };
     for (const Shape& s : shapes) {
         test_forward_backward<float>(s);
@@ -348,6 +351,7 @@ int main() {
     test_thread_determinism<bnorm::half>({8, 64, 700});
     test_thread_determinism<double>({3, 2, 70000});
     test_thread_determinism<float>({16, 4, 20000});    // streaming stores, fused and not
+    test_thread_determinism<float>({5000, 64, 4});     // short planes as positions
     test_thread_determinism<double>({70000, 16, 1});   // streaming stores, rows schedule
     test_streaming_alignment<float>({16, 4, 20001});
     test_streaming_alignment<float>({70001, 17, 1});
