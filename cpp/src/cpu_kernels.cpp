@@ -184,28 +184,53 @@ void reduce(Shape s, int threads, const Op& op, std::vector<Partial>& result) {
     }
 }
 
-// Planes whose runs are too short for vectors (inner < kShortRun: 2x2 to 7x7 maps) run
-// the rows schedule on the (outer, channels * inner, 1) view instead: each (channel, i)
-// position is a column of its own, per-channel arrays are expanded to positions, and
-// per-position partials are folded into their channel in position order (so results
-// still depend only on the shape). Up to kMaxPositions positions, whose expanded
-// coefficient arrays (16 bytes per position) stay in L2 while the rows stream by.
+// Two layouts vectorize badly as they are, and run the rows schedule on a view of
+// "positions" instead, each a column of its own:
+// - planes with runs too short for vectors (inner < kShortRun: 2x2 to 7x7 maps) as
+//   (outer, channels * inner, 1): position p is channel p / inner;
+// - rows narrower than a few vectors (channels < kNarrowRow: RGB images channels-last,
+//   (N, 3) features) as (outer / k, k * channels, 1), k rows side by side: position p is
+//   channel p % channels; the outer % k rows left over run as they are.
+// Per-channel arrays are expanded to positions, and per-position partials are folded into
+// their channel in position order (results still depend only on the shape). At most
+// kMaxPositions positions: their expanded coefficients (16 bytes each) stay in L2.
 constexpr int64_t kShortRun = 64;
+constexpr int64_t kNarrowRow = 64;
 constexpr int64_t kMaxPositions = 16384;
 
-bool positions_as_rows(Shape s) { return s.inner > 1 && s.inner < kShortRun && s.channels * s.inner <= kMaxPositions; }
+struct Positions {
+    Shape view;          // (rows, positions, 1)
+    int64_t per_channel; // position p is channel (p / per_channel) % channels
+    Shape rest;          // rows left over, as (rows, channels, 1), after view.size() elements
+    int64_t channels;
 
-Shape rows_view(Shape s) { return {s.outer, s.channels * s.inner, 1}; }
+    int64_t channel(int64_t p) const { return (p / per_channel) % channels; }
 
-template <class P>
-std::vector<P> expand_to_positions(Shape s, const P* per_channel) {
-    std::vector<P> out(size_t(s.channels * s.inner));
-    for (int64_t c = 0; c < s.channels; ++c) std::fill_n(out.begin() + c * s.inner, s.inner, per_channel[c]);
-    return out;
+    template <class P>
+    std::vector<P> expand(const P* per_channel_values) const {
+        std::vector<P> out(size_t(view.channels));
+        for (int64_t p = 0; p < view.channels; ++p) out[size_t(p)] = per_channel_values[channel(p)];
+        return out;
+    }
+};
+
+// The positions view of s, or none (view.channels == 0) when s runs as it is.
+Positions positions_of(Shape s) {
+    const int64_t C = s.channels;
+    if (s.inner > 1 && s.inner < kShortRun && C * s.inner <= kMaxPositions)
+        return {{s.outer, C * s.inner, 1}, s.inner, {0, C, 1}, C};
+    if (s.inner == 1 && C > 0 && C < kNarrowRow && s.outer >= 2 * (kNarrowRow / C + 1)) {
+        const int64_t k = 4 * kNarrowRow / C;  // about 256 positions
+        const int64_t rows = s.outer / k;
+        if (rows > 0) return {{rows, k * C, 1}, 1, {s.outer - rows * k, C, 1}, C};
+    }
+    return {{0, 0, 0}, 1, {0, 0, 0}, std::max<int64_t>(C, 1)};
 }
 
 // Whether the fused per-channel schedule applies: planes, and a channel for every thread.
-bool fuse_per_channel(Shape s, int team) { return s.inner > 1 && !positions_as_rows(s) && s.channels >= team; }
+bool fuse_per_channel(Shape s, int team) {
+    return s.inner > 1 && positions_of(s).view.channels == 0 && s.channels >= team;
+}
 
 // Channels handed out at a time by the fused loops. Neighbouring channels' runs share a
 // cache line wherever a run does not end on a line boundary, so two threads writing
@@ -449,13 +474,16 @@ void backward_row(const T* dy, const T* x, T* dx, int64_t n, const param_t<T>* m
 template <class T>
 void moments(const T* x, Shape shape, int threads, double* mean, double* var) {
     std::vector<Moments> result;
-    if (positions_as_rows(shape)) {
-        const Shape view = rows_view(shape);
-        std::vector<Moments> positions;
-        reduce(view, threads, MomentsOp<T>{x, view}, positions);
+    const Positions pos = positions_of(shape);
+    if (pos.view.channels > 0) {
+        std::vector<Moments> per_position, rest;
+        reduce(pos.view, threads, MomentsOp<T>{x, pos.view}, per_position);
         result.assign(shape.channels, Moments{});
-        for (int64_t c = 0; c < shape.channels; ++c)
-            for (int64_t i = 0; i < shape.inner; ++i) merge(result[c], positions[c * shape.inner + i]);
+        for (int64_t p = 0; p < pos.view.channels; ++p) merge(result[pos.channel(p)], per_position[p]);
+        if (pos.rest.outer > 0) {
+            reduce(pos.rest, threads, MomentsOp<T>{x + pos.view.size(), pos.rest}, rest);
+            for (int64_t c = 0; c < shape.channels; ++c) merge(result[c], rest[c]);
+        }
     } else {
         reduce(shape, threads, MomentsOp<T>{x, shape}, result);
     }
@@ -468,9 +496,12 @@ void moments(const T* x, Shape shape, int threads, double* mean, double* var) {
 template <class T>
 void affine(const T* x, Shape s, int threads, const param_t<T>* center, const param_t<T>* center_lo,
             const param_t<T>* scale, const param_t<T>* shift, T* y) {
-    if (positions_as_rows(s)) {
-        affine(x, rows_view(s), threads, expand_to_positions(s, center).data(), expand_to_positions(s, center_lo).data(),
-               expand_to_positions(s, scale).data(), expand_to_positions(s, shift).data(), y);
+    const Positions pos = positions_of(s);
+    if (pos.view.channels > 0) {
+        affine(x, pos.view, threads, pos.expand(center).data(), pos.expand(center_lo).data(), pos.expand(scale).data(),
+               pos.expand(shift).data(), y);
+        if (pos.rest.outer > 0)
+            affine(x + pos.view.size(), pos.rest, threads, center, center_lo, scale, shift, y + pos.view.size());
         return;
     }
     const int team = team_size(s, threads);
@@ -526,14 +557,18 @@ template <class T>
 void backward_sums(const T* dy, const T* x, Shape shape, int threads, const param_t<T>* mean,
                    double* sum_dy, double* sum_dy_xmu) {
     std::vector<Sums> result;
-    if (positions_as_rows(shape)) {
-        const Shape view = rows_view(shape);
-        const auto mean_at = expand_to_positions(shape, mean);
-        std::vector<Sums> positions;
-        reduce(view, threads, BackwardSumsOp<T>{dy, x, mean_at.data(), view}, positions);
+    const Positions pos = positions_of(shape);
+    if (pos.view.channels > 0) {
+        const auto mean_at = pos.expand(mean);
+        std::vector<Sums> per_position, rest;
+        reduce(pos.view, threads, BackwardSumsOp<T>{dy, x, mean_at.data(), pos.view}, per_position);
         result.assign(shape.channels, Sums{});
-        for (int64_t c = 0; c < shape.channels; ++c)
-            for (int64_t i = 0; i < shape.inner; ++i) merge(result[c], positions[c * shape.inner + i]);
+        for (int64_t p = 0; p < pos.view.channels; ++p) merge(result[pos.channel(p)], per_position[p]);
+        if (pos.rest.outer > 0) {
+            const int64_t offset = pos.view.size();
+            reduce(pos.rest, threads, BackwardSumsOp<T>{dy + offset, x + offset, mean, pos.rest}, rest);
+            for (int64_t c = 0; c < shape.channels; ++c) merge(result[c], rest[c]);
+        }
     } else {
         reduce(shape, threads, BackwardSumsOp<T>{dy, x, mean, shape}, result);
     }
@@ -546,10 +581,14 @@ void backward_sums(const T* dy, const T* x, Shape shape, int threads, const para
 template <class T>
 void backward_dx(const T* dy, const T* x, Shape s, int threads, const param_t<T>* mean, const param_t<T>* dy_mean,
                  const param_t<T>* xmu_scale, const param_t<T>* scale, T* dx) {
-    if (positions_as_rows(s)) {
-        backward_dx(dy, x, rows_view(s), threads, expand_to_positions(s, mean).data(),
-                    expand_to_positions(s, dy_mean).data(), expand_to_positions(s, xmu_scale).data(),
-                    expand_to_positions(s, scale).data(), dx);
+    const Positions pos = positions_of(s);
+    if (pos.view.channels > 0) {
+        backward_dx(dy, x, pos.view, threads, pos.expand(mean).data(), pos.expand(dy_mean).data(),
+                    pos.expand(xmu_scale).data(), pos.expand(scale).data(), dx);
+        if (pos.rest.outer > 0) {
+            const int64_t offset = pos.view.size();
+            backward_dx(dy + offset, x + offset, pos.rest, threads, mean, dy_mean, xmu_scale, scale, dx + offset);
+        }
         return;
     }
     const int team = team_size(s, threads);

@@ -340,6 +340,7 @@ int main() {
         {300, 5, 9},    // short planes (3x3) as rows of channel x inner positions
         {5, 333, 49},   // short planes over the position limit: planes schedule, 49-element runs
         {2, 3, 17},     // short planes, runs longer than a vector (head and tail vectors)
+        {1001, 63, 1},  // narrow rows, 4 side by side, 1 row left over
     };
     for (const Shape& s : shapes) {
         test_forward_backward<float>(s);
@@ -352,6 +353,7 @@ int main() {
     test_thread_determinism<double>({3, 2, 70000});
     test_thread_determinism<float>({16, 4, 20000});    // streaming stores, fused and not
     test_thread_determinism<float>({5000, 64, 4});     // short planes as positions
+    test_thread_determinism<float>({50000, 3, 1});     // narrow rows side by side, rows left over
     test_thread_determinism<double>({70000, 16, 1});   // streaming stores, rows schedule
     test_streaming_alignment<float>({16, 4, 20001});
     test_streaming_alignment<float>({70001, 17, 1});
