@@ -385,33 +385,40 @@ struct BackwardSumsOp {
 
 // out[k] = value(L{}, k) for k < n: vectors with L = Simd<T>, scalars with L = Scalar<T>
 // where a run is shorter than a vector. Both compute the same IEEE operations lane by
-// lane, so the bits do not depend on the path. With `stream`, whole vectors are written
-// with non-temporal stores (no read-for-ownership of the output's cache lines) from the
-// first vector-aligned element on. The elements before it and after the last whole
-// vector are lanes of one vector each, computed as vectors: a scalar loop at either end
-// would cost more than the vector loop on short runs (a 256-channel row, a 14x14 plane).
-// Those two vectors are computed before anything is written: out may be an input
+// lane, so the bits do not depend on the path. With `stream`, the whole cache lines of
+// out are written with non-temporal stores (no read-for-ownership); the partial lines at
+// either end get ordinary stores. (A non-temporal store to part of a line that also gets
+// ordinary stores forces a partial write-combining flush: 32-byte float16 vectors
+// streamed from a 32-byte boundary made channels-last float16 4x slower.) The ends are
+// vectors too, the last one of each overlapping its neighbour: a scalar loop would cost
+// more than the vector loop on short runs (a 256-channel row, a 14x14 plane). The
+// overlapping vectors are computed before anything is written, as out may be an input
 // (in-place calls).
 template <class T, class Value>
 inline void write_run(T* out, int64_t n, bool stream, const Value& value) {
     using S = Simd<T>;
     constexpr int64_t W = S::width;
+    constexpr int64_t line = 64 / int64_t(sizeof(T));  // elements per cache line
+    static_assert(line % W == 0, "vectors tile a cache line");
     if (W == 1 || n < W) {
         for (int64_t i = 0; i < n; ++i) Scalar<T>::store(out + i, value(Scalar<T>{}, i));
         return;
     }
-    const auto head = value(S{}, 0);
-    const auto tail = value(S{}, n - W);
-    constexpr uintptr_t alignment = uintptr_t(W) * sizeof(T);
     const uintptr_t address = reinterpret_cast<uintptr_t>(out);
-    int64_t start = 0, i = 0;
-    if (stream && address % sizeof(T) == 0) {
-        start = i = int64_t((alignment - address % alignment) % alignment / sizeof(T));
-        for (; i + W <= n; i += W) S::stream(out + i, value(S{}, i));
-    } else {
-        for (; i + W <= n; i += W) S::store(out + i, value(S{}, i));
-    }
-    store_lanes(out, head, 0, start);
+    const bool lines = stream && address % sizeof(T) == 0;
+    const int64_t start = lines ? std::min<int64_t>(n, int64_t((64 - address % 64) % 64 / sizeof(T))) : 0;
+    const int64_t head_at = std::max<int64_t>(start - W, 0);
+    const auto head_end = value(S{}, head_at);
+    const auto tail = value(S{}, n - W);
+    int64_t i = 0;
+    for (; i + W <= start; i += W) S::store(out + i, value(S{}, i));
+    const int64_t head_done = i;
+    i = start;
+    if (lines)
+        for (; i + line <= n; i += line)
+            for (int64_t v = 0; v < line; v += W) S::stream(out + i + v, value(S{}, i + v));
+    for (; i + W <= n; i += W) S::store(out + i, value(S{}, i));
+    store_lanes(out + head_at, head_end, head_done - head_at, start - head_at);
     store_lanes(out + n - W, tail, i - (n - W), W);
 }
 
