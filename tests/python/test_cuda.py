@@ -1,0 +1,199 @@
+"""The functional API on CUDA arrays (PyTorch, CuPy) against the CPU backend.
+
+Device tests skip, with the reason shown, where no CUDA device or framework exists. The
+dispatch tests at the top (which arrays go where, and the errors for the rest) run
+everywhere: they need no device.
+"""
+
+import numpy as np
+import pytest
+
+import bnorm
+
+
+# --- dispatch, no device needed ------------------------------------------------------------
+
+def _fake_device_array(device_type, module):
+    """An object of `module` that says, through DLPack, that it lives on a device."""
+    cls = type("FakeDeviceArray", (), {"__module__": module, "__dlpack_device__": lambda self: (device_type, 0)})
+    return cls()
+
+
+def test_stream_is_for_cuda_arrays_only():
+    x = np.ones((4, 3), np.float32)
+    with pytest.raises(ValueError, match="stream= applies to CUDA arrays only"):
+        bnorm.forward_train(x, stream=0)
+
+
+def test_unsupported_device_type_is_an_error():
+    with pytest.raises(ValueError, match="unsupported device"):
+        bnorm.batch_stats(_fake_device_array(14, "somelib"))  # kDLOneAPI
+
+
+@pytest.mark.skipif(not bnorm.built_with_cuda, reason="bnorm built without CUDA")
+def test_cuda_arrays_of_unknown_frameworks_are_refused():
+    with pytest.raises(TypeError, match="not supported"):
+        bnorm.batch_stats(_fake_device_array(2, "somelib"))
+
+
+@pytest.mark.skipif(not bnorm.built_with_cuda, reason="bnorm built without CUDA")
+@pytest.mark.parametrize("stream", [-1, 1.5, "0", True])
+def test_bad_stream_handles_are_refused(stream):
+    with pytest.raises(TypeError, match="stream must be an integer"):
+        bnorm.batch_stats(_fake_device_array(2, "torch"), stream=stream)
+
+
+def test_cuda_available_is_a_bool_without_raising():
+    assert isinstance(bnorm.cuda_available(), bool)
+    if not bnorm.built_with_cuda:
+        assert bnorm.cuda_available() is False
+
+
+# --- on a device -----------------------------------------------------------------------------
+
+def _torch_cuda():
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch if torch.cuda.is_available() else None
+
+
+def _cupy():
+    try:
+        import cupy
+        cupy.cuda.runtime.getDeviceCount()
+    except Exception:  # no cupy, or no driver/device
+        return None
+    return cupy
+
+
+torch_cuda = _torch_cuda()
+cupy = _cupy()
+needs_gpu = pytest.mark.skipif(not bnorm.cuda_available(), reason="no usable CUDA device (bnorm.cuda_available() is False)")
+needs_torch_cuda = pytest.mark.skipif(torch_cuda is None or not bnorm.cuda_available(),
+                                      reason="needs PyTorch with CUDA and a CUDA device")
+needs_cupy = pytest.mark.skipif(cupy is None or not bnorm.cuda_available(), reason="needs CuPy and a CUDA device")
+
+LAYOUTS = [((8, 6, 5, 7), 1), ((8, 5, 7, 6), -1), ((64, 33), 1), ((3, 2, 4096), 1)]
+TOL = {"float32": 2e-5, "float64": 1e-12, "float16": 2e-3}
+
+
+def _close(got, want, dtype):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    scale = max(1.0, float(np.max(np.abs(want)))) if want.size else 1.0
+    assert float(np.max(np.abs(got - want), initial=0.0)) <= TOL[dtype] * scale
+
+
+@needs_torch_cuda
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16"])
+@pytest.mark.parametrize("shape,axis", LAYOUTS)
+def test_torch_cuda_matches_cpu(dtype, shape, axis):
+    torch = torch_cuda
+    rng = np.random.default_rng(0)
+    x = (3 + 2 * rng.standard_normal(shape)).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    c = shape[axis]
+    pdtype = "float32" if dtype == "float16" else dtype
+    w, b = rng.standard_normal(c).astype(pdtype), rng.standard_normal(c).astype(pdtype)
+    rm, rv = np.zeros(c, pdtype), np.ones(c, pdtype)
+    dev = lambda a: torch.from_numpy(a.copy()).cuda()  # noqa: E731
+    host = lambda t: t.cpu().numpy()  # noqa: E731
+
+    y, mean, invstd = bnorm.forward_train(x, w, b, rm, rv, axis=axis)
+    grm, grv = dev(np.zeros(c, pdtype)), dev(np.ones(c, pdtype))
+    gy, gmean, ginvstd = bnorm.forward_train(dev(x), dev(w), dev(b), grm, grv, axis=axis)
+    assert gy.is_cuda and gy.dtype == getattr(torch, dtype) and gmean.is_cuda
+    for got, want in ((gy, y), (gmean, mean), (ginvstd, invstd), (grm, rm), (grv, rv)):
+        _close(host(got), want, dtype)
+
+    _close(host(bnorm.forward_infer(dev(x), dev(rm), dev(rv), dev(w), dev(b), axis=axis)),
+           bnorm.forward_infer(x, rm, rv, w, b, axis=axis), dtype)
+    for batch_stats in (True, False):
+        want = bnorm.backward(dy, x, mean, invstd, w, axis=axis, batch_stats=batch_stats)
+        got = bnorm.backward(dev(dy), dev(x), dev(mean), dev(invstd), dev(w), axis=axis, batch_stats=batch_stats)
+        for g, e in zip(got, want):
+            _close(host(g), e, dtype)
+
+
+@needs_torch_cuda
+def test_torch_cuda_out_is_written_in_place_and_streams_are_used():
+    torch = torch_cuda
+    x = torch.randn(16, 8, 9, 9, device="cuda")
+    out = torch.empty_like(x)
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        y, _, _ = bnorm.forward_train(x, out=out, stream=s.cuda_stream)
+    s.synchronize()
+    assert y.data_ptr() == out.data_ptr()  # no copy: bnorm wrote the caller's tensor
+    ref, _, _ = bnorm.forward_train(x.cpu().numpy())
+    _close(out.cpu().numpy(), ref, "float32")
+
+
+@needs_torch_cuda
+def test_torch_cuda_bfloat16():
+    torch = torch_cuda
+    x = torch.randn(32, 4, 7, 7, device="cuda").to(torch.bfloat16)
+    y, mean, invstd = bnorm.forward_train(x)
+    assert y.dtype == torch.bfloat16 and mean.dtype == torch.float32
+    ref, _, _ = bnorm.forward_train(x.float().cpu().numpy())
+    assert float((y.float().cpu() - torch.from_numpy(ref)).abs().max()) < 0.05
+
+
+@needs_torch_cuda
+def test_host_and_device_arrays_do_not_mix():
+    torch = torch_cuda
+    x = torch.randn(8, 3, device="cuda")
+    with pytest.raises(ValueError, match="same framework and device"):
+        bnorm.forward_train(x, np.ones(3, np.float32))
+    with pytest.raises(ValueError, match="same framework and device"):
+        bnorm.forward_train(x, out=np.empty((8, 3), np.float32))
+
+
+@needs_torch_cuda
+def test_torch_cuda_errors_are_exceptions():
+    torch = torch_cuda
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        bnorm.forward_train(torch.randn(1, 3, device="cuda"))
+    with pytest.raises(TypeError):
+        bnorm.forward_train(torch.ones(4, 3, dtype=torch.int32, device="cuda"))
+
+
+@needs_torch_cuda
+def test_torch_cuda_results_repeat_bitwise():
+    torch = torch_cuda
+    x = torch.randn(64, 32, 17, 17, device="cuda")
+    a = bnorm.forward_train(x)
+    b = bnorm.forward_train(x)
+    for u, v in zip(a, b):
+        assert torch.equal(u, v)
+
+
+@needs_cupy
+@pytest.mark.parametrize("shape,axis", LAYOUTS)
+def test_cupy_matches_cpu(shape, axis):
+    x = (3 + 2 * np.random.default_rng(1).standard_normal(shape)).astype(np.float32)
+    y, mean, invstd = bnorm.forward_train(x, axis=axis)
+    gy, gmean, ginvstd = bnorm.forward_train(cupy.asarray(x), axis=axis)
+    assert isinstance(gy, cupy.ndarray)
+    for got, want in ((gy, y), (gmean, mean), (ginvstd, invstd)):
+        _close(cupy.asnumpy(got), want, "float32")
+    n, m, v = bnorm.batch_stats(cupy.asarray(x), axis=axis)
+    n2, m2, v2 = bnorm.batch_stats(x, axis=axis)
+    assert n == n2
+    _close(cupy.asnumpy(m), m2, "float32")
+    _close(cupy.asnumpy(v), v2, "float32")
+
+
+@needs_gpu
+def test_more_than_2_31_elements_on_the_gpu():
+    torch = torch_cuda
+    if torch is None:
+        pytest.skip("needs PyTorch with CUDA")
+    free, _ = torch.cuda.mem_get_info()
+    if free < 12 * 2**30:
+        pytest.skip("needs 12 GiB of free GPU memory")
+    x = torch.ones((2**31 + 2**20) // 2, 2, dtype=torch.float16, device="cuda")
+    x[:, 1] = 3
+    _, mean, var = bnorm.batch_stats(x)
+    assert mean.cpu().tolist() == [1.0, 3.0] and var.cpu().tolist() == [0.0, 0.0]
