@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Builds and installs bnorm with its test dependencies into the current Python, then runs
 # every test: the pytest suite (MPI runs included), the C++ tests and the install/consumer
-# tests (ctest), the C++ tests again under AddressSanitizer + UndefinedBehaviorSanitizer, the
-# docs build, and the repaired wheel in a fresh venv. The CUDA backend is compiled wherever
+# tests (ctest), the C++ tests again under AddressSanitizer + UndefinedBehaviorSanitizer and
+# with the portable one-lane kernels, the docs build, and the repaired wheel in a fresh venv. The CUDA backend is compiled wherever
 # nvcc exists (its tests skip without a GPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,6 +25,12 @@ cmake -S . -B build/cpp-asan -DBNORM_TESTS=ON -DBNORM_PYTHON=OFF -DBNORM_CUDA=OF
   -DCMAKE_BUILD_TYPE=Debug
 cmake --build build/cpp-asan -j "$JOBS"
 ctest --test-dir build/cpp-asan --output-on-failure
+
+echo "== C++ tests of the portable one-lane kernels (what non-x86 builds run)"
+cmake -S . -B build/cpp-scalar -DBNORM_TESTS=ON -DBNORM_PYTHON=OFF -DBNORM_CUDA=OFF -DBNORM_INSTALL=OFF \
+  -DCMAKE_CXX_FLAGS=-DBNORM_SCALAR_KERNELS
+cmake --build build/cpp-scalar -j "$JOBS" --target test_cpu
+for isa in baseline avx2 avx512; do BNORM_CPU_ISA=$isa build/cpp-scalar/tests/cpp/test_cpu; done
 
 echo "== docs (mkdocs --strict, API page checked against the installed package)"
 bash scripts/build_docs.sh
