@@ -418,8 +418,8 @@ inline void write_run(T* out, int64_t n, bool stream, const Value& value) {
         for (; i + line <= n; i += line)
             for (int64_t v = 0; v < line; v += W) S::stream(out + i + v, value(S{}, i + v));
     for (; i + W <= n; i += W) S::store(out + i, value(S{}, i));
-    store_lanes(out + head_at, head_end, head_done - head_at, start - head_at);
-    store_lanes(out + n - W, tail, i - (n - W), W);
+    store_lanes<T>(out + head_at, head_end, head_done - head_at, start - head_at);
+    store_lanes<T>(out + n - W, tail, i - (n - W), W);
 }
 
 // Rows handed out at a time by the elementwise loops: about kTileElems elements.

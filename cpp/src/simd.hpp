@@ -73,17 +73,6 @@ struct Scalar {
 template <class T>
 struct Simd : Scalar<T> {};
 
-// Stores lanes [first, last) of v to p[first, last), one element at a time. (An AVX-512
-// masked store is one instruction, but its masked-off lanes still touch the neighbouring
-// cache line; where that line is being written with non-temporal stores, that cost more
-// than the whole row: measured 2x slower on 256-channel rows.)
-template <class T, class R>
-inline void store_lanes(T* p, R v, int64_t first, int64_t last) {
-    param_t<T> lane[sizeof(R) / sizeof(param_t<T>)];
-    std::memcpy(lane, &v, sizeof v);
-    for (int64_t j = first; j < last; ++j) BNORM_KERNEL_ISA::store(p + j, lane[j]);
-}
-
 // Horizontal sum of a vector's lanes, in lane order (a fixed order: the bits of a result
 // never depend on anything but the data).
 template <class A, class R>
@@ -203,6 +192,18 @@ struct Simd<double> {
 };
 #endif
 #endif
+
+// Stores lanes [first, last) of the vector v to p[first, last): the whole vector is
+// converted and stored to a buffer, then those elements copied one by one. (An AVX-512
+// masked store is one instruction, but its masked-off lanes still touch the neighbouring
+// cache line; where that line is being written with non-temporal stores, that cost more
+// than the whole row: measured 2x slower on 256-channel rows.)
+template <class T>
+inline void store_lanes(T* p, typename Simd<T>::R v, int64_t first, int64_t last) {
+    T lane[Simd<T>::width];
+    Simd<T>::store(lane, v);
+    for (int64_t j = first; j < last; ++j) p[j] = lane[j];
+}
 
 // Non-temporal stores are weakly ordered: fence before the results are used elsewhere.
 inline void stream_fence(bool stream) {
