@@ -158,29 +158,34 @@ void reduce(Shape s, int threads, const Op& op, std::vector<Partial>& result) {
     const int64_t C = s.channels;
     result.assign(C, Partial{});
     const int team = team_size(s, threads);
+    // Partials of the splits, merged in split order; with one split per channel (the
+    // common case for many channels) they are the result, with no copy.
+    std::vector<Partial> part;
     if (s.inner > 1) {
         const PlaneSplits plan(s);
         const int64_t splits = plan.splits;
-        std::vector<Partial> part(C * splits);
+        Partial* out = splits == 1 ? result.data() : (part.resize(C * splits), part.data());
 #pragma omp parallel for num_threads(team) schedule(dynamic)
         for (int64_t item = 0; item < C * splits; ++item)
-            part[item] = plan.split_partial<Partial>(s, op, item / splits, item % splits);
-        for (int64_t c = 0; c < C; ++c)
-            for (int64_t split = 0; split < splits; ++split) merge(result[c], part[c * splits + split]);
+            out[item] = plan.split_partial<Partial>(s, op, item / splits, item % splits);
+        if (splits > 1)
+            for (int64_t c = 0; c < C; ++c)
+                for (int64_t split = 0; split < splits; ++split) merge(result[c], part[c * splits + split]);
     } else {
         const RowSplits plan(s);
-        std::vector<Partial> part(plan.splits * C);
+        Partial* out = plan.splits == 1 ? result.data() : (part.resize(plan.splits * C), part.data());
 #pragma omp parallel for num_threads(team) schedule(dynamic)
         for (int64_t item = 0; item < plan.blocks * plan.splits; ++item) {
             const int64_t block = item / plan.splits, split = item % plan.splits;
             const int64_t c0 = block * plan.width, c1 = std::min(C, c0 + plan.width);
             for (int64_t t = split * plan.tiles / plan.splits; t < (split + 1) * plan.tiles / plan.splits; ++t) {
                 const int64_t r0 = t * plan.rows_per_tile;
-                op.row_tile(c0, c1, r0, std::min(s.outer, r0 + plan.rows_per_tile), &part[split * C + c0]);
+                op.row_tile(c0, c1, r0, std::min(s.outer, r0 + plan.rows_per_tile), out + split * C + c0);
             }
         }
-        for (int64_t split = 0; split < plan.splits; ++split)
-            for (int64_t c = 0; c < C; ++c) merge(result[c], part[split * C + c]);
+        if (plan.splits > 1)
+            for (int64_t split = 0; split < plan.splits; ++split)
+                for (int64_t c = 0; c < C; ++c) merge(result[c], part[split * C + c]);
     }
 }
 
