@@ -19,6 +19,9 @@ BIG_LAYOUTS = [
     ((1, 5, 400009), 1, np.float64),        # N=1: one outer row
     ((4096, 8, 64), 1, np.float16),
     ((65536, 32), -1, np.float16),
+    ((16384, 64, 2, 2), 1, np.float32),     # short planes: rows of channel x inner positions
+    ((2**19 + 7, 3), 1, np.float32),        # narrow rows side by side, rows left over
+    ((2048, 33, 5, 5), 1, np.float16),      # short planes, float16, odd sizes
 ]
 
 
