@@ -6,6 +6,8 @@
 //    contiguous memory for a single channel.
 //  - rows (inner == 1, e.g. NHWC or (N, C)): x is an (outer, channels) matrix. Tiles are
 //    blocks of rows times a block of channels, vectorized along the channels.
+// Planes with short runs and rows with few channels run the rows schedule on a view of
+// "positions" (see Positions below). All vector code goes through Simd<T> (simd.hpp).
 // A tile holds about kTileElems values, so the two passes of the shifted two-pass
 // statistics read it from L1/L2, not DRAM. Tile results are merged in double (Chan's
 // formula) in tile order, and the tiles of a channel are split into a number of work items
