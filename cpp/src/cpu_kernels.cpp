@@ -211,12 +211,19 @@ struct Positions {
     Shape rest;          // rows left over, as (rows, channels, 1), after view.size() elements
     int64_t channels;
 
-    int64_t channel(int64_t p) const { return (p / per_channel) % channels; }
+    // f(p, c) for every position p in order, c its channel (no divisions: they would cost
+    // more than the rest of a small call).
+    template <class F>
+    void for_each(const F& f) const {
+        for (int64_t p = 0; p < view.channels;)
+            for (int64_t c = 0; c < channels; ++c)
+                for (int64_t i = 0; i < per_channel; ++i, ++p) f(p, c);
+    }
 
     template <class P>
     std::vector<P> expand(const P* per_channel_values) const {
         std::vector<P> out(size_t(view.channels));
-        for (int64_t p = 0; p < view.channels; ++p) out[size_t(p)] = per_channel_values[channel(p)];
+        for_each([&](int64_t p, int64_t c) { out[size_t(p)] = per_channel_values[c]; });
         return out;
     }
 };
@@ -493,7 +500,7 @@ void moments(const T* x, Shape shape, int threads, double* mean, double* var) {
         std::vector<Moments> per_position, rest;
         reduce(pos.view, threads, MomentsOp<T>{x, pos.view}, per_position);
         result.assign(shape.channels, Moments{});
-        for (int64_t p = 0; p < pos.view.channels; ++p) merge(result[pos.channel(p)], per_position[p]);
+        pos.for_each([&](int64_t p, int64_t c) { merge(result[c], per_position[p]); });
         if (pos.rest.outer > 0) {
             reduce(pos.rest, threads, MomentsOp<T>{x + pos.view.size(), pos.rest}, rest);
             for (int64_t c = 0; c < shape.channels; ++c) merge(result[c], rest[c]);
@@ -577,7 +584,7 @@ void backward_sums(const T* dy, const T* x, Shape shape, int threads, const para
         std::vector<Sums> per_position, rest;
         reduce(pos.view, threads, BackwardSumsOp<T>{dy, x, mean_at.data(), pos.view}, per_position);
         result.assign(shape.channels, Sums{});
-        for (int64_t p = 0; p < pos.view.channels; ++p) merge(result[pos.channel(p)], per_position[p]);
+        pos.for_each([&](int64_t p, int64_t c) { merge(result[c], per_position[p]); });
         if (pos.rest.outer > 0) {
             const int64_t offset = pos.view.size();
             reduce(pos.rest, threads, BackwardSumsOp<T>{dy + offset, x + offset, mean, pos.rest}, rest);
