@@ -1,7 +1,7 @@
 // bnorm CUDA backend: backward_reduce, backward_elemt, backward.
 //
 // backward is two kernels (plus a counter memset when a channel spans several blocks):
-//   1. the reduction of sum(dy) and sum(dy * (x - mean)) (reduce.cuh; float per thread and
+//   1. the reduction of sum(dy) and sum(dy * (x - mean)) (reduce.hpp; float per thread and
 //      block, double across blocks); the block that finishes a channel rounds the sums to P
 //      (dbias = sum_dy, dweight = sum_dy_xhat = sum_dy_xmu * invstd, as backward_reduce
 //      returns them) and derives from those rounded values, in double, the coefficients
@@ -12,8 +12,8 @@
 // The elementwise pass runs after the reduction on the same stream, so dx may alias dy or x;
 // dweight / dbias are written after weight is read (same thread, same channel), so they may
 // alias it.
-#include "elementwise.cuh"
-#include "reduce.cuh"
+#include "elementwise.hpp"
+#include "reduce.hpp"
 
 namespace bnorm::cuda {
 namespace detail {
@@ -21,7 +21,7 @@ namespace {
 
 enum class GradMode { Reduce, Train, Eval };
 
-/// The backward reduction's Op (see reduce.cuh for the interface).
+/// The backward reduction's Op (see reduce.hpp for the interface).
 template <class T>
 struct GradOp {
     using A = acc_t<T>;

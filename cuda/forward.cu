@@ -1,7 +1,7 @@
 // bnorm CUDA backend: batch_stats, normalize, forward_train, forward_infer.
 //
 // forward_train is two kernels (plus a counter memset when a channel spans several blocks):
-//   1. the statistics reduction (reduce.cuh); the block that finishes a channel computes, in
+//   1. the statistics reduction (reduce.hpp); the block that finishes a channel computes, in
 //      double, mean / var / invstd, writes save_mean and save_invstd, the normalize
 //      coefficients (center = P(mean), center_lo = P(mean - center), scale = invstd * weight,
 //      shift = bias) into the workspace, and updates the running buffers;
@@ -9,15 +9,15 @@
 // Because step 2 reads weight and bias only through the workspace copies made in step 1
 // (each channel's weight/bias read before its running buffers are written, in the same
 // thread), running_mean / running_var may alias weight / bias, as on the CPU. Nothing
-// synchronizes with the host; the workspace is stream-ordered (common.cuh).
-#include "elementwise.cuh"
-#include "reduce.cuh"
+// synchronizes with the host; the workspace is stream-ordered (common.hpp).
+#include "elementwise.hpp"
+#include "reduce.hpp"
 
 namespace bnorm::cuda {
 namespace detail {
 namespace {
 
-/// The statistics reduction's Op (see reduce.cuh for the interface).
+/// The statistics reduction's Op (see reduce.hpp for the interface).
 template <class T>
 struct StatsOp {
     using A = acc_t<T>;

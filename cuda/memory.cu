@@ -1,7 +1,7 @@
 // bnorm CUDA backend: device selection and plain allocations for the bindings.
 #include <cuda_runtime.h>
 
-#include "common.cuh"
+#include "common.hpp"
 
 namespace bnorm::cuda {
 

@@ -8,7 +8,7 @@
 // The CPU backend rejects negative or non-finite counts with ValueError; here the counts are
 // on the device and checking them would need a host synchronization, so a channel with such
 // a count gets NaN count, mean and var instead.
-#include "common.cuh"
+#include "common.hpp"
 
 namespace bnorm::cuda {
 namespace detail {

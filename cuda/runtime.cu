@@ -3,7 +3,7 @@
 #include <array>
 #include <mutex>
 
-#include "common.cuh"
+#include "common.hpp"
 
 namespace bnorm::cuda {
 

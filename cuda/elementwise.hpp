@@ -28,7 +28,7 @@
 
 #include <algorithm>
 
-#include "common.cuh"
+#include "common.hpp"
 
 namespace bnorm::cuda::detail {
 namespace {

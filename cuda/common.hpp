@@ -1,9 +1,9 @@
 // bnorm CUDA backend: shared host and device helpers.
 //
 // Layout of the backend (ggml / llm.c style: kernels, their launchers, then the op entry):
-//   common.cuh       errors, argument checks, element types, 16-byte loads/stores, workspace
-//   reduce.cuh       the per-channel reductions (statistics; backward sums) for both layouts
-//   elementwise.cuh  the per-element passes (normalize; backward dx) and per-channel prep
+//   common.hpp       errors, argument checks, element types, 16-byte loads/stores, workspace
+//   reduce.hpp       the per-channel reductions (statistics; backward sums) for both layouts
+//   elementwise.hpp  the per-element passes (normalize; backward dx) and per-channel prep
 //   runtime.cu       available(), error strings, device attributes, workspace pool, merge_stats
 //   forward.cu       batch_stats, normalize, forward_train, forward_infer
 //   backward.cu      backward_reduce, backward_elemt, backward

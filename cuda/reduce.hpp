@@ -52,7 +52,7 @@
 
 #include <algorithm>
 
-#include "common.cuh"
+#include "common.hpp"
 
 namespace bnorm::cuda::detail {
 namespace {
