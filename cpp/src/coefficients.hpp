@@ -27,9 +27,9 @@ P scale_of(P invstd, const P* weight, int64_t c) {
 // Training forward: center on the double mean, kept as a hi + lo pair of P (x - hi is exact
 // near the mean, so float32 outputs stay accurate when |mean| >> std).
 template <class P>
-Affine<P> train_affine(double mean, double var, double eps, const P* weight, const P* bias, int64_t c) {
+Affine<P> train_affine(double mean, P invstd, const P* weight, const P* bias, int64_t c) {
     const P hi = P(mean);
-    return {hi, P(mean - double(hi)), scale_of(invstd_of<P>(var, eps), weight, c), bias ? bias[c] : P(0)};
+    return {hi, P(mean - double(hi)), scale_of(invstd, weight, c), bias ? bias[c] : P(0)};
 }
 
 // dx = (dy - dy_mean - (x - mean) * xmu_scale) * scale

@@ -6,14 +6,15 @@
 // keeps float32 outputs accurate when |mean| >> std.
 #include <omp.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <sstream>
-#include <vector>
 
 #include "bnorm/cpu.hpp"
 #include "coefficients.hpp"
 #include "cpu_kernels.hpp"
+#include "scratch.hpp"
 
 namespace bnorm {
 namespace {
@@ -57,15 +58,12 @@ void check_momentum(double momentum) {
     }
 }
 
-template <class P>
-std::vector<P> filled(int64_t n, P value) {
-    return std::vector<P>(static_cast<size_t>(n), value);
-}
+using detail::Scratch;
 
 // weight (or 1) * invstd per channel, rounded to P.
 template <class P>
-std::vector<P> scales(int64_t channels, const P* invstd, const P* weight) {
-    std::vector<P> scale(static_cast<size_t>(channels));
+Scratch<P> scales(int64_t channels, const P* invstd, const P* weight) {
+    Scratch<P> scale(channels);
     for (int64_t c = 0; c < channels; ++c) scale[c] = detail::scale_of(invstd[c], weight, c);
     return scale;
 }
@@ -90,12 +88,15 @@ void batch_stats(const T* x, Shape shape, param_t<T>* mean, param_t<T>* var) {
     check_pointer(mean, "mean");
     check_pointer(var, "var");
     if (shape.count() > 0) check_pointer(x, "x");
-    std::vector<double> m(static_cast<size_t>(shape.channels), 0.0), v(static_cast<size_t>(shape.channels), 0.0);
-    if (shape.count() > 0) kernels::moments(x, shape, threads(), m.data(), v.data());
-    for (int64_t c = 0; c < shape.channels; ++c) {
-        mean[c] = param_t<T>(m[c]);
-        var[c] = param_t<T>(v[c]);
+    if (shape.count() == 0) {
+        std::fill(mean, mean + shape.channels, param_t<T>(0));
+        std::fill(var, var + shape.channels, param_t<T>(0));
+        return;
     }
+    Scratch<double> m(shape.channels), v(shape.channels);
+    kernels::moments(x, shape, threads(), m.data(), v.data());
+    for (int64_t c = 0; c < shape.channels; ++c) mean[c] = param_t<T>(m[c]);
+    for (int64_t c = 0; c < shape.channels; ++c) var[c] = param_t<T>(v[c]);
 }
 
 template <class P>
@@ -146,8 +147,8 @@ void normalize(const T* x, Shape shape, const param_t<T>* mean, const param_t<T>
     check_pointer(mean, "mean");
     check_pointer(invstd, "invstd");
     check_pointer(y, "y");
-    const std::vector<P> scale = scales(shape.channels, invstd, weight);
-    const std::vector<P> zero = filled<P>(shape.channels, 0);
+    const Scratch<P> scale = scales(shape.channels, invstd, weight);
+    const Scratch<P> zero(shape.channels, P(0));
     kernels::affine(x, shape, threads(), mean, zero.data(), scale.data(), bias ? bias : zero.data(), y);
 }
 
@@ -174,18 +175,19 @@ void forward_train(const T* x, Shape shape, const param_t<T>* weight, const para
     }
     check_pointer(x, "x");
     check_pointer(y, "y");
-    std::vector<double> mean(static_cast<size_t>(shape.channels)), var(static_cast<size_t>(shape.channels));
-    kernels::forward_train(x, shape, threads(), eps, weight, bias, y, mean.data(), var.data());
-    // Written last, so that running buffers may alias weight or bias.
+    const int64_t C = shape.channels;
+    Scratch<double> mean(C), var(C);
+    Scratch<P> invstd(C);
+    kernels::forward_train(x, shape, threads(), eps, weight, bias, y, mean.data(), var.data(), invstd.data());
+    // Written last, so that running buffers may alias weight or bias. One loop per output,
+    // so that each vectorizes.
     const double unbias = double(shape.count()) / double(shape.count() - 1);
-    for (int64_t c = 0; c < shape.channels; ++c) {
-        save_mean[c] = P(mean[c]);
-        save_invstd[c] = invstd_of<P>(var[c], eps);
-        if (running_mean)
-            running_mean[c] = P((1 - momentum) * running_mean[c] + momentum * mean[c]);
-        if (running_var)
-            running_var[c] = P((1 - momentum) * running_var[c] + momentum * var[c] * unbias);
-    }
+    for (int64_t c = 0; c < C; ++c) save_mean[c] = P(mean[c]);
+    std::copy(invstd.begin(), invstd.end(), save_invstd);
+    if (running_mean)
+        for (int64_t c = 0; c < C; ++c) running_mean[c] = P((1 - momentum) * running_mean[c] + momentum * mean[c]);
+    if (running_var)
+        for (int64_t c = 0; c < C; ++c) running_var[c] = P((1 - momentum) * running_var[c] + momentum * var[c] * unbias);
 }
 
 template <class T>
@@ -198,7 +200,7 @@ void forward_infer(const T* x, Shape shape, const param_t<T>* running_mean,
     if (shape.size() == 0) return;
     check_pointer(running_mean, "running_mean");
     check_pointer(running_var, "running_var");
-    std::vector<P> invstd(static_cast<size_t>(shape.channels));
+    Scratch<P> invstd(shape.channels);
     for (int64_t c = 0; c < shape.channels; ++c) invstd[c] = invstd_of<P>(running_var[c], eps);
     normalize(x, shape, running_mean, invstd.data(), weight, bias, y);
 }
@@ -212,7 +214,7 @@ void backward_reduce(const T* dy, const T* x, Shape shape, const param_t<T>* mea
     check_pointer(invstd, "invstd");
     check_pointer(sum_dy, "sum_dy");
     check_pointer(sum_dy_xhat, "sum_dy_xhat");
-    std::vector<double> s_dy(static_cast<size_t>(shape.channels), 0.0), s_dy_xmu(static_cast<size_t>(shape.channels), 0.0);
+    Scratch<double> s_dy(shape.channels, 0.0), s_dy_xmu(shape.channels, 0.0);
     if (shape.count() > 0) {
         check_pointer(dy, "dy");
         check_pointer(x, "x");
@@ -238,7 +240,7 @@ void backward_elemt(const T* dy, const T* x, Shape shape, const param_t<T>* mean
                           static_cast<const void*>(dx)})
         check_pointer(p, "dy, x, mean, invstd, sum_dy, sum_dy_xhat and dx");
     const int64_t C = shape.channels;
-    std::vector<P> dy_mean(static_cast<size_t>(C)), xmu_scale(static_cast<size_t>(C)), scale(static_cast<size_t>(C));
+    Scratch<P> dy_mean(C), xmu_scale(C), scale(C);
     for (int64_t c = 0; c < C; ++c) {
         const auto k = detail::backward_coefficients(sum_dy[c], sum_dy_xhat[c], invstd[c], weight, c, count);
         dy_mean[c] = k.dy_mean, xmu_scale[c] = k.xmu_scale, scale[c] = k.scale;
@@ -257,7 +259,7 @@ void backward(const T* dy, const T* x, Shape shape, const param_t<T>* mean,
     check_pointer(dweight, "dweight");
     check_pointer(dbias, "dbias");
     // Sums go to scratch first: dweight and dbias are written last, so they may alias weight.
-    std::vector<P> sum_dy(static_cast<size_t>(shape.channels), P(0)), sum_dy_xhat(static_cast<size_t>(shape.channels), P(0));
+    Scratch<P> sum_dy(shape.channels, P(0)), sum_dy_xhat(shape.channels, P(0));
     if (shape.size() > 0) {
         for (const void* p : {static_cast<const void*>(dy), static_cast<const void*>(x), static_cast<const void*>(mean),
                               static_cast<const void*>(invstd), static_cast<const void*>(dx)})
@@ -266,8 +268,8 @@ void backward(const T* dy, const T* x, Shape shape, const param_t<T>* mean,
             kernels::backward_train(dy, x, shape, threads(), mean, invstd, weight, dx, sum_dy.data(), sum_dy_xhat.data());
         } else {
             backward_reduce(dy, x, shape, mean, invstd, sum_dy.data(), sum_dy_xhat.data());
-            const std::vector<P> scale = scales(shape.channels, invstd, weight);
-            const std::vector<P> zero = filled<P>(shape.channels, 0);
+            const Scratch<P> scale = scales(shape.channels, invstd, weight);
+            const Scratch<P> zero(shape.channels, P(0));
             kernels::affine(dy, shape, threads(), zero.data(), zero.data(), scale.data(), zero.data(), dx);
         }
     }

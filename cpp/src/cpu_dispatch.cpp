@@ -70,8 +70,8 @@ void affine(const T* x, Shape s, int threads, const param_t<T>* center, const pa
 
 template <class T>
 void forward_train(const T* x, Shape s, int threads, double eps, const param_t<T>* weight, const param_t<T>* bias,
-                   T* y, double* mean, double* var) {
-    BNORM_DISPATCH(forward_train, x, s, threads, eps, weight, bias, y, mean, var)
+                   T* y, double* mean, double* var, param_t<T>* invstd) {
+    BNORM_DISPATCH(forward_train, x, s, threads, eps, weight, bias, y, mean, var, invstd)
 }
 
 template <class T>
@@ -97,7 +97,7 @@ void backward_train(const T* dy, const T* x, Shape s, int threads, const param_t
     template void affine<T>(const T*, Shape, int, const param_t<T>*, const param_t<T>*, const param_t<T>*,        \
                             const param_t<T>*, T*);                                                               \
     template void forward_train<T>(const T*, Shape, int, double, const param_t<T>*, const param_t<T>*, T*,        \
-                                   double*, double*);                                                             \
+                                   double*, double*, param_t<T>*);                                                \
     template void backward_sums<T>(const T*, const T*, Shape, int, const param_t<T>*, double*, double*);          \
     template void backward_dx<T>(const T*, const T*, Shape, int, const param_t<T>*, const param_t<T>*,            \
                                  const param_t<T>*, const param_t<T>*, T*);                                       \

@@ -29,13 +29,15 @@
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
-#include <vector>
 
 #include "coefficients.hpp"
+#include "scratch.hpp"
 #include "simd.hpp"
 
 namespace bnorm::kernels::BNORM_KERNEL_ISA {
 namespace {
+
+using detail::Scratch;
 
 constexpr int64_t kTileElems = 4096;        // planes tile: 16 KiB of float, both passes hit L1
 constexpr int64_t kRowTileElems = 16384;    // rows tile: fewer per-channel merges, fits L2
@@ -54,7 +56,7 @@ struct Moments {
     double n = 0, mean = 0, m2 = 0;
 };
 
-void merge(Moments& a, const Moments& b) {
+__attribute__((always_inline)) inline void merge(Moments& a, const Moments& b) {
     if (b.n == 0) return;
     if (a.n == 0) {
         a = b;
@@ -150,23 +152,48 @@ struct RowSplits {
           rows_per_tile(std::clamp<int64_t>(kRowTileElems / width, 1, kRowTileRows)),
           tiles(ceil_div(s.outer, rows_per_tile)),
           splits(std::clamp<int64_t>(ceil_div(kWorkItems, blocks), 1, std::max<int64_t>(tiles, 1))) {}
+
+    // Runs op over the row tiles of split `split` for the channels [c0, c1), merging into
+    // acc[c - c0]. Only the row ranges depend on the plan: c0 and c1 may cut a block.
+    template <class Op, class Partial>
+    void split_tiles(Shape s, const Op& op, int64_t c0, int64_t c1, int64_t split, Partial* acc) const {
+        for (int64_t t = split * tiles / splits; t < (split + 1) * tiles / splits; ++t) {
+            const int64_t r0 = t * rows_per_tile;
+            op.row_tile(c0, c1, r0, std::min(s.outer, r0 + rows_per_tile), acc);
+        }
+    }
+
+    // The merged partials of the channels [c0, c1) (at most kChannelBlock), computed by one
+    // thread in exactly the order reduce() merges them.
+    template <class Partial, class Op>
+    void strip_partials(Shape s, const Op& op, int64_t c0, int64_t c1, Partial* total) const {
+        const int64_t w = c1 - c0;
+        std::fill(total, total + w, Partial{});
+        if (splits == 1) return split_tiles(s, op, c0, c1, 0, total);
+        Partial part[kChannelBlock];
+        for (int64_t split = 0; split < splits; ++split) {
+            std::fill(part, part + w, Partial{});
+            split_tiles(s, op, c0, c1, split, part);
+            for (int64_t j = 0; j < w; ++j) merge(total[j], part[j]);
+        }
+    }
 };
 
 // Runs op over every tile and writes one merged Partial per channel. Op provides
 //   Partial plane_tile(c, PlaneTiles::Tile)                      (planes schedule)
 //   void row_tile(c0, c1, r0, r1, Partial* acc)  merging into acc[c - c0]  (rows schedule)
 template <class Partial, class Op>
-void reduce(Shape s, int threads, const Op& op, std::vector<Partial>& result) {
+void reduce(Shape s, int threads, const Op& op, Partial* result) {
     const int64_t C = s.channels;
-    result.assign(C, Partial{});
+    std::fill(result, result + C, Partial{});
     const int team = team_size(s, threads);
     // Partials of the splits, merged in split order; with one split per channel (the
     // common case for many channels) they are the result, with no copy.
-    std::vector<Partial> part;
     if (s.inner > 1) {
         const PlaneSplits plan(s);
         const int64_t splits = plan.splits;
-        Partial* out = splits == 1 ? result.data() : (part.resize(C * splits), part.data());
+        Scratch<Partial> part(splits == 1 ? 0 : C * splits);
+        Partial* out = splits == 1 ? result : part.data();
 #pragma omp parallel for num_threads(team) schedule(dynamic)
         for (int64_t item = 0; item < C * splits; ++item)
             out[item] = plan.split_partial<Partial>(s, op, item / splits, item % splits);
@@ -175,15 +202,13 @@ void reduce(Shape s, int threads, const Op& op, std::vector<Partial>& result) {
                 for (int64_t split = 0; split < splits; ++split) merge(result[c], part[c * splits + split]);
     } else {
         const RowSplits plan(s);
-        Partial* out = plan.splits == 1 ? result.data() : (part.resize(plan.splits * C), part.data());
+        Scratch<Partial> part(plan.splits == 1 ? 0 : plan.splits * C, Partial{});
+        Partial* out = plan.splits == 1 ? result : part.data();
 #pragma omp parallel for num_threads(team) schedule(dynamic)
         for (int64_t item = 0; item < plan.blocks * plan.splits; ++item) {
             const int64_t block = item / plan.splits, split = item % plan.splits;
-            const int64_t c0 = block * plan.width, c1 = std::min(C, c0 + plan.width);
-            for (int64_t t = split * plan.tiles / plan.splits; t < (split + 1) * plan.tiles / plan.splits; ++t) {
-                const int64_t r0 = t * plan.rows_per_tile;
-                op.row_tile(c0, c1, r0, std::min(s.outer, r0 + plan.rows_per_tile), out + split * C + c0);
-            }
+            const int64_t c0 = block * plan.width;
+            plan.split_tiles(s, op, c0, std::min(C, c0 + plan.width), split, out + split * C + c0);
         }
         if (plan.splits > 1)
             for (int64_t split = 0; split < plan.splits; ++split)
@@ -221,8 +246,8 @@ struct Positions {
     }
 
     template <class P>
-    std::vector<P> expand(const P* per_channel_values) const {
-        std::vector<P> out(size_t(view.channels));
+    Scratch<P> expand(const P* per_channel_values) const {
+        Scratch<P> out(view.channels);
         for_each([&](int64_t p, int64_t c) { out[size_t(p)] = per_channel_values[c]; });
         return out;
     }
@@ -244,6 +269,34 @@ Positions positions_of(Shape s) {
 // Whether the fused per-channel schedule applies: planes, and a channel for every thread.
 bool fuse_per_channel(Shape s, int team) {
     return s.inner > 1 && positions_of(s).view.channels == 0 && s.channels >= team;
+}
+
+// The rows schedule's counterpart of fusing per channel: a thread owns a strip of columns
+// over all rows, reduces it tile by tile in reduce()'s order (same bits), then writes its
+// outputs while the strip is still in L2. Without it, (N, C) inputs with few rows spend
+// more on C-sized scratch (partials, then coefficients) than on x: (2, 2^21) took 100x a
+// copy. Strips are whole cache lines of columns (kMinStrip) and at most a rows-schedule
+// block wide, sized so that the strip of every input fits in kStripBytes and there are a
+// few strips per thread. Returns the strip width, or 0 where the schedule does not apply
+// (rows too many for a strip of kMinStrip columns to fit).
+constexpr int64_t kStripBytes = 512 << 10;
+constexpr int64_t kMinStrip = 64;
+
+int64_t strip_width(Shape s, int team, int64_t bytes_per_element) {
+    const int64_t C = s.channels;
+    if (s.inner != 1 || C == 0 || s.outer == 0 || positions_of(s).view.channels > 0) return 0;
+    const int64_t fits = kStripBytes / (s.outer * bytes_per_element) / kMinStrip * kMinStrip;
+    const int64_t shared = ceil_div(ceil_div(C, 4 * int64_t(team)), kMinStrip) * kMinStrip;
+    const int64_t width = std::min({fits, shared, RowSplits(s).width});
+    if (width < std::min(kMinStrip, C)) return 0;
+    return ceil_div(C, width) >= team ? width : 0;
+}
+
+// body(c0, c1) for each strip of `width` channels, in parallel.
+template <class Body>
+void for_each_strip(Shape s, int team, int64_t width, const Body& body) {
+#pragma omp parallel for num_threads(team) schedule(dynamic)
+    for (int64_t i = 0; i < ceil_div(s.channels, width); ++i) body(i * width, std::min(s.channels, (i + 1) * width));
 }
 
 // Channels handed out at a time by the fused loops. Neighbouring channels' runs share a
@@ -492,26 +545,37 @@ void backward_row(const T* dy, const T* x, T* dx, int64_t n, const param_t<T>* m
 
 }  // namespace
 
+void store(const Moments& m, double& mean, double& var) {
+    mean = m.mean;
+    var = m.n > 0 ? m.m2 / m.n : 0.0;
+}
+
 template <class T>
 void moments(const T* x, Shape shape, int threads, double* mean, double* var) {
-    std::vector<Moments> result;
+    if (const int64_t strip = strip_width(shape, team_size(shape, threads), sizeof(T))) {
+        const RowSplits plan(shape);
+        const MomentsOp<T> op{x, shape};
+        for_each_strip(shape, team_size(shape, threads), strip, [&](int64_t c0, int64_t c1) {
+            Moments m[kChannelBlock];
+            plan.strip_partials(shape, op, c0, c1, m);
+            for (int64_t c = c0; c < c1; ++c) store(m[c - c0], mean[c], var[c]);
+        });
+        return;
+    }
+    Scratch<Moments> result(shape.channels, Moments{});
     const Positions pos = positions_of(shape);
     if (pos.view.channels > 0) {
-        std::vector<Moments> per_position, rest;
-        reduce(pos.view, threads, MomentsOp<T>{x, pos.view}, per_position);
-        result.assign(shape.channels, Moments{});
+        Scratch<Moments> per_position(pos.view.channels), rest(pos.rest.outer > 0 ? shape.channels : 0);
+        reduce(pos.view, threads, MomentsOp<T>{x, pos.view}, per_position.data());
         pos.for_each([&](int64_t p, int64_t c) { merge(result[c], per_position[p]); });
         if (pos.rest.outer > 0) {
-            reduce(pos.rest, threads, MomentsOp<T>{x + pos.view.size(), pos.rest}, rest);
+            reduce(pos.rest, threads, MomentsOp<T>{x + pos.view.size(), pos.rest}, rest.data());
             for (int64_t c = 0; c < shape.channels; ++c) merge(result[c], rest[c]);
         }
     } else {
-        reduce(shape, threads, MomentsOp<T>{x, shape}, result);
+        reduce(shape, threads, MomentsOp<T>{x, shape}, result.data());
     }
-    for (int64_t c = 0; c < shape.channels; ++c) {
-        mean[c] = result[c].mean;
-        var[c] = result[c].n > 0 ? result[c].m2 / result[c].n : 0.0;
-    }
+    for (int64_t c = 0; c < shape.channels; ++c) store(result[c], mean[c], var[c]);
 }
 
 template <class T>
@@ -545,14 +609,37 @@ void affine(const T* x, Shape s, int threads, const param_t<T>* center, const pa
 
 template <class T>
 void forward_train(const T* x, Shape s, int threads, double eps, const param_t<T>* weight, const param_t<T>* bias,
-                   T* y, double* mean, double* var) {
+                   T* y, double* mean, double* var, param_t<T>* invstd) {
     using P = param_t<T>;
     const int team = team_size(s, threads);
+    const bool stream = streams<T>(s);
+    const int64_t C = s.channels;
+    if (const int64_t strip = strip_width(s, team, sizeof(T))) {
+        const RowSplits plan(s);
+        const MomentsOp<T> op{x, s};
+        for_each_strip(s, team, strip, [&](int64_t c0, int64_t c1) {
+            Moments m[kChannelBlock];
+            P center[kChannelBlock], lo[kChannelBlock], scale[kChannelBlock], shift[kChannelBlock];
+            plan.strip_partials(s, op, c0, c1, m);
+            for (int64_t c = c0; c < c1; ++c) store(m[c - c0], mean[c], var[c]);
+            // Loops of their own, so that the square roots and divisions vectorize.
+            for (int64_t c = c0; c < c1; ++c) invstd[c] = detail::invstd_of<P>(var[c], eps);
+            for (int64_t c = c0; c < c1; ++c) {
+                const auto k = detail::train_affine(mean[c], invstd[c], weight, bias, c);
+                center[c - c0] = k.center, lo[c - c0] = k.center_lo, scale[c - c0] = k.scale, shift[c - c0] = k.shift;
+            }
+            for (int64_t r = 0; r < s.outer; ++r)
+                affine_row(x + r * C + c0, y + r * C + c0, c1 - c0, center, lo, scale, shift, stream);
+        });
+        stream_fence(stream);
+        return;
+    }
     if (!fuse_per_channel(s, team)) {
         moments(x, s, threads, mean, var);
-        std::vector<P> center(s.channels), lo(s.channels), scale(s.channels), shift(s.channels);
+        Scratch<P> center(s.channels), lo(s.channels), scale(s.channels), shift(s.channels);
+        for (int64_t c = 0; c < s.channels; ++c) invstd[c] = detail::invstd_of<P>(var[c], eps);
         for (int64_t c = 0; c < s.channels; ++c) {
-            const auto k = detail::train_affine(mean[c], var[c], eps, weight, bias, c);
+            const auto k = detail::train_affine(mean[c], invstd[c], weight, bias, c);
             center[c] = k.center, lo[c] = k.center_lo, scale[c] = k.scale, shift[c] = k.shift;
         }
         affine(x, s, threads, center.data(), lo.data(), scale.data(), shift.data(), y);
@@ -560,14 +647,12 @@ void forward_train(const T* x, Shape s, int threads, double eps, const param_t<T
     }
     const PlaneSplits plan(s);
     const MomentsOp<T> op{x, s};
-    const bool stream = streams<T>(s);
-    const int64_t stride = s.channels * s.inner;
+    const int64_t stride = C * s.inner;
 #pragma omp parallel for num_threads(team) schedule(dynamic, channel_block(s, team))
     for (int64_t c = 0; c < s.channels; ++c) {
-        const Moments m = plan.channel_partial<Moments>(s, op, c);
-        mean[c] = m.mean;
-        var[c] = m.n > 0 ? m.m2 / m.n : 0.0;
-        const auto k = detail::train_affine(mean[c], var[c], eps, weight, bias, c);
+        store(plan.channel_partial<Moments>(s, op, c), mean[c], var[c]);
+        invstd[c] = detail::invstd_of<P>(var[c], eps);
+        const auto k = detail::train_affine(mean[c], invstd[c], weight, bias, c);
         for (int64_t o = 0; o < s.outer; ++o)
             affine_run(x + o * stride + c * s.inner, y + o * stride + c * s.inner, s.inner, k, stream);
     }
@@ -577,21 +662,30 @@ void forward_train(const T* x, Shape s, int threads, double eps, const param_t<T
 template <class T>
 void backward_sums(const T* dy, const T* x, Shape shape, int threads, const param_t<T>* mean,
                    double* sum_dy, double* sum_dy_xmu) {
-    std::vector<Sums> result;
+    if (const int64_t strip = strip_width(shape, team_size(shape, threads), 2 * sizeof(T))) {
+        const RowSplits plan(shape);
+        const BackwardSumsOp<T> op{dy, x, mean, shape};
+        for_each_strip(shape, team_size(shape, threads), strip, [&](int64_t c0, int64_t c1) {
+            Sums sums[kChannelBlock];
+            plan.strip_partials(shape, op, c0, c1, sums);
+            for (int64_t c = c0; c < c1; ++c) sum_dy[c] = sums[c - c0].dy, sum_dy_xmu[c] = sums[c - c0].dy_xmu;
+        });
+        return;
+    }
+    Scratch<Sums> result(shape.channels, Sums{});
     const Positions pos = positions_of(shape);
     if (pos.view.channels > 0) {
         const auto mean_at = pos.expand(mean);
-        std::vector<Sums> per_position, rest;
-        reduce(pos.view, threads, BackwardSumsOp<T>{dy, x, mean_at.data(), pos.view}, per_position);
-        result.assign(shape.channels, Sums{});
+        Scratch<Sums> per_position(pos.view.channels), rest(pos.rest.outer > 0 ? shape.channels : 0);
+        reduce(pos.view, threads, BackwardSumsOp<T>{dy, x, mean_at.data(), pos.view}, per_position.data());
         pos.for_each([&](int64_t p, int64_t c) { merge(result[c], per_position[p]); });
         if (pos.rest.outer > 0) {
             const int64_t offset = pos.view.size();
-            reduce(pos.rest, threads, BackwardSumsOp<T>{dy + offset, x + offset, mean, pos.rest}, rest);
+            reduce(pos.rest, threads, BackwardSumsOp<T>{dy + offset, x + offset, mean, pos.rest}, rest.data());
             for (int64_t c = 0; c < shape.channels; ++c) merge(result[c], rest[c]);
         }
     } else {
-        reduce(shape, threads, BackwardSumsOp<T>{dy, x, mean, shape}, result);
+        reduce(shape, threads, BackwardSumsOp<T>{dy, x, mean, shape}, result.data());
     }
     for (int64_t c = 0; c < shape.channels; ++c) {
         sum_dy[c] = result[c].dy;
@@ -636,10 +730,32 @@ void backward_train(const T* dy, const T* x, Shape s, int threads, const param_t
     using P = param_t<T>;
     const int team = team_size(s, threads);
     const double count = double(s.count());
+    const bool stream = streams<T>(s);
+    const int64_t C = s.channels;
+    if (const int64_t strip = strip_width(s, team, 2 * sizeof(T))) {
+        const RowSplits plan(s);
+        const BackwardSumsOp<T> op{dy, x, mean, s};
+        for_each_strip(s, team, strip, [&](int64_t c0, int64_t c1) {
+            Sums sums[kChannelBlock];
+            P dy_mean[kChannelBlock], xmu_scale[kChannelBlock], scale[kChannelBlock];
+            plan.strip_partials(s, op, c0, c1, sums);
+            for (int64_t c = c0; c < c1; ++c) {
+                detail::round_backward_sums(sums[c - c0].dy, sums[c - c0].dy_xmu, invstd[c], sum_dy[c], sum_dy_xhat[c]);
+                const auto k = detail::backward_coefficients(sum_dy[c], sum_dy_xhat[c], invstd[c], weight, c, count);
+                dy_mean[c - c0] = k.dy_mean, xmu_scale[c - c0] = k.xmu_scale, scale[c - c0] = k.scale;
+            }
+            for (int64_t r = 0; r < s.outer; ++r) {
+                const int64_t offset = r * C + c0;
+                backward_row(dy + offset, x + offset, dx + offset, c1 - c0, mean + c0, dy_mean, xmu_scale, scale, stream);
+            }
+        });
+        stream_fence(stream);
+        return;
+    }
     if (!fuse_per_channel(s, team)) {
-        std::vector<double> s_dy(s.channels), s_dy_xmu(s.channels);
+        Scratch<double> s_dy(s.channels), s_dy_xmu(s.channels);
         backward_sums(dy, x, s, threads, mean, s_dy.data(), s_dy_xmu.data());
-        std::vector<P> dy_mean(s.channels), xmu_scale(s.channels), scale(s.channels);
+        Scratch<P> dy_mean(s.channels), xmu_scale(s.channels), scale(s.channels);
         for (int64_t c = 0; c < s.channels; ++c) {
             detail::round_backward_sums(s_dy[c], s_dy_xmu[c], invstd[c], sum_dy[c], sum_dy_xhat[c]);
             const auto k = detail::backward_coefficients(sum_dy[c], sum_dy_xhat[c], invstd[c], weight, c, count);
@@ -650,8 +766,7 @@ void backward_train(const T* dy, const T* x, Shape s, int threads, const param_t
     }
     const PlaneSplits plan(s);
     const BackwardSumsOp<T> op{dy, x, mean, s};
-    const bool stream = streams<T>(s);
-    const int64_t stride = s.channels * s.inner;
+    const int64_t stride = C * s.inner;
 #pragma omp parallel for num_threads(team) schedule(dynamic, channel_block(s, team))
     for (int64_t c = 0; c < s.channels; ++c) {
         const Sums sums = plan.channel_partial<Sums>(s, op, c);
@@ -674,7 +789,7 @@ void backward_train(const T* dy, const T* x, Shape s, int threads, const param_t
     template void backward_dx<T>(const T*, const T*, Shape, int, const param_t<T>*,           \
                                  const param_t<T>*, const param_t<T>*, const param_t<T>*, T*); \
     template void forward_train<T>(const T*, Shape, int, double, const param_t<T>*,           \
-                                   const param_t<T>*, T*, double*, double*);                  \
+                                   const param_t<T>*, T*, double*, double*, param_t<T>*);     \
     template void backward_train<T>(const T*, const T*, Shape, int, const param_t<T>*,        \
                                     const param_t<T>*, const param_t<T>*, T*, param_t<T>*,    \
                                     param_t<T>*);

@@ -341,6 +341,8 @@ int main() {
         {5, 333, 49},   // short planes over the position limit: planes schedule, 49-element runs
         {2, 3, 17},     // short planes, runs longer than a vector (head and tail vectors)
         {1001, 63, 1},  // narrow rows, 4 side by side, 1 row left over
+        {2, 3000, 1},   // few rows: column strips, reduced and written from cache
+        {96, 1500, 1},  // column strips, each channel's rows in several splits
     };
     for (const Shape& s : shapes) {
         test_forward_backward<float>(s);
@@ -355,11 +357,15 @@ int main() {
     test_thread_determinism<float>({5000, 64, 4});     // short planes as positions
     test_thread_determinism<float>({50000, 3, 1});     // narrow rows side by side, rows left over
     test_thread_determinism<double>({70000, 16, 1});   // streaming stores, rows schedule
+    test_thread_determinism<float>({2, 200003, 1});    // column strips
+    test_thread_determinism<double>({96, 5000, 1});    // column strips, several splits
+    test_thread_determinism<bnorm::half>({196, 2048, 1});
     test_streaming_alignment<float>({16, 4, 20001});
     test_streaming_alignment<float>({70001, 17, 1});
     test_streaming_alignment<double>({8, 3, 30001});
     test_streaming_alignment<bnorm::half>({8, 3, 100001});
     test_streaming_alignment<bnorm::half>({150001, 17, 1});
+    test_streaming_alignment<float>({3, 600001, 1});   // column strips
     test_errors_leave_buffers_untouched();
     test_numerics();
     test_merge_stats();

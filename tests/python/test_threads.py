@@ -22,6 +22,9 @@ BIG_LAYOUTS = [
     ((16384, 64, 2, 2), 1, np.float32),     # short planes: rows of channel x inner positions
     ((2**19 + 7, 3), 1, np.float32),        # narrow rows side by side, rows left over
     ((2048, 33, 5, 5), 1, np.float16),      # short planes, float16, odd sizes
+    ((2, 1048593), 1, np.float32),          # few rows, huge C: column strips
+    ((96, 5000), 1, np.float64),            # column strips, rows in several splits
+    ((4, 7, 7, 2048), -1, np.float16),      # channels-last, column strips
 ]
 
 
