@@ -16,8 +16,10 @@
 //
 // Training forward and backward are fused per channel in the planes schedule when there
 // are at least as many channels as threads: a thread reduces one channel, then writes its
-// output while the channel is still in its L2, so x (and dy) cross DRAM once. Large
-// outputs are written with non-temporal stores (no read-for-ownership of the output).
+// output while the channel is still in its L2, so x (and dy) cross DRAM once. The rows
+// schedule does the same per strip of columns when a strip over all rows fits in L2 (few
+// rows). Large outputs are written with non-temporal stores (no read-for-ownership of the
+// output). Channel-sized scratch comes from a per-thread cache (scratch.hpp).
 // Work is handed out dynamically: on a shared machine a descheduled thread then delays a
 // call by at most one work item (results do not depend on who computes what).
 #include "cpu_kernels.hpp"
@@ -275,12 +277,14 @@ bool fuse_per_channel(Shape s, int team) {
 // over all rows, reduces it tile by tile in reduce()'s order (same bits), then writes its
 // outputs while the strip is still in L2. Without it, (N, C) inputs with few rows spend
 // more on C-sized scratch (partials, then coefficients) than on x: (2, 2^21) took 100x a
-// copy. Strips are whole cache lines of columns (kMinStrip) and at most a rows-schedule
-// block wide, sized so that the strip of every input fits in kStripBytes and there are a
-// few strips per thread. Returns the strip width, or 0 where the schedule does not apply
-// (rows too many for a strip of kMinStrip columns to fit).
+// copy. Strips are at least kMinStrip columns (narrower ones cost more per row than the
+// second read of x they save: (1024, 1024) backward in 64-column strips took 1.7x the
+// unfused time), at most a rows-schedule block wide, sized so that the strip of every
+// input fits in kStripBytes (half an L2; larger strips, counting on L3, measured slower)
+// and there are a few strips per thread. Returns the strip width, or 0 where the
+// schedule does not apply (too many rows for a strip of kMinStrip columns to fit).
 constexpr int64_t kStripBytes = 512 << 10;
-constexpr int64_t kMinStrip = 64;
+constexpr int64_t kMinStrip = 128;
 
 int64_t strip_width(Shape s, int team, int64_t bytes_per_element) {
     const int64_t C = s.channels;
