@@ -42,7 +42,7 @@ namespace {
 using detail::Scratch;
 
 constexpr int64_t kTileElems = 4096;        // planes tile: 16 KiB of float, both passes hit L1
-constexpr int64_t kRowTileElems = 16384;    // rows tile: fewer per-channel merges, fits L2
+constexpr int64_t kRowTileElems = 65536;    // rows tile (256 KiB of float, in L2): each ends in a merge per column
 constexpr int64_t kRowTileRows = 256;       // rows tile: float sums of at most 256 values
 constexpr int64_t kChannelBlock = 1024;     // channels per rows-schedule tile (stack scratch)
 constexpr int64_t kWorkItems = 64;          // partials per call, enough for 64 threads
@@ -69,6 +69,22 @@ __attribute__((always_inline)) inline void merge(Moments& a, const Moments& b) {
     a.mean += delta * (b.n / n);
     a.m2 += b.m2 + delta * delta * (a.n * (b.n / n));
     a.n = n;
+}
+
+// merge(acc[j], {n, mean[j], m2[j]}) for j < w, written without branches so that it
+// vectorizes: a rows tile ends with one merge per column, and as scalar code with
+// divisions they took a quarter of the statistics' time on (8192, 1024).
+inline void merge_columns(Moments* acc, int64_t w, double n, const double* mean, const double* m2) {
+    for (int64_t j = 0; j < w; ++j) {
+        Moments& a = acc[j];
+        const bool empty = a.n == 0;
+        const double total = a.n + n, f = n / total, delta = mean[j] - a.mean;
+        const double merged_mean = a.mean + delta * f;
+        const double merged_m2 = a.m2 + (m2[j] + delta * delta * (a.n * f));
+        a.mean = empty ? mean[j] : merged_mean;
+        a.m2 = empty ? m2[j] : merged_m2;
+        a.n = total;
+    }
 }
 
 // Sums of the backward reduction: sum(dy) and sum(dy * (x - mean)).
@@ -437,9 +453,12 @@ struct MomentsOp {
                 return dk * dk;
             }));
         });
-        for (int64_t j = 0; j < w; ++j)
-            merge(acc[j], Moments{n, double(shift[j]) + double(dev[j]) / n,
-                                  corrected_m2(dev_sq[j], dev[j], n)});
+        double tile_mean[kChannelBlock], tile_m2[kChannelBlock];
+        for (int64_t j = 0; j < w; ++j) {
+            tile_mean[j] = double(shift[j]) + double(dev[j]) / n;
+            tile_m2[j] = corrected_m2(dev_sq[j], dev[j], n);
+        }
+        merge_columns(acc, w, n, tile_mean, tile_m2);
     }
 };
 
