@@ -28,6 +28,8 @@
 #define BNORM_KERNEL_ISA baseline  // CMake compiles this file once per instruction set
 #endif
 
+#include <omp.h>
+
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
@@ -44,7 +46,7 @@ using detail::Scratch;
 constexpr int64_t kTileElems = 4096;        // planes tile: 16 KiB of float, both passes hit L1
 constexpr int64_t kRowTileElems = 65536;    // rows tile (256 KiB of float, in L2): each ends in a merge per column
 constexpr int64_t kRowTileRows = 256;       // rows tile: float sums of at most 256 values
-constexpr int64_t kChannelBlock = 1024;     // channels per rows-schedule tile (stack scratch)
+constexpr int64_t kChannelBlock = 1024;     // channels per rows-schedule tile (RowWork arrays)
 constexpr int64_t kWorkItems = 64;          // partials per call, enough for 64 threads
 constexpr int64_t kSerialBelow = 1 << 15;   // fewer elements than this: one thread is faster
 constexpr int64_t kStreamBytes = 4 << 20;   // outputs larger than this skip the caches
@@ -96,6 +98,18 @@ void merge(Sums& a, const Sums& b) {
     a.dy += b.dy;
     a.dy_xmu += b.dy_xmu;
 }
+
+// A thread's arrays in the strips schedule: a strip's partials and coefficients (A: the
+// accumulation type). On the stack, with a rows tile's accumulators below them, they took
+// up to ~150 KiB, more than a thread may have (musl's default is 128 KiB), so every call
+// takes one per thread from the scratch cache before its parallel loop. (The tile's own
+// accumulators, at most 48 KiB, stay on the stack: from the heap, where the compiler
+// cannot rule out aliasing with x, the reductions ran 5-10% slower.)
+template <class A, class Partial>
+struct RowWork {
+    Partial split[kChannelBlock], strip[kChannelBlock];  // strip_partials, a strip's total
+    A coefficients[4][kChannelBlock];
+};
 
 // sum(d^2) - sum(d)^2 / n, the corrected second pass; clamped at 0 (NaN passes through).
 double corrected_m2(double sum_sq, double sum, double n) {
@@ -182,17 +196,18 @@ struct RowSplits {
     }
 
     // The merged partials of the channels [c0, c1) (at most kChannelBlock), computed by one
-    // thread in exactly the order reduce() merges them.
-    template <class Partial, class Op>
-    void strip_partials(Shape s, const Op& op, int64_t c0, int64_t c1, Partial* total) const {
+    // thread in exactly the order reduce() merges them, into work.strip.
+    template <class Op>
+    void strip_partials(Shape s, const Op& op, int64_t c0, int64_t c1, typename Op::Work& work) const {
+        using Partial = typename Op::Partial;
         const int64_t w = c1 - c0;
+        Partial* total = work.strip;
         std::fill(total, total + w, Partial{});
         if (splits == 1) return split_tiles(s, op, c0, c1, 0, total);
-        Partial part[kChannelBlock];
         for (int64_t split = 0; split < splits; ++split) {
-            std::fill(part, part + w, Partial{});
-            split_tiles(s, op, c0, c1, split, part);
-            for (int64_t j = 0; j < w; ++j) merge(total[j], part[j]);
+            std::fill(work.split, work.split + w, Partial{});
+            split_tiles(s, op, c0, c1, split, work.split);
+            for (int64_t j = 0; j < w; ++j) merge(total[j], work.split[j]);
         }
     }
 };
@@ -312,11 +327,19 @@ int64_t strip_width(Shape s, int team, int64_t bytes_per_element) {
     return ceil_div(C, width) >= team ? width : 0;
 }
 
-// body(c0, c1) for each strip of `width` channels, in parallel.
-template <class Body>
-void for_each_strip(Shape s, int team, int64_t width, const Body& body) {
-#pragma omp parallel for num_threads(team) schedule(dynamic)
-    for (int64_t i = 0; i < ceil_div(s.channels, width); ++i) body(i * width, std::min(s.channels, (i + 1) * width));
+// body(c0, c1, work) for each strip of `width` channels, in parallel, work being the
+// thread's Work; each thread fences its own non-temporal stores (with `stream`).
+template <class Work, class Body>
+void for_each_strip(Shape s, int team, int64_t width, bool stream, const Body& body) {
+    Scratch<Work> work(team);
+#pragma omp parallel num_threads(team)
+    {
+        Work& mine = work[size_t(omp_get_thread_num())];
+#pragma omp for schedule(dynamic) nowait
+        for (int64_t i = 0; i < ceil_div(s.channels, width); ++i)
+            body(i * width, std::min(s.channels, (i + 1) * width), mine);
+        stream_fence(stream);
+    }
 }
 
 // Channels handed out at a time by the fused loops. Neighbouring channels' runs share a
@@ -403,6 +426,8 @@ inline auto rows_sum(const Term& term) {
 template <class T>
 struct MomentsOp {
     using A = param_t<T>;
+    using Partial = Moments;
+    using Work = RowWork<A, Moments>;
     const T* x;
     Shape s;
 
@@ -446,12 +471,15 @@ struct MomentsOp {
             using P = decltype(acc_lanes);
             const auto m = P::load(shift + j);
             const T* p = x + r * C + c0 + j;
-            const auto d = [&](int64_t k) { return L::load(p + k * C) - m; };
-            P::store(dev + j, P::load(dev + j) + rows_sum<group()>(d));
-            P::store(dev_sq + j, P::load(dev_sq + j) + rows_sum<group()>([&](int64_t k) {
-                const auto dk = d(k);
+            // Both sums before either store: the compiler cannot tell that dev does not
+            // alias x, and would load x again after the first store.
+            const auto d = rows_sum<group()>([&](int64_t k) { return L::load(p + k * C) - m; });
+            const auto d2 = rows_sum<group()>([&](int64_t k) {
+                const auto dk = L::load(p + k * C) - m;
                 return dk * dk;
-            }));
+            });
+            P::store(dev + j, P::load(dev + j) + d);
+            P::store(dev_sq + j, P::load(dev_sq + j) + d2);
         });
         double tile_mean[kChannelBlock], tile_m2[kChannelBlock];
         for (int64_t j = 0; j < w; ++j) {
@@ -465,6 +493,8 @@ struct MomentsOp {
 template <class T>
 struct BackwardSumsOp {
     using A = param_t<T>;
+    using Partial = Sums;
+    using Work = RowWork<A, Sums>;
     const T* dy;
     const T* x;
     const A* mean;
@@ -494,10 +524,13 @@ struct BackwardSumsOp {
             using P = decltype(acc_lanes);
             const auto m = P::load(mean + c0 + j);
             const int64_t offset = r * C + c0 + j;
-            P::store(sum_dy + j, P::load(sum_dy + j) + rows_sum<group()>([&](int64_t k) { return L::load(dy + offset + k * C); }));
-            P::store(sum_dy_xmu + j, P::load(sum_dy_xmu + j) + rows_sum<group()>([&](int64_t k) {
+            // Both sums before either store (see MomentsOp::row_tile).
+            const auto g = rows_sum<group()>([&](int64_t k) { return L::load(dy + offset + k * C); });
+            const auto gx = rows_sum<group()>([&](int64_t k) {
                 return L::load(dy + offset + k * C) * (L::load(x + offset + k * C) - m);
-            }));
+            });
+            P::store(sum_dy + j, P::load(sum_dy + j) + g);
+            P::store(sum_dy_xmu + j, P::load(sum_dy_xmu + j) + gx);
         });
         for (int64_t j = 0; j < w; ++j) merge(acc[j], Sums{double(sum_dy[j]), double(sum_dy_xmu[j])});
     }
@@ -608,10 +641,10 @@ void moments(const T* x, Shape shape, int threads, double* mean, double* var) {
     if (const int64_t strip = strip_width(shape, team_size(shape, threads), sizeof(T))) {
         const RowSplits plan(shape);
         const MomentsOp<T> op{x, shape};
-        for_each_strip(shape, team_size(shape, threads), strip, [&](int64_t c0, int64_t c1) {
-            Moments m[kChannelBlock];
-            plan.strip_partials(shape, op, c0, c1, m);
-            for (int64_t c = c0; c < c1; ++c) store(m[c - c0], mean[c], var[c]);
+        using Work = typename MomentsOp<T>::Work;
+        for_each_strip<Work>(shape, team_size(shape, threads), strip, false, [&](int64_t c0, int64_t c1, Work& work) {
+            plan.strip_partials(shape, op, c0, c1, work);
+            for (int64_t c = c0; c < c1; ++c) store(work.strip[c - c0], mean[c], var[c]);
         });
         return;
     }
@@ -670,11 +703,14 @@ void forward_train(const T* x, Shape s, int threads, double eps, const param_t<T
     if (const int64_t strip = strip_width(s, team, sizeof(T))) {
         const RowSplits plan(s);
         const MomentsOp<T> op{x, s};
-        for_each_strip(s, team, strip, [&](int64_t c0, int64_t c1) {
-            Moments m[kChannelBlock];
-            P center[kChannelBlock], lo[kChannelBlock], scale[kChannelBlock], shift[kChannelBlock];
-            plan.strip_partials(s, op, c0, c1, m);
-            for (int64_t c = c0; c < c1; ++c) store(m[c - c0], mean[c], var[c]);
+        using Work = typename MomentsOp<T>::Work;
+        for_each_strip<Work>(s, team, strip, stream, [&](int64_t c0, int64_t c1, Work& work) {
+            P* center = work.coefficients[0];
+            P* lo = work.coefficients[1];
+            P* scale = work.coefficients[2];
+            P* shift = work.coefficients[3];
+            plan.strip_partials(s, op, c0, c1, work);
+            for (int64_t c = c0; c < c1; ++c) store(work.strip[c - c0], mean[c], var[c]);
             // Loops of their own, so that the square roots and divisions vectorize.
             for (int64_t c = c0; c < c1; ++c) invstd[c] = detail::invstd_of<P>(var[c], eps);
             for (int64_t c = c0; c < c1; ++c) {
@@ -684,7 +720,6 @@ void forward_train(const T* x, Shape s, int threads, double eps, const param_t<T
             for (int64_t r = 0; r < s.outer; ++r)
                 affine_row(x + r * C + c0, y + r * C + c0, c1 - c0, center, lo, scale, shift, stream);
         });
-        stream_fence(stream);
         return;
     }
     if (!fuse_per_channel(s, team)) {
@@ -718,10 +753,10 @@ void backward_sums(const T* dy, const T* x, Shape shape, int threads, const para
     if (const int64_t strip = strip_width(shape, team_size(shape, threads), 2 * sizeof(T))) {
         const RowSplits plan(shape);
         const BackwardSumsOp<T> op{dy, x, mean, shape};
-        for_each_strip(shape, team_size(shape, threads), strip, [&](int64_t c0, int64_t c1) {
-            Sums sums[kChannelBlock];
-            plan.strip_partials(shape, op, c0, c1, sums);
-            for (int64_t c = c0; c < c1; ++c) sum_dy[c] = sums[c - c0].dy, sum_dy_xmu[c] = sums[c - c0].dy_xmu;
+        using Work = typename BackwardSumsOp<T>::Work;
+        for_each_strip<Work>(shape, team_size(shape, threads), strip, false, [&](int64_t c0, int64_t c1, Work& work) {
+            plan.strip_partials(shape, op, c0, c1, work);
+            for (int64_t c = c0; c < c1; ++c) sum_dy[c] = work.strip[c - c0].dy, sum_dy_xmu[c] = work.strip[c - c0].dy_xmu;
         });
         return;
     }
@@ -788,10 +823,13 @@ void backward_train(const T* dy, const T* x, Shape s, int threads, const param_t
     if (const int64_t strip = strip_width(s, team, 2 * sizeof(T))) {
         const RowSplits plan(s);
         const BackwardSumsOp<T> op{dy, x, mean, s};
-        for_each_strip(s, team, strip, [&](int64_t c0, int64_t c1) {
-            Sums sums[kChannelBlock];
-            P dy_mean[kChannelBlock], xmu_scale[kChannelBlock], scale[kChannelBlock];
-            plan.strip_partials(s, op, c0, c1, sums);
+        using Work = typename BackwardSumsOp<T>::Work;
+        for_each_strip<Work>(s, team, strip, stream, [&](int64_t c0, int64_t c1, Work& work) {
+            P* dy_mean = work.coefficients[0];
+            P* xmu_scale = work.coefficients[1];
+            P* scale = work.coefficients[2];
+            const Sums* sums = work.strip;
+            plan.strip_partials(s, op, c0, c1, work);
             for (int64_t c = c0; c < c1; ++c) {
                 detail::round_backward_sums(sums[c - c0].dy, sums[c - c0].dy_xmu, invstd[c], sum_dy[c], sum_dy_xhat[c]);
                 const auto k = detail::backward_coefficients(sum_dy[c], sum_dy_xhat[c], invstd[c], weight, c, count);
@@ -802,7 +840,6 @@ void backward_train(const T* dy, const T* x, Shape s, int threads, const param_t
                 backward_row(dy + offset, x + offset, dx + offset, c1 - c0, mean + c0, dy_mean, xmu_scale, scale, stream);
             }
         });
-        stream_fence(stream);
         return;
     }
     if (!fuse_per_channel(s, team)) {

@@ -6,13 +6,18 @@
 namespace bnorm::detail {
 namespace {
 
-constexpr size_t kScratchCacheBlocks = 8;          // more than any one call holds at once
+constexpr size_t kScratchCacheBlocks = 16;                // a call holds at most 10 at once
 constexpr size_t kScratchCacheBytes = size_t(256) << 20;  // per thread, kept between calls
 constexpr std::align_val_t kAlign{64};
 
 void free_block(ScratchBlock b) noexcept {
     if (b.data) ::operator delete(b.data, kAlign);
 }
+
+// Set once the thread's cache is destroyed: a bnorm call from a destructor that runs
+// later at thread or program exit (another thread_local's, a global's) then allocates
+// and frees plainly. A bool has no destructor, so it outlives the cache.
+thread_local bool t_cache_destroyed = false;
 
 // The blocks a thread released, freed when the thread exits.
 struct Cache {
@@ -21,6 +26,9 @@ struct Cache {
 
     ~Cache() {
         for (const ScratchBlock& b : blocks) free_block(b);
+        blocks.clear();
+        bytes = 0;
+        t_cache_destroyed = true;
     }
 };
 
@@ -33,6 +41,8 @@ Cache& cache() {
 
 ScratchBlock scratch_acquire(size_t bytes) {
     if (bytes == 0) return {};
+    const size_t rounded = (bytes + 4095) / 4096 * 4096;
+    if (t_cache_destroyed) return {::operator new(rounded, kAlign), rounded};
     Cache& c = cache();
     // The smallest cached block that fits.
     auto best = c.blocks.end();
@@ -44,14 +54,13 @@ ScratchBlock scratch_acquire(size_t bytes) {
         c.bytes -= b.bytes;
         return b;
     }
-    const size_t rounded = (bytes + 4095) / 4096 * 4096;
     return {::operator new(rounded, kAlign), rounded};
 }
 
 void scratch_release(ScratchBlock block) noexcept {
     if (!block.data) return;
+    if (t_cache_destroyed || block.bytes > kScratchCacheBytes) return free_block(block);
     Cache& c = cache();
-    if (block.bytes > kScratchCacheBytes) return free_block(block);
     try {
         c.blocks.push_back(block);
     } catch (...) {

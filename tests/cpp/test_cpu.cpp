@@ -1,9 +1,14 @@
 // C++ tests of the CPU API against a double-precision reference written as plain loops.
 #include <bnorm/bnorm.hpp>
 
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <random>
+#include <thread>
+#if defined(__unix__) || defined(__APPLE__)
+#include <pthread.h>
+#endif
 #include <vector>
 
 #include "../../cpp/src/half.hpp"
@@ -323,6 +328,48 @@ void test_half_conversion() {
 #endif
 }
 
+// bnorm called from destructors that run after the calling thread's scratch cache is gone
+// (a thread_local constructed before the thread's first bnorm call, a global at exit).
+struct CallsBnormWhenDestroyed {
+    ~CallsBnormWhenDestroyed() {
+        std::vector<float> x(4 * 300, 1.5f), mean(300), var(300);
+        bnorm::batch_stats(x.data(), Shape{4, 300, 1}, mean.data(), var.data());
+        if (mean[0] != 1.5f || var[0] != 0.0f) std::abort();
+    }
+};
+CallsBnormWhenDestroyed g_calls_bnorm_at_exit;
+
+void test_calls_after_thread_exit_began() {
+    std::thread([] {
+        thread_local CallsBnormWhenDestroyed guard;  // constructed first, destroyed last
+        (void)&guard;
+        std::vector<float> x(4 * 300, 2.0f), mean(300), var(300);
+        bnorm::batch_stats(x.data(), Shape{4, 300, 1}, mean.data(), var.data());
+        CHECK(mean[0] == 2.0f);
+    }).join();
+}
+
+// Every op on a thread with a 96 KiB stack (musl's default thread stack is 128 KiB): the kernels'
+// per-thread arrays must not live on the stack. Rows shapes, which have the largest ones.
+void test_small_thread_stack() {
+#if defined(__unix__) || defined(__APPLE__)
+    const auto run = [](void*) -> void* {
+        for (Shape s : {Shape{2, 1024, 1}, Shape{96, 1500, 1}, Shape{300, 700, 1}}) {
+            test_forward_backward<double>(s);
+            test_forward_backward<float>(s);
+        }
+        return nullptr;
+    };
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    CHECK(pthread_attr_setstacksize(&attr, 96 * 1024) == 0);
+    pthread_t thread;
+    CHECK(pthread_create(&thread, &attr, +run, nullptr) == 0);
+    pthread_join(thread, nullptr);
+    pthread_attr_destroy(&attr);
+#endif
+}
+
 }  // namespace
 
 int main() {
@@ -367,6 +414,8 @@ int main() {
     test_streaming_alignment<bnorm::half>({150001, 17, 1});
     test_streaming_alignment<float>({3, 600001, 1});   // column strips
     test_errors_leave_buffers_untouched();
+    test_calls_after_thread_exit_began();
+    test_small_thread_stack();
     test_numerics();
     test_merge_stats();
     test_half_conversion();
