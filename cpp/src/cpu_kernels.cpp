@@ -19,9 +19,10 @@
 // output while the channel is still in its L2, so x (and dy) cross DRAM once. The rows
 // schedule does the same per strip of columns when a strip over all rows fits in L2 (few
 // rows). Large outputs are written with non-temporal stores (no read-for-ownership of the
-// output). Channel-sized scratch comes from a per-thread cache (scratch.hpp).
-// Work is handed out dynamically: on a shared machine a descheduled thread then delays a
-// call by at most one work item (results do not depend on who computes what).
+// output; each thread fences its own, see parallel_writes). Channel-sized scratch comes
+// from a per-thread cache (scratch.hpp). Work is handed out dynamically: on a shared
+// machine a descheduled thread then delays a call by at most one work item (results do
+// not depend on who computes what).
 #include "cpu_kernels.hpp"
 
 #ifndef BNORM_KERNEL_ISA
@@ -327,19 +328,28 @@ int64_t strip_width(Shape s, int team, int64_t bytes_per_element) {
     return ceil_div(C, width) >= team ? width : 0;
 }
 
+// body(i, thread) for i in [0, n) on the team, `chunk` at a time, thread = the caller's
+// index in the team. With `stream` each thread then fences its own non-temporal stores:
+// an sfence orders only the stores of the thread that runs it.
+template <class Body>
+void parallel_writes(int team, int64_t n, int64_t chunk, bool stream, const Body& body) {
+#pragma omp parallel num_threads(team)
+    {
+        const int thread = omp_get_thread_num();
+#pragma omp for schedule(dynamic, chunk) nowait
+        for (int64_t i = 0; i < n; ++i) body(i, thread);
+        stream_fence(stream);
+    }
+}
+
 // body(c0, c1, work) for each strip of `width` channels, in parallel, work being the
-// thread's Work; each thread fences its own non-temporal stores (with `stream`).
+// thread's Work.
 template <class Work, class Body>
 void for_each_strip(Shape s, int team, int64_t width, bool stream, const Body& body) {
     Scratch<Work> work(team);
-#pragma omp parallel num_threads(team)
-    {
-        Work& mine = work[size_t(omp_get_thread_num())];
-#pragma omp for schedule(dynamic) nowait
-        for (int64_t i = 0; i < ceil_div(s.channels, width); ++i)
-            body(i * width, std::min(s.channels, (i + 1) * width), mine);
-        stream_fence(stream);
-    }
+    parallel_writes(team, ceil_div(s.channels, width), 1, stream, [&](int64_t i, int thread) {
+        body(i * width, std::min(s.channels, (i + 1) * width), work[size_t(thread)]);
+    });
 }
 
 // Channels handed out at a time by the fused loops. Neighbouring channels' runs share a
@@ -679,18 +689,16 @@ void affine(const T* x, Shape s, int threads, const param_t<T>* center, const pa
     const bool stream = streams<T>(s);
     const int64_t C = s.channels;
     if (s.inner > 1) {
-#pragma omp parallel for num_threads(team) schedule(dynamic, rows_per_chunk(s.inner))
-        for (int64_t row = 0; row < s.outer * C; ++row) {
+        parallel_writes(team, s.outer * C, rows_per_chunk(s.inner), stream, [&](int64_t row, int) {
             const int64_t c = row % C;
             affine_run(x + row * s.inner, y + row * s.inner, s.inner, {center[c], center_lo[c], scale[c], shift[c]},
                        stream);
-        }
+        });
     } else {
-#pragma omp parallel for num_threads(team) schedule(dynamic, rows_per_chunk(C))
-        for (int64_t r = 0; r < s.outer; ++r)
+        parallel_writes(team, s.outer, rows_per_chunk(C), stream, [&](int64_t r, int) {
             affine_row(x + r * C, y + r * C, C, center, center_lo, scale, shift, stream);
+        });
     }
-    stream_fence(stream);
 }
 
 template <class T>
@@ -736,15 +744,13 @@ void forward_train(const T* x, Shape s, int threads, double eps, const param_t<T
     const PlaneSplits plan(s);
     const MomentsOp<T> op{x, s};
     const int64_t stride = C * s.inner;
-#pragma omp parallel for num_threads(team) schedule(dynamic, channel_block(s, team))
-    for (int64_t c = 0; c < s.channels; ++c) {
+    parallel_writes(team, C, channel_block(s, team), stream, [&](int64_t c, int) {
         store(plan.channel_partial<Moments>(s, op, c), mean[c], var[c]);
         invstd[c] = detail::invstd_of<P>(var[c], eps);
         const auto k = detail::train_affine(mean[c], invstd[c], weight, bias, c);
         for (int64_t o = 0; o < s.outer; ++o)
             affine_run(x + o * stride + c * s.inner, y + o * stride + c * s.inner, s.inner, k, stream);
-    }
-    stream_fence(stream);
+    });
 }
 
 template <class T>
@@ -798,18 +804,16 @@ void backward_dx(const T* dy, const T* x, Shape s, int threads, const param_t<T>
     const bool stream = streams<T>(s);
     const int64_t C = s.channels;
     if (s.inner > 1) {
-#pragma omp parallel for num_threads(team) schedule(dynamic, rows_per_chunk(s.inner))
-        for (int64_t row = 0; row < s.outer * C; ++row) {
+        parallel_writes(team, s.outer * C, rows_per_chunk(s.inner), stream, [&](int64_t row, int) {
             const int64_t c = row % C, offset = row * s.inner;
             backward_run(dy + offset, x + offset, dx + offset, s.inner, mean[c], {dy_mean[c], xmu_scale[c], scale[c]},
                          stream);
-        }
+        });
     } else {
-#pragma omp parallel for num_threads(team) schedule(dynamic, rows_per_chunk(C))
-        for (int64_t r = 0; r < s.outer; ++r)
+        parallel_writes(team, s.outer, rows_per_chunk(C), stream, [&](int64_t r, int) {
             backward_row(dy + r * C, x + r * C, dx + r * C, C, mean, dy_mean, xmu_scale, scale, stream);
+        });
     }
-    stream_fence(stream);
 }
 
 template <class T>
@@ -857,8 +861,7 @@ void backward_train(const T* dy, const T* x, Shape s, int threads, const param_t
     const PlaneSplits plan(s);
     const BackwardSumsOp<T> op{dy, x, mean, s};
     const int64_t stride = C * s.inner;
-#pragma omp parallel for num_threads(team) schedule(dynamic, channel_block(s, team))
-    for (int64_t c = 0; c < s.channels; ++c) {
+    parallel_writes(team, C, channel_block(s, team), stream, [&](int64_t c, int) {
         const Sums sums = plan.channel_partial<Sums>(s, op, c);
         detail::round_backward_sums(sums.dy, sums.dy_xmu, invstd[c], sum_dy[c], sum_dy_xhat[c]);
         const auto k = detail::backward_coefficients(sum_dy[c], sum_dy_xhat[c], invstd[c], weight, c, count);
@@ -866,8 +869,7 @@ void backward_train(const T* dy, const T* x, Shape s, int threads, const param_t
             const int64_t offset = o * stride + c * s.inner;
             backward_run(dy + offset, x + offset, dx + offset, s.inner, mean[c], k, stream);
         }
-    }
-    stream_fence(stream);
+    });
 }
 
 #define BNORM_INSTANTIATE(T)                                                                  \
