@@ -61,7 +61,7 @@ struct Moments {
     double n = 0, mean = 0, m2 = 0;
 };
 
-__attribute__((always_inline)) inline void merge(Moments& a, const Moments& b) {
+void merge(Moments& a, const Moments& b) {
     if (b.n == 0) return;
     if (a.n == 0) {
         a = b;
