@@ -76,6 +76,7 @@ def record(args, bench) -> None:
     if args.only:
         runs = [r for r in runs if r[0] in args.only.split(",")]
     outputs, results = {}, {}
+    png_before = os.path.getmtime(args.png) if os.path.exists(args.png) else None
     for name, extra in runs:
         argv = common + extra + ["--note", note]
         print(f"\n=== python -m bnorm.bench {' '.join(argv)}\n", flush=True)
@@ -104,6 +105,11 @@ def record(args, bench) -> None:
     gib = (meta.get("memory_bytes") or 0) / 2**30
     loads = {k: (v["meta"].get("loadavg_start"), v["meta"].get("loadavg_end")) for k, v in results.items()}
     rel_png = os.path.relpath(os.path.abspath(args.png), os.path.abspath(args.out_dir))
+    # The chart is this run's only if the sweep wrote it (it needs matplotlib).
+    png_written = "sweep" in outputs and os.path.exists(args.png) and os.path.getmtime(args.png) != png_before
+    if "sweep" in outputs and not png_written:
+        print(f"bench_cpu: the sweep chart was not written (pip install matplotlib); {args.png} is not this run's",
+              file=sys.stderr)
     with open(mpath, "w") as f:
         f.write(f"# bnorm CPU benchmark, {date}: {meta['cpu_model']}, {meta['logical_cpus']} CPUs\n\n")
         if args.label:
@@ -116,16 +122,17 @@ def record(args, bench) -> None:
         f.write("- load average (1, 5, 15 min) at start / end of each run: "
                 + "; ".join(f"{k}: {' '.join('%.2f' % x for x in (a or []))} / {' '.join('%.2f' % x for x in (b or []))}"
                             for k, (a, b) in loads.items()) + "\n")
-        f.write(f"- numbers: `{os.path.basename(jpath)}`; chart: `{rel_png}`\n\n")
+        f.write(f"- numbers: `{os.path.basename(jpath)}`"
+                + (f"; chart: `{rel_png}`" if png_written else "; no chart (matplotlib missing)") + "\n\n")
         f.write("```\n$ lscpu   # excerpt\n" + lscpu + "\n```\n\n")
         f.write("Reproduce: `python benchmarks/bench_cpu.py --record`"
                 " (or `python -m bnorm.bench` with the options shown per run).\n")
         for name, (argv, text) in outputs.items():
             f.write(f"\n## {name}\n\n`python -m bnorm.bench {' '.join(argv)}`\n\n")
             f.write(text.strip() + "\n")
-            if name == "sweep" and os.path.exists(args.png):
+            if name == "sweep" and png_written:
                 f.write(f"\n![sweep chart]({rel_png})\n")
-    print(f"\nrecorded {mpath}\n         {jpath}" + (f"\n         {args.png}" if "sweep" in outputs else ""))
+    print(f"\nrecorded {mpath}\n         {jpath}" + (f"\n         {args.png}" if png_written else ""))
 
 
 def main(argv=None):

@@ -14,8 +14,9 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_cpu import ROOT, load_bench  # noqa: E402
+from bnorm import bench
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def main(argv=None):
@@ -32,7 +33,7 @@ def main(argv=None):
     sw = res["sweep"]
     title = (f"bnorm {meta['bnorm']} CPU: ns/element at ~{sw['total_elements']:,} elements, {sw['dtype']}, "
              f"{meta['bnorm_threads']} threads, {meta['cpu_model']}")
-    if load_bench().plot_sweep(sw, args.out, title):
+    if bench.plot_sweep(sw, args.out, title):
         print(f"wrote {args.out}")
 
 

@@ -74,6 +74,14 @@ def test_sweep(tmp_path):
     assert len(sw["sweeps"]) == 4 and all(len(s["points"]) >= 3 for s in sw["sweeps"])
     if have_mpl:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        # benchmarks/plot_sweep.py redraws the chart from the JSON (run from a checkout only)
+        script = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "plot_sweep.py")
+        if os.path.exists(script):
+            redrawn = tmp_path / "redrawn.png"
+            proc = subprocess.run([sys.executable, script, str(jpath), "-o", str(redrawn)], capture_output=True,
+                                  text=True, timeout=120, env={**os.environ, "MPLBACKEND": "Agg"})
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            assert redrawn.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_parse_shapes_and_errors():
