@@ -135,3 +135,43 @@ def test_stats_invariant_under_shuffling(data):
     t = ref.TOL[x.dtype]["stat"]
     assert_close(smean, mean.astype(np.float64), t, "mean")
     assert_close(svar, var.astype(np.float64), t, "var")
+
+
+@st.composite
+def wide_layouts(draw):
+    """(x, axis, rng): few rows of many channels, channels last (2-D (N, C) or 3-D
+    (N, L, C) with axis=-1), where the CPU reduces and writes column strips."""
+    rows = draw(st.integers(2, 64))
+    channels = draw(st.integers(1, 3000))
+    shape = (rows, channels) if draw(st.booleans()) else (max(1, rows // 4), min(rows, 4), channels)
+    if int(np.prod(shape[:-1])) < 2:
+        shape = (2,) + shape[1:]
+    dtype = draw(st.sampled_from([np.float32, np.float64, np.float16]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    return ref.make_x(rng, shape, -1, dtype, loc=draw(st.sampled_from([0.0, 100.0]))), -1, rng
+
+
+@hypothesis.settings(max_examples=40, deadline=None,
+                     suppress_health_check=[hypothesis.HealthCheck.function_scoped_fixture])
+@given(data=wide_layouts(), threads=st.sampled_from([1, 2, 3]))
+def test_wide_inputs_match_reference_for_any_thread_count(restore_threads, data, threads):
+    x, axis, rng = data
+    bnorm.set_num_threads(threads)
+    dy = ref.make_dy(rng, x.shape, x.dtype)
+    w, b, rm0, rv0 = ref.make_params(rng, _channels(x, axis), x.dtype)
+    rm, rv = rm0.copy(), rv0.copy()
+    y, mean, invstd = bnorm.forward_train(x, w, b, rm, rv, axis=axis, momentum=0.3)
+    ry, rmean, rinv, rrm, rrv = ref.forward_train(x, w, b, rm0, rv0, axis, 0.3, 1e-5)
+    t = ref.TOL[x.dtype]
+    assert_close(y, ry, t["out"], "y")
+    assert_close(mean, rmean, t["stat"], "mean")
+    assert_close(invstd, rinv, t["stat"], "invstd")
+    assert_close(rv, rrv, t["stat"], "running_var")
+    dx, dw, db = bnorm.backward(dy, x, mean, invstd, w, axis=axis)
+    rdx, rdw, rdb = ref.backward(dy, x, mean, invstd, w, axis, True)
+    assert_close(dx, rdx, t["out"], "dx")
+    assert_close(dw, rdw, t["stat"], "dweight")
+    assert_close(db, rdb, t["stat"], "dbias")
+    bnorm.set_num_threads(1)
+    ref.assert_bitwise(bnorm.forward_train(x, w, b, axis=axis)[0], y, "y with 1 thread")
+    ref.assert_bitwise(bnorm.backward(dy, x, mean, invstd, w, axis=axis)[0], dx, "dx with 1 thread")
