@@ -584,8 +584,17 @@ inline void write_run(T* out, int64_t n, bool stream, const Value& value) {
     store_lanes<T>(out + n - W, tail, i - (n - W), W);
 }
 
-// Rows handed out at a time by the elementwise loops: about kTileElems elements.
-int64_t rows_per_chunk(int64_t row_length) { return std::max<int64_t>(1, kTileElems / std::max<int64_t>(row_length, 1)); }
+// Rows (runs of row_length elements) handed out at a time by the elementwise loops of s:
+// about kChunkElems elements, fewer when that would leave fewer than 8 chunks per thread.
+// Small chunks, alternating between threads, keep restarting the hardware prefetchers:
+// with 4096-element chunks (64, 256, 28, 28) float32 inference took 2.1 ms instead of
+// 1.1 ms, float16 1.5 ms instead of 0.5 ms (2 threads, AMD EPYC).
+constexpr int64_t kChunkElems = 65536;
+
+int64_t rows_per_chunk(Shape s, int team, int64_t row_length) {
+    const int64_t elements = std::clamp<int64_t>(s.size() / (8 * int64_t(team)), kTileElems, kChunkElems);
+    return std::max<int64_t>(1, elements / std::max<int64_t>(row_length, 1));
+}
 
 template <class T>
 bool streams(Shape s) {
@@ -688,13 +697,13 @@ void affine(const T* x, Shape s, int threads, const param_t<T>* center, const pa
     const bool stream = streams<T>(s);
     const int64_t C = s.channels;
     if (s.inner > 1) {
-        parallel_writes(team, s.outer * C, rows_per_chunk(s.inner), stream, [&](int64_t row, int) {
+        parallel_writes(team, s.outer * C, rows_per_chunk(s, team, s.inner), stream, [&](int64_t row, int) {
             const int64_t c = row % C;
             affine_run(x + row * s.inner, y + row * s.inner, s.inner, {center[c], center_lo[c], scale[c], shift[c]},
                        stream);
         });
     } else {
-        parallel_writes(team, s.outer, rows_per_chunk(C), stream, [&](int64_t r, int) {
+        parallel_writes(team, s.outer, rows_per_chunk(s, team, C), stream, [&](int64_t r, int) {
             affine_row(x + r * C, y + r * C, C, center, center_lo, scale, shift, stream);
         });
     }
@@ -803,13 +812,13 @@ void backward_dx(const T* dy, const T* x, Shape s, int threads, const param_t<T>
     const bool stream = streams<T>(s);
     const int64_t C = s.channels;
     if (s.inner > 1) {
-        parallel_writes(team, s.outer * C, rows_per_chunk(s.inner), stream, [&](int64_t row, int) {
+        parallel_writes(team, s.outer * C, rows_per_chunk(s, team, s.inner), stream, [&](int64_t row, int) {
             const int64_t c = row % C, offset = row * s.inner;
             backward_run(dy + offset, x + offset, dx + offset, s.inner, mean[c], {dy_mean[c], xmu_scale[c], scale[c]},
                          stream);
         });
     } else {
-        parallel_writes(team, s.outer, rows_per_chunk(C), stream, [&](int64_t r, int) {
+        parallel_writes(team, s.outer, rows_per_chunk(s, team, C), stream, [&](int64_t r, int) {
             backward_row(dy + r * C, x + r * C, dx + r * C, C, mean, dy_mean, xmu_scale, scale, stream);
         });
     }
