@@ -405,6 +405,7 @@ int main() {
     test_thread_determinism<float>({50000, 3, 1});     // narrow rows side by side, rows left over
     test_thread_determinism<double>({70000, 16, 1});   // streaming stores, rows schedule
     test_thread_determinism<float>({2, 200003, 1});    // column strips
+    test_thread_determinism<float>({3000, 3, 196});    // channels too large to fuse: unfused with C >= threads
     test_thread_determinism<double>({96, 5000, 1});    // column strips, several splits
     test_thread_determinism<bnorm::half>({196, 2048, 1});
     test_streaming_alignment<float>({16, 4, 20001});
