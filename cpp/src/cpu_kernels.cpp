@@ -652,20 +652,48 @@ void backward_row(const T* dy, const T* x, T* dx, int64_t n, const param_t<T>* m
     });
 }
 
-}  // namespace
-
 void store(const Moments& m, double& mean, double& var) {
     mean = m.mean;
     var = m.n > 0 ? m.m2 / m.n : 0.0;
 }
 
+// invstd[c] of the channels [c0, c1) from their variances, and their training affine
+// coefficients at index c - c0 (the whole-tensor and the strip paths: the same bits).
+template <class P>
+void train_coefficients(int64_t c0, int64_t c1, const double* mean, const double* var, double eps, const P* weight,
+                        const P* bias, P* __restrict invstd, P* __restrict center, P* __restrict lo,
+                        P* __restrict scale, P* __restrict shift) {
+    // Loops of their own, so that the square roots and divisions vectorize.
+    for (int64_t c = c0; c < c1; ++c) invstd[c] = detail::invstd_of<P>(var[c], eps);
+    for (int64_t c = c0; c < c1; ++c) {
+        const auto k = detail::train_affine(mean[c], invstd[c], weight, bias, c);
+        center[c - c0] = k.center, lo[c - c0] = k.center_lo, scale[c - c0] = k.scale, shift[c - c0] = k.shift;
+    }
+}
+
+// The P-rounded sums of the channels [c0, c1) (sums(c): their double Sums) and their dx
+// coefficients at index c - c0.
+template <class P, class SumsOf>
+void dx_coefficients(int64_t c0, int64_t c1, const SumsOf& sums, const P* invstd, const P* weight,
+                           double count, P* sum_dy, P* sum_dy_xhat, P* dy_mean, P* xmu_scale, P* scale) {
+    for (int64_t c = c0; c < c1; ++c) {
+        const Sums s = sums(c);
+        detail::round_backward_sums(s.dy, s.dy_xmu, invstd[c], sum_dy[c], sum_dy_xhat[c]);
+        const auto k = detail::backward_coefficients(sum_dy[c], sum_dy_xhat[c], invstd[c], weight, c, count);
+        dy_mean[c - c0] = k.dy_mean, xmu_scale[c - c0] = k.xmu_scale, scale[c - c0] = k.scale;
+    }
+}
+
+}  // namespace
+
 template <class T>
 void moments(const T* x, Shape shape, int threads, double* mean, double* var) {
-    if (const int64_t strip = strip_width(shape, team_size(shape, threads), sizeof(T))) {
+    const int team = team_size(shape, threads);
+    if (const int64_t strip = strip_width(shape, team, sizeof(T))) {
         const RowSplits plan(shape);
         const MomentsOp<T> op{x, shape};
         using Work = typename MomentsOp<T>::Work;
-        for_each_strip<Work>(shape, team_size(shape, threads), strip, false, [&](int64_t c0, int64_t c1, Work& work) {
+        for_each_strip<Work>(shape, team, strip, false, [&](int64_t c0, int64_t c1, Work& work) {
             plan.strip_partials(shape, op, c0, c1, work);
             for (int64_t c = c0; c < c1; ++c) store(work.strip[c - c0], mean[c], var[c]);
         });
@@ -732,12 +760,7 @@ void forward_train(const T* x, Shape s, int threads, double eps, const param_t<T
             P* shift = work.coefficients[3];
             plan.strip_partials(s, op, c0, c1, work);
             for (int64_t c = c0; c < c1; ++c) store(work.strip[c - c0], mean[c], var[c]);
-            // Loops of their own, so that the square roots and divisions vectorize.
-            for (int64_t c = c0; c < c1; ++c) invstd[c] = detail::invstd_of<P>(var[c], eps);
-            for (int64_t c = c0; c < c1; ++c) {
-                const auto k = detail::train_affine(mean[c], invstd[c], weight, bias, c);
-                center[c - c0] = k.center, lo[c - c0] = k.center_lo, scale[c - c0] = k.scale, shift[c - c0] = k.shift;
-            }
+            train_coefficients(c0, c1, mean, var, eps, weight, bias, invstd, center, lo, scale, shift);
             for (int64_t r = 0; r < s.outer; ++r)
                 affine_row(x + r * C + c0, y + r * C + c0, c1 - c0, center, lo, scale, shift, stream);
         });
@@ -745,12 +768,9 @@ void forward_train(const T* x, Shape s, int threads, double eps, const param_t<T
     }
     if (!fuse_per_channel(s, team, sizeof(T))) {
         moments(x, s, threads, mean, var);
-        Scratch<P> center(s.channels), lo(s.channels), scale(s.channels), shift(s.channels);
-        for (int64_t c = 0; c < s.channels; ++c) invstd[c] = detail::invstd_of<P>(var[c], eps);
-        for (int64_t c = 0; c < s.channels; ++c) {
-            const auto k = detail::train_affine(mean[c], invstd[c], weight, bias, c);
-            center[c] = k.center, lo[c] = k.center_lo, scale[c] = k.scale, shift[c] = k.shift;
-        }
+        Scratch<P> center(C), lo(C), scale(C), shift(C);
+        train_coefficients(int64_t(0), C, mean, var, eps, weight, bias, invstd, center.data(), lo.data(), scale.data(),
+                           shift.data());
         affine(x, s, threads, center.data(), lo.data(), scale.data(), shift.data(), y);
         return;
     }
@@ -769,11 +789,12 @@ void forward_train(const T* x, Shape s, int threads, double eps, const param_t<T
 template <class T>
 void backward_sums(const T* dy, const T* x, Shape shape, int threads, const param_t<T>* mean,
                    double* sum_dy, double* sum_dy_xmu) {
-    if (const int64_t strip = strip_width(shape, team_size(shape, threads), 2 * sizeof(T))) {
+    const int team = team_size(shape, threads);
+    if (const int64_t strip = strip_width(shape, team, 2 * sizeof(T))) {
         const RowSplits plan(shape);
         const BackwardSumsOp<T> op{dy, x, mean, shape};
         using Work = typename BackwardSumsOp<T>::Work;
-        for_each_strip<Work>(shape, team_size(shape, threads), strip, false, [&](int64_t c0, int64_t c1, Work& work) {
+        for_each_strip<Work>(shape, team, strip, false, [&](int64_t c0, int64_t c1, Work& work) {
             plan.strip_partials(shape, op, c0, c1, work);
             for (int64_t c = c0; c < c1; ++c) sum_dy[c] = work.strip[c - c0].dy, sum_dy_xmu[c] = work.strip[c - c0].dy_xmu;
         });
@@ -845,13 +866,10 @@ void backward_train(const T* dy, const T* x, Shape s, int threads, const param_t
             P* dy_mean = work.coefficients[0];
             P* xmu_scale = work.coefficients[1];
             P* scale = work.coefficients[2];
-            const Sums* sums = work.strip;
             plan.strip_partials(s, op, c0, c1, work);
-            for (int64_t c = c0; c < c1; ++c) {
-                detail::round_backward_sums(sums[c - c0].dy, sums[c - c0].dy_xmu, invstd[c], sum_dy[c], sum_dy_xhat[c]);
-                const auto k = detail::backward_coefficients(sum_dy[c], sum_dy_xhat[c], invstd[c], weight, c, count);
-                dy_mean[c - c0] = k.dy_mean, xmu_scale[c - c0] = k.xmu_scale, scale[c - c0] = k.scale;
-            }
+            dx_coefficients(
+                c0, c1, [&](int64_t c) { return work.strip[c - c0]; }, invstd, weight, count, sum_dy, sum_dy_xhat,
+                dy_mean, xmu_scale, scale);
             for (int64_t r = 0; r < s.outer; ++r) {
                 const int64_t offset = r * C + c0;
                 backward_row(dy + offset, x + offset, dx + offset, c1 - c0, mean + c0, dy_mean, xmu_scale, scale, stream);
@@ -862,12 +880,10 @@ void backward_train(const T* dy, const T* x, Shape s, int threads, const param_t
     if (!fuse_per_channel(s, team, 2 * sizeof(T))) {
         Scratch<double> s_dy(s.channels), s_dy_xmu(s.channels);
         backward_sums(dy, x, s, threads, mean, s_dy.data(), s_dy_xmu.data());
-        Scratch<P> dy_mean(s.channels), xmu_scale(s.channels), scale(s.channels);
-        for (int64_t c = 0; c < s.channels; ++c) {
-            detail::round_backward_sums(s_dy[c], s_dy_xmu[c], invstd[c], sum_dy[c], sum_dy_xhat[c]);
-            const auto k = detail::backward_coefficients(sum_dy[c], sum_dy_xhat[c], invstd[c], weight, c, count);
-            dy_mean[c] = k.dy_mean, xmu_scale[c] = k.xmu_scale, scale[c] = k.scale;
-        }
+        Scratch<P> dy_mean(C), xmu_scale(C), scale(C);
+        dx_coefficients(
+            int64_t(0), C, [&](int64_t c) { return Sums{s_dy[c], s_dy_xmu[c]}; }, invstd, weight, count, sum_dy,
+            sum_dy_xhat, dy_mean.data(), xmu_scale.data(), scale.data());
         backward_dx(dy, x, s, threads, mean, dy_mean.data(), xmu_scale.data(), scale.data(), dx);
         return;
     }
