@@ -18,9 +18,10 @@
 // are at least as many channels as threads: a thread reduces one channel, then writes its
 // output while the channel is still in its L2, so x (and dy) cross DRAM once. The rows
 // schedule does the same per strip of columns when a strip over all rows fits in L2 (few
-// rows). Large outputs are written with non-temporal stores (no read-for-ownership of the
-// output; each thread fences its own, see parallel_writes). Channel-sized scratch comes
-// from a per-thread cache (scratch.hpp). Work is handed out dynamically: on a shared
+// rows), and short planes per strip of whole channels on their positions view. Large
+// outputs are written with non-temporal stores (no read-for-ownership of the output;
+// each thread fences its own, see parallel_writes). Channel-sized scratch comes from a
+// per-thread cache (scratch.hpp). Work is handed out dynamically: on a shared
 // machine a descheduled thread then delays a call by at most one work item (results do
 // not depend on who computes what).
 #include "cpu_kernels.hpp"
@@ -102,6 +103,7 @@ template <class A, class Partial>
 struct RowWork {
     Partial split[kChannelBlock], strip[kChannelBlock];  // strip_partials, a strip's total
     A coefficients[4][kChannelBlock];
+    A channel_coefficients[4][kChannelBlock];  // short planes: per channel, before expand()
 };
 
 // sum(d^2) - sum(d)^2 / n, the corrected second pass; clamped at 0 (NaN passes through).
@@ -244,15 +246,19 @@ void reduce(Shape s, int threads, const Op& op, Partial* result) {
 
 // Two layouts vectorize badly as they are, and run the rows schedule on a view of
 // "positions" instead, each a column of its own:
-// - planes with runs too short for vectors (inner < kShortRun: 2x2 to 7x7 maps) as
-//   (outer, channels * inner, 1): position p is channel p / inner;
+// - planes with short runs (2x2 to 7x7 maps) as (outer, channels * inner, 1): position p
+//   is channel p / inner. Reductions use the view for inner < kShortRunReduce; writes only
+//   for inner < kShortRunWrite and at most kMaxPositions positions (their expanded
+//   coefficients, 16 bytes each, stay in L2): from 32 elements on, runs written with
+//   per-channel coefficients were faster ((32, 256, 7, 7) inference 0.043 -> 0.030 ms).
 // - rows narrower than a few vectors (channels < kNarrowRow: RGB images channels-last,
 //   (N, 3) features) as (outer / k, k * channels, 1), k rows side by side: position p is
 //   channel p % channels; the outer % k rows left over run as they are.
 // Per-channel arrays are expanded to positions, and per-position partials are folded into
-// their channel in position order (results still depend only on the shape). At most
-// kMaxPositions positions: their expanded coefficients (16 bytes each) stay in L2.
-constexpr int64_t kShortRun = 64;
+// their channel (fold_channel; results still depend only on the shape).
+enum class For { reduce, write };
+constexpr int64_t kShortRunReduce = 64;
+constexpr int64_t kShortRunWrite = 32;
 constexpr int64_t kNarrowRow = 64;
 constexpr int64_t kMaxPositions = 16384;
 
@@ -271,6 +277,47 @@ struct Positions {
                 for (int64_t i = 0; i < per_channel; ++i, ++p) f(p, c);
     }
 
+    // Channel c has k = view.channels / channels positions, the i-th at c * per_channel +
+    // i * step: consecutive in short planes, every channels-th in narrow rows.
+    int64_t step() const { return per_channel == 1 ? channels : 1; }
+
+    // Channel c's statistics from its positions' (per_position[p] for its positions p,
+    // relative to per_position). Every position counts view.outer values, so the mean is
+    // the average of the positions' means (shifted by the first, so that constant channels
+    // stay exact) and m2 adds their spread around it: two passes without a division per
+    // position (Chan's pairwise merge, one per position, cost more than the reduction
+    // itself on 7x7 maps).
+    Moments fold_channel(const Moments* per_position, int64_t c) const {
+        const int64_t k = view.channels / channels, d = step();
+        const Moments* p = per_position + c * per_channel;
+        const double n = double(view.outer), first = p[0].mean;
+        double sum = 0;
+        for (int64_t i = 0; i < k; ++i) sum += p[i * d].mean - first;
+        Moments m{n * double(k), first + sum / double(k), 0};
+        for (int64_t i = 0; i < k; ++i) {
+            const double dev = p[i * d].mean - m.mean;
+            m.m2 += p[i * d].m2 + n * dev * dev;
+        }
+        return m;
+    }
+
+    // The backward sums of channel c: its positions' added in position order.
+    Sums fold_channel(const Sums* per_position, int64_t c) const {
+        const int64_t k = view.channels / channels, d = step();
+        const Sums* p = per_position + c * per_channel;
+        Sums total{};
+        for (int64_t i = 0; i < k; ++i) merge(total, p[i * d]);
+        return total;
+    }
+
+    // Short planes: the values of channels [c0, c1) (at c - c0) at their (consecutive)
+    // positions, from the first position of c0.
+    template <class P>
+    void expand(int64_t c0, int64_t c1, const P* per_channel_values, P* out) const {
+        for (int64_t c = c0; c < c1; ++c)
+            for (int64_t i = 0; i < per_channel; ++i) *out++ = per_channel_values[c - c0];
+    }
+
     template <class P>
     Scratch<P> expand(const P* per_channel_values) const {
         Scratch<P> out(view.channels);
@@ -280,9 +327,11 @@ struct Positions {
 };
 
 // The positions view of s, or none (view.channels == 0) when s runs as it is.
-Positions positions_of(Shape s) {
+Positions positions_of(Shape s, For use) {
     const int64_t C = s.channels;
-    if (s.inner > 1 && s.inner < kShortRun && C * s.inner <= kMaxPositions)
+    const bool short_run = use == For::reduce ? s.inner < kShortRunReduce
+                                              : s.inner < kShortRunWrite && C * s.inner <= kMaxPositions;
+    if (s.inner > 1 && short_run)
         return {{s.outer, C * s.inner, 1}, s.inner, {0, C, 1}, C};
     if (s.inner == 1 && C > 0 && C < kNarrowRow && s.outer >= 2 * (kNarrowRow / C + 1)) {
         const int64_t k = 4 * kNarrowRow / C;  // about 256 positions
@@ -304,7 +353,7 @@ constexpr int64_t kFuseBytes = 1 << 20;
 constexpr int64_t kLongRunBytes = 4096;
 
 bool fuse_per_channel(Shape s, int team, int64_t bytes_per_element) {
-    if (s.inner <= 1 || positions_of(s).view.channels > 0 || s.channels < team) return false;
+    if (s.inner <= 1 || positions_of(s, For::reduce).view.channels > 0 || s.channels < team) return false;
     const int64_t channel_bytes = s.outer * s.inner * bytes_per_element;
     const bool long_runs = s.inner * bytes_per_element >= kLongRunBytes;
     return channel_bytes <= (long_runs ? 4 : 1) * kFuseBytes;
@@ -325,12 +374,32 @@ constexpr int64_t kMinStrip = 128;
 
 int64_t strip_width(Shape s, int team, int64_t bytes_per_element) {
     const int64_t C = s.channels;
-    if (s.inner != 1 || C == 0 || s.outer == 0 || positions_of(s).view.channels > 0) return 0;
+    if (s.inner != 1 || C == 0 || s.outer == 0 || positions_of(s, For::reduce).view.channels > 0) return 0;
     const int64_t fits = kStripBytes / (s.outer * bytes_per_element) / kMinStrip * kMinStrip;
     const int64_t shared = ceil_div(ceil_div(C, 4 * int64_t(team)), kMinStrip) * kMinStrip;
     const int64_t width = std::min({fits, shared, RowSplits(s).width});
     if (width < std::min(kMinStrip, C)) return 0;
     return ceil_div(C, width) >= team ? width : 0;
+}
+
+// The column strips of short planes, run on their positions view: strips of whole
+// channels (their positions are consecutive), so that each strip's channels are reduced,
+// folded and written while the strip is in L2 (2 threads, AMD EPYC: (32, 256, 5, 5)
+// training 0.062 -> 0.043 ms, backward 0.065 -> 0.044; (32, 2048, 7, 7) 0.79 -> 0.68 and
+// 1.05 -> 0.88 ms). Strips of fewer than kMinShortPlaneStrip positions cost more per row
+// than the second read they save ((512, 64, 4, 4) in 128-position strips: training 1.8x
+// slower). Otherwise the limits of strip_width; returns the channels per strip, or 0
+// where the schedule does not apply.
+constexpr int64_t kMinShortPlaneStrip = 512;
+
+int64_t short_plane_strip(Shape s, int team, int64_t bytes_per_element) {
+    const Positions pos = positions_of(s, For::reduce);
+    if (pos.view.channels == 0 || pos.per_channel == 1 || s.outer == 0) return 0;
+    const int64_t fits = std::min(kChannelBlock, kStripBytes / (s.outer * bytes_per_element)) / s.inner;
+    const int64_t shared = std::max(ceil_div(s.channels, 4 * int64_t(team)), ceil_div(kMinShortPlaneStrip, s.inner));
+    const int64_t width = std::min(fits, shared);
+    if (width * s.inner < std::min(kMinShortPlaneStrip, pos.view.channels)) return 0;
+    return ceil_div(s.channels, width) >= team ? width : 0;
 }
 
 // body(i, thread) for i in [0, n) on the team, `chunk` at a time, thread = the caller's
@@ -700,11 +769,11 @@ void moments(const T* x, Shape shape, int threads, double* mean, double* var) {
         return;
     }
     Scratch<Moments> result(shape.channels, Moments{});
-    const Positions pos = positions_of(shape);
+    const Positions pos = positions_of(shape, For::reduce);
     if (pos.view.channels > 0) {
         Scratch<Moments> per_position(pos.view.channels), rest(pos.rest.outer > 0 ? shape.channels : 0);
         reduce(pos.view, threads, MomentsOp<T>{x, pos.view}, per_position.data());
-        pos.for_each([&](int64_t p, int64_t c) { merge(result[c], per_position[p]); });
+        for (int64_t c = 0; c < shape.channels; ++c) result[c] = pos.fold_channel(per_position.data(), c);
         if (pos.rest.outer > 0) {
             reduce(pos.rest, threads, MomentsOp<T>{x + pos.view.size(), pos.rest}, rest.data());
             for (int64_t c = 0; c < shape.channels; ++c) merge(result[c], rest[c]);
@@ -718,7 +787,7 @@ void moments(const T* x, Shape shape, int threads, double* mean, double* var) {
 template <class T>
 void affine(const T* x, Shape s, int threads, const param_t<T>* center, const param_t<T>* center_lo,
             const param_t<T>* scale, const param_t<T>* shift, T* y) {
-    const Positions pos = positions_of(s);
+    const Positions pos = positions_of(s, For::write);
     if (pos.view.channels > 0) {
         affine(x, pos.view, threads, pos.expand(center).data(), pos.expand(center_lo).data(), pos.expand(scale).data(),
                pos.expand(shift).data(), y);
@@ -766,6 +835,24 @@ void forward_train(const T* x, Shape s, int threads, double eps, const param_t<T
         });
         return;
     }
+    if (const int64_t strip = short_plane_strip(s, team, sizeof(T))) {
+        const Positions pos = positions_of(s, For::reduce);
+        const RowSplits plan(pos.view);
+        const MomentsOp<T> op{x, pos.view};
+        using Work = typename MomentsOp<T>::Work;
+        for_each_strip<Work>(s, team, strip, stream, [&](int64_t c0, int64_t c1, Work& work) {
+            const int64_t p0 = c0 * s.inner, width = (c1 - c0) * s.inner;
+            plan.strip_partials(pos.view, op, p0, p0 + width, work);
+            for (int64_t c = c0; c < c1; ++c) store(pos.fold_channel(work.strip, c - c0), mean[c], var[c]);
+            P(&k)[4][kChannelBlock] = work.channel_coefficients;
+            train_coefficients(c0, c1, mean, var, eps, weight, bias, invstd, k[0], k[1], k[2], k[3]);
+            for (int q = 0; q < 4; ++q) pos.expand(c0, c1, k[q], work.coefficients[q]);
+            for (int64_t r = 0; r < s.outer; ++r)
+                affine_row(x + r * C * s.inner + p0, y + r * C * s.inner + p0, width, work.coefficients[0],
+                           work.coefficients[1], work.coefficients[2], work.coefficients[3], stream);
+        });
+        return;
+    }
     if (!fuse_per_channel(s, team, sizeof(T))) {
         moments(x, s, threads, mean, var);
         Scratch<P> center(C), lo(C), scale(C), shift(C);
@@ -801,12 +888,12 @@ void backward_sums(const T* dy, const T* x, Shape shape, int threads, const para
         return;
     }
     Scratch<Sums> result(shape.channels, Sums{});
-    const Positions pos = positions_of(shape);
+    const Positions pos = positions_of(shape, For::reduce);
     if (pos.view.channels > 0) {
         const auto mean_at = pos.expand(mean);
         Scratch<Sums> per_position(pos.view.channels), rest(pos.rest.outer > 0 ? shape.channels : 0);
         reduce(pos.view, threads, BackwardSumsOp<T>{dy, x, mean_at.data(), pos.view}, per_position.data());
-        pos.for_each([&](int64_t p, int64_t c) { merge(result[c], per_position[p]); });
+        for (int64_t c = 0; c < shape.channels; ++c) result[c] = pos.fold_channel(per_position.data(), c);
         if (pos.rest.outer > 0) {
             const int64_t offset = pos.view.size();
             reduce(pos.rest, threads, BackwardSumsOp<T>{dy + offset, x + offset, mean, pos.rest}, rest.data());
@@ -824,7 +911,7 @@ void backward_sums(const T* dy, const T* x, Shape shape, int threads, const para
 template <class T>
 void backward_dx(const T* dy, const T* x, Shape s, int threads, const param_t<T>* mean, const param_t<T>* dy_mean,
                  const param_t<T>* xmu_scale, const param_t<T>* scale, T* dx) {
-    const Positions pos = positions_of(s);
+    const Positions pos = positions_of(s, For::write);
     if (pos.view.channels > 0) {
         backward_dx(dy, x, pos.view, threads, pos.expand(mean).data(), pos.expand(dy_mean).data(),
                     pos.expand(xmu_scale).data(), pos.expand(scale).data(), dx);
@@ -873,6 +960,28 @@ void backward_train(const T* dy, const T* x, Shape s, int threads, const param_t
             for (int64_t r = 0; r < s.outer; ++r) {
                 const int64_t offset = r * C + c0;
                 backward_row(dy + offset, x + offset, dx + offset, c1 - c0, mean + c0, dy_mean, xmu_scale, scale, stream);
+            }
+        });
+        return;
+    }
+    if (const int64_t strip = short_plane_strip(s, team, 2 * sizeof(T))) {
+        const Positions pos = positions_of(s, For::reduce);
+        const RowSplits plan(pos.view);
+        const auto mean_at = pos.expand(mean);
+        const BackwardSumsOp<T> op{dy, x, mean_at.data(), pos.view};
+        using Work = typename BackwardSumsOp<T>::Work;
+        for_each_strip<Work>(s, team, strip, stream, [&](int64_t c0, int64_t c1, Work& work) {
+            const int64_t p0 = c0 * s.inner, width = (c1 - c0) * s.inner;
+            plan.strip_partials(pos.view, op, p0, p0 + width, work);
+            P(&k)[4][kChannelBlock] = work.channel_coefficients;
+            dx_coefficients(
+                c0, c1, [&](int64_t c) { return pos.fold_channel(work.strip, c - c0); }, invstd, weight, count, sum_dy,
+                sum_dy_xhat, k[0], k[1], k[2]);
+            for (int q = 0; q < 3; ++q) pos.expand(c0, c1, k[q], work.coefficients[q]);
+            for (int64_t r = 0; r < s.outer; ++r) {
+                const int64_t offset = r * C * s.inner + p0;
+                backward_row(dy + offset, x + offset, dx + offset, width, mean_at.data() + p0, work.coefficients[0],
+                             work.coefficients[1], work.coefficients[2], stream);
             }
         });
         return;

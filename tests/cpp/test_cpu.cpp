@@ -385,7 +385,11 @@ int main() {
         {16, 4, 20000}, // large enough for non-temporal stores
         {70000, 5, 1},  // the same, rows schedule
         {300, 5, 9},    // short planes (3x3) as rows of channel x inner positions
-        {5, 333, 49},   // short planes over the position limit: planes schedule, 49-element runs
+        {5, 333, 49},   // short planes over the position limit: reduced as positions, written as runs
+        {6, 700, 25},   // the same with runs short enough to be written as positions below the limit
+        {40, 40, 40},   // short planes reduced as positions, 40-element runs written as runs
+        {32, 256, 9},   // short planes in strips of whole channels, fused
+        {17, 130, 7},   // the same on one thread, odd sizes
         {2, 3, 17},     // short planes, runs longer than a vector (head and tail vectors)
         {1001, 63, 1},  // narrow rows, 4 side by side, 1 row left over
         {2, 3000, 1},   // few rows: column strips, reduced and written from cache
@@ -402,6 +406,8 @@ int main() {
     test_thread_determinism<double>({3, 2, 70000});
     test_thread_determinism<float>({16, 4, 20000});    // streaming stores, fused and not
     test_thread_determinism<float>({5000, 64, 4});     // short planes as positions
+    test_thread_determinism<float>({64, 16, 49});      // short-plane strips on 1 and 2 threads, unfused on 3
+    test_thread_determinism<double>({32, 1000, 25});   // short planes over the position limit, fused
     test_thread_determinism<float>({50000, 3, 1});     // narrow rows side by side, rows left over
     test_thread_determinism<double>({70000, 16, 1});   // streaming stores, rows schedule
     test_thread_determinism<float>({2, 200003, 1});    // column strips
@@ -414,6 +420,7 @@ int main() {
     test_streaming_alignment<bnorm::half>({8, 3, 100001});
     test_streaming_alignment<bnorm::half>({150001, 17, 1});
     test_streaming_alignment<float>({3, 600001, 1});   // column strips
+    test_streaming_alignment<float>({48, 512, 49});    // short-plane strips
     test_errors_leave_buffers_untouched();
     test_calls_after_thread_exit_began();
     test_small_thread_stack();

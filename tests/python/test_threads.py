@@ -20,6 +20,8 @@ BIG_LAYOUTS = [
     ((4096, 8, 64), 1, np.float16),
     ((65536, 32), -1, np.float16),
     ((16384, 64, 2, 2), 1, np.float32),     # short planes: rows of channel x inner positions
+    ((64, 512, 7, 7), 1, np.float32),       # short planes in strips of whole channels, fused
+    ((32, 1024, 3, 3), 1, np.float16),      # the same, float16
     ((2**19 + 7, 3), 1, np.float32),        # narrow rows side by side, rows left over
     ((2048, 33, 5, 5), 1, np.float16),      # short planes, float16, odd sizes
     ((2, 1048593), 1, np.float32),          # few rows, huge C: column strips
