@@ -247,10 +247,12 @@ void reduce(Shape s, int threads, const Op& op, Partial* result) {
 // Two layouts vectorize badly as they are, and run the rows schedule on a view of
 // "positions" instead, each a column of its own:
 // - planes with short runs (2x2 to 7x7 maps) as (outer, channels * inner, 1): position p
-//   is channel p / inner. Reductions use the view for inner < kShortRunReduce; writes only
-//   for inner < kShortRunWrite and at most kMaxPositions positions (their expanded
-//   coefficients, 16 bytes each, stay in L2): from 32 elements on, runs written with
-//   per-channel coefficients were faster ((32, 256, 7, 7) inference 0.043 -> 0.030 ms).
+//   is channel p / inner. Reductions use the view for inner < kShortRunReduce and at most
+//   kMaxReducePositions positions (their partials, 24 bytes each, are scratch: beyond
+//   that the planes schedule needs none); writes only for inner < kShortRunWrite and at
+//   most kMaxPositions positions (their expanded coefficients, 16 bytes each, stay in
+//   L2): from 32 elements on, runs written with per-channel coefficients were faster
+//   ((32, 256, 7, 7) inference 0.043 -> 0.030 ms).
 // - rows narrower than a few vectors (channels < kNarrowRow: RGB images channels-last,
 //   (N, 3) features) as (outer / k, k * channels, 1), k rows side by side: position p is
 //   channel p % channels; the outer % k rows left over run as they are.
@@ -261,6 +263,7 @@ constexpr int64_t kShortRunReduce = 64;
 constexpr int64_t kShortRunWrite = 32;
 constexpr int64_t kNarrowRow = 64;
 constexpr int64_t kMaxPositions = 16384;
+constexpr int64_t kMaxReducePositions = 1 << 18;
 
 struct Positions {
     Shape view;          // (rows, positions, 1)
@@ -329,7 +332,7 @@ struct Positions {
 // The positions view of s, or none (view.channels == 0) when s runs as it is.
 Positions positions_of(Shape s, For use) {
     const int64_t C = s.channels;
-    const bool short_run = use == For::reduce ? s.inner < kShortRunReduce
+    const bool short_run = use == For::reduce ? s.inner < kShortRunReduce && C * s.inner <= kMaxReducePositions
                                               : s.inner < kShortRunWrite && C * s.inner <= kMaxPositions;
     if (s.inner > 1 && short_run)
         return {{s.outer, C * s.inner, 1}, s.inner, {0, C, 1}, C};

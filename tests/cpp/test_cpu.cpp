@@ -385,7 +385,8 @@ int main() {
         {16, 4, 20000}, // large enough for non-temporal stores
         {70000, 5, 1},  // the same, rows schedule
         {300, 5, 9},    // short planes (3x3) as rows of channel x inner positions
-        {5, 333, 49},   // short planes over the position limit: reduced as positions, written as runs
+        {5, 333, 49},   // short planes over the write position limit: reduced as positions, written as runs
+        {2, 5400, 49},  // over the reduce position limit too: planes schedule, 49-element runs
         {6, 700, 25},   // the same with runs short enough to be written as positions below the limit
         {40, 40, 40},   // short planes reduced as positions, 40-element runs written as runs
         {32, 256, 9},   // short planes in strips of whole channels, fused
