@@ -10,7 +10,8 @@
 // "positions" (see Positions below). All vector code goes through Simd<T> (simd.hpp).
 // A tile holds about kTileElems values, so the two passes of the shifted two-pass
 // statistics read it from L1/L2, not DRAM. Tile results are merged in double (Chan's
-// formula) in tile order, and the tiles of a channel are split into a number of work items
+// formula; the positions of a channel, all of equal count, by Positions::fold_channel) in
+// tile order, and the tiles of a channel are split into a number of work items
 // that depends only on the shape: the merge order, and therefore every bit of the result,
 // is the same for any thread count.
 //
@@ -103,7 +104,7 @@ template <class A, class Partial>
 struct RowWork {
     Partial split[kChannelBlock], strip[kChannelBlock];  // strip_partials, a strip's total
     A coefficients[4][kChannelBlock];
-    A channel_coefficients[4][kChannelBlock];  // short planes: per channel, before expand()
+    A channel_coefficients[4][kChannelBlock / 2];  // short-plane strips: per channel (inner >= 2)
 };
 
 // sum(d^2) - sum(d)^2 / n, the corrected second pass; clamped at 0 (NaN passes through).
@@ -284,8 +285,10 @@ struct Positions {
     // i * step: consecutive in short planes, every channels-th in narrow rows.
     int64_t step() const { return per_channel == 1 ? channels : 1; }
 
-    // Channel c's statistics from its positions' (per_position[p] for its positions p,
-    // relative to per_position). Every position counts view.outer values, so the mean is
+    // Channel c's statistics from its positions' partials: the i-th is per_position[c *
+    // per_channel + i * step()] (so a strip of short planes, whose channels' positions are
+    // consecutive, passes its own partials and c relative to its first channel; narrow
+    // rows only fold whole arrays). Every position counts view.outer values, so the mean is
     // the average of the positions' means (shifted by the first, so that constant channels
     // stay exact) and m2 adds their spread around it: two passes without a division per
     // position (Chan's pairwise merge, one per position, cost more than the reduction
@@ -391,8 +394,13 @@ int64_t strip_width(Shape s, int team, int64_t bytes_per_element) {
 // training 0.062 -> 0.043 ms, backward 0.065 -> 0.044; (32, 2048, 7, 7) 0.79 -> 0.68 and
 // 1.05 -> 0.88 ms). Strips of fewer than kMinShortPlaneStrip positions cost more per row
 // than the second read they save ((512, 64, 4, 4) in 128-position strips: training 1.8x
-// slower). Otherwise the limits of strip_width; returns the channels per strip, or 0
-// where the schedule does not apply.
+// slower). A strip spans at most kChannelBlock positions, the length of RowWork's arrays
+// and of row_tile's accumulators (`fits`), and its rows of every input fit in
+// kStripBytes; returns the channels per strip, or 0 where the schedule does not apply.
+// The fused and unfused paths give the same bits: a position's partials do not depend on
+// where its strip starts (row_tile works column by column, vector lanes and scalar tails
+// alike), both fold with fold_channel, and affine_row / backward_row compute what
+// affine_run / backward_run do, operation for operation.
 constexpr int64_t kMinShortPlaneStrip = 512;
 
 int64_t short_plane_strip(Shape s, int team, int64_t bytes_per_element) {
@@ -847,7 +855,7 @@ void forward_train(const T* x, Shape s, int threads, double eps, const param_t<T
             const int64_t p0 = c0 * s.inner, width = (c1 - c0) * s.inner;
             plan.strip_partials(pos.view, op, p0, p0 + width, work);
             for (int64_t c = c0; c < c1; ++c) store(pos.fold_channel(work.strip, c - c0), mean[c], var[c]);
-            P(&k)[4][kChannelBlock] = work.channel_coefficients;
+            P(&k)[4][kChannelBlock / 2] = work.channel_coefficients;
             train_coefficients(c0, c1, mean, var, eps, weight, bias, invstd, k[0], k[1], k[2], k[3]);
             for (int q = 0; q < 4; ++q) pos.expand(c0, c1, k[q], work.coefficients[q]);
             for (int64_t r = 0; r < s.outer; ++r)
@@ -976,7 +984,7 @@ void backward_train(const T* dy, const T* x, Shape s, int threads, const param_t
         for_each_strip<Work>(s, team, strip, stream, [&](int64_t c0, int64_t c1, Work& work) {
             const int64_t p0 = c0 * s.inner, width = (c1 - c0) * s.inner;
             plan.strip_partials(pos.view, op, p0, p0 + width, work);
-            P(&k)[4][kChannelBlock] = work.channel_coefficients;
+            P(&k)[4][kChannelBlock / 2] = work.channel_coefficients;
             dx_coefficients(
                 c0, c1, [&](int64_t c) { return pos.fold_channel(work.strip, c - c0); }, invstd, weight, count, sum_dy,
                 sum_dy_xhat, k[0], k[1], k[2]);

@@ -326,8 +326,8 @@ def backward(
 def batch_stats(x: Array, *, axis: int = 1, stream: Optional[int] = None) -> Tuple[int, Array, Array]:
     """Per-channel statistics of x: (count, mean, var) with count = M, the number of values
     per channel (an int), and var the biased variance. Computed with shifted two-pass sums
-    merged with Chan's formula (accurate for |mean| >> std). For an empty x, mean and var
-    are 0."""
+    per tile, merged with Chan's formula (accurate for |mean| >> std; docs/math.md,
+    Numerics). For an empty x, mean and var are 0."""
     call = _Call(x, axis, stream)
     mean, var = call.new_vector(), call.new_vector()
     _core.batch_stats(call.x, call.shape, mean, var, call.xp.stream)

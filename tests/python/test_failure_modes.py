@@ -44,6 +44,22 @@ def test_large_mean_float32_stays_accurate(rng, offset, layout):
                                err_msg="y")
 
 
+@pytest.mark.parametrize("shape", [(6, 1000, 5, 5), (6, 300, 7, 7), (64, 16, 7, 7), (20000, 3)],
+                         ids=str)
+def test_large_mean_float64_small_tiles_within_documented_bound(rng, shape):
+    """Small maps and narrow rows merge tiles of a few values (docs/math.md, Numerics): the
+    variance's relative error may grow like eps * |mean| / std, here 1e-16 * 1e7."""
+    d = 1e-3 * rng.standard_normal(shape)
+    x = 1e4 + d
+    _, mean, var = bnorm.batch_stats(x)
+    # the reference from x - 1e4, exact (Sterbenz): NumPy's own float64 sums over a
+    # strided axis of values near 1e4 are off by several ulps
+    _, rmean, rvar = ref.batch_stats(x - 1e4, 1)
+    rmean = rmean + 1e4
+    np.testing.assert_allclose(mean, rmean, rtol=0, atol=4 * np.spacing(1e4), err_msg="mean")
+    np.testing.assert_allclose(var, rvar, rtol=1e-8, err_msg="var")
+
+
 # --- constant channels map exactly to bias ------------------------------------------------
 
 CONSTANTS = {

@@ -16,8 +16,8 @@
 namespace bnorm {
 
 /// Per-channel mean and biased variance of x (M = shape.count() values per channel),
-/// computed with shifted two-pass sums per cache-sized tile merged with Chan's formula,
-/// never as E[x^2] - E[x]^2. With M == 0, mean and var are set to 0.
+/// computed with shifted two-pass sums per cache-sized tile merged with Chan's formula
+/// (docs/math.md, Numerics), never as E[x^2] - E[x]^2. With M == 0, mean and var are 0.
 template <class T>
 void batch_stats(const T* x, Shape shape, param_t<T>* mean, param_t<T>* var);
 
