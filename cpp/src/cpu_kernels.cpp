@@ -681,6 +681,27 @@ int64_t rows_per_chunk(Shape s, int team, int64_t row_length) {
     return std::max<int64_t>(1, elements / std::max<int64_t>(row_length, 1));
 }
 
+// body(r, c0, c1) for the columns [c0, c1) of every row r of the rows schedule, in
+// parallel. Rows wider than kWriteColumns are handed out as chunks of rows times a block
+// of columns, so that the block's coefficient arrays (up to four per column) stay in L1
+// while its rows are written: read across whole rows from L2 they took four loads per
+// value and made (64, 16384) inference 1.7x a copy.
+constexpr int64_t kWriteColumns = 2048;
+
+template <class Body>
+void for_row_blocks(Shape s, int team, bool stream, const Body& body) {
+    const int64_t C = s.channels;
+    if (C <= kWriteColumns) {
+        parallel_writes(team, s.outer, rows_per_chunk(s, team, C), stream, [&](int64_t r, int) { body(r, 0, C); });
+        return;
+    }
+    const int64_t blocks = ceil_div(C, kWriteColumns), rows = rows_per_chunk(s, team, kWriteColumns);
+    parallel_writes(team, ceil_div(s.outer, rows) * blocks, 1, stream, [&](int64_t item, int) {
+        const int64_t r0 = item / blocks * rows, c0 = item % blocks * kWriteColumns;
+        for (int64_t r = r0; r < std::min(s.outer, r0 + rows); ++r) body(r, c0, std::min(C, c0 + kWriteColumns));
+    });
+}
+
 template <class T>
 bool streams(Shape s) {
     return s.size() * int64_t(sizeof(T)) >= kStreamBytes;
@@ -816,8 +837,9 @@ void affine(const T* x, Shape s, int threads, const param_t<T>* center, const pa
                        stream);
         });
     } else {
-        parallel_writes(team, s.outer, rows_per_chunk(s, team, C), stream, [&](int64_t r, int) {
-            affine_row(x + r * C, y + r * C, C, center, center_lo, scale, shift, stream);
+        for_row_blocks(s, team, stream, [&](int64_t r, int64_t c0, int64_t c1) {
+            const int64_t offset = r * C + c0;
+            affine_row(x + offset, y + offset, c1 - c0, center + c0, center_lo + c0, scale + c0, shift + c0, stream);
         });
     }
 }
@@ -942,8 +964,10 @@ void backward_dx(const T* dy, const T* x, Shape s, int threads, const param_t<T>
                          stream);
         });
     } else {
-        parallel_writes(team, s.outer, rows_per_chunk(s, team, C), stream, [&](int64_t r, int) {
-            backward_row(dy + r * C, x + r * C, dx + r * C, C, mean, dy_mean, xmu_scale, scale, stream);
+        for_row_blocks(s, team, stream, [&](int64_t r, int64_t c0, int64_t c1) {
+            const int64_t offset = r * C + c0;
+            backward_row(dy + offset, x + offset, dx + offset, c1 - c0, mean + c0, dy_mean + c0, xmu_scale + c0,
+                         scale + c0, stream);
         });
     }
 }

@@ -395,6 +395,7 @@ int main() {
         {1001, 63, 1},  // narrow rows, 4 side by side, 1 row left over
         {2, 3000, 1},   // few rows: column strips, reduced and written from cache
         {96, 1500, 1},  // column strips, each channel's rows in several splits
+        {40, 5000, 1},  // rows wider than a write block: written a block of columns at a time
     };
     for (const Shape& s : shapes) {
         test_forward_backward<float>(s);
