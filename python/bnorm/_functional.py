@@ -102,6 +102,11 @@ def _backend(x, stream):
     return _NumPy
 
 
+def _exported(xp, a):
+    """What _core gets for array a: a itself when C-contiguous, else a C-contiguous copy."""
+    return xp.export(a if xp.is_contiguous(a) else xp.contiguous(a))
+
+
 def _param_dtype(dtype_name: str) -> str:
     return "float32" if dtype_name in ("float16", "bfloat16") else dtype_name
 
@@ -121,7 +126,7 @@ class _Call:
         ndim = len(self.input_shape)
         if ndim < 2:
             raise ValueError(f"bnorm: {name} must have at least 2 dimensions, got shape {self.input_shape}")
-        if not isinstance(axis, numbers.Integral) or isinstance(axis, bool):
+        if type(axis) is not int and (not isinstance(axis, numbers.Integral) or isinstance(axis, bool)):
             raise TypeError(f"bnorm: axis must be an integer, got {axis!r}")
         if not -ndim <= axis < ndim:
             raise ValueError(f"bnorm: axis {axis} is out of range for {name} of shape {self.input_shape}")
@@ -131,7 +136,8 @@ class _Call:
         inner = math.prod(self.input_shape[axis + 1 :])
         self.shape = (outer, self.channels, inner)
         self.count = outer * inner
-        self.x = self.input(x, name)
+        # x's dtype and shape are the call's by definition: only its layout needs a look
+        self.x = _exported(self.xp, x)
 
     def input(self, a, name):
         """An array shaped like x, as a C-contiguous array (copied only if it is not one)."""
@@ -143,7 +149,7 @@ class _Call:
             raise TypeError(f"bnorm: {name} must have x's dtype {self.dtype}, got {self.xp.dtype_name(a)}")
         if tuple(a.shape) != self.input_shape:
             raise ValueError(f"bnorm: {name} must have x's shape {self.input_shape}, got {tuple(a.shape)}")
-        return self.xp.export(a if self.xp.is_contiguous(a) else self.xp.contiguous(a))
+        return _exported(self.xp, a)
 
     def vector(self, a, name, *, required=True):
         """A per-channel input vector (weight, bias, statistics) of the parameter dtype."""
@@ -161,7 +167,7 @@ class _Call:
             )
         if tuple(a.shape) != (self.channels,):
             raise ValueError(f"bnorm: {name} must have shape ({self.channels},), got {tuple(a.shape)}")
-        return self.xp.export(a if self.xp.is_contiguous(a) else self.xp.contiguous(a))
+        return _exported(self.xp, a)
 
     def buffer(self, a, name):
         """A per-channel vector updated in place (running statistics)."""
@@ -373,8 +379,8 @@ def merge_stats(
     if xp.dtype_name(counts)[:1] not in ("i", "u", "f"):
         raise TypeError(f"bnorm: counts must be integers or floats, got {xp.dtype_name(counts)}")
     table = xp.counts_table(counts, parts, channels)
-    means = xp.export(means if xp.is_contiguous(means) else xp.contiguous(means))
-    vars = xp.export(vars if xp.is_contiguous(vars) else xp.contiguous(vars))
+    means = _exported(xp, means)
+    vars = _exported(xp, vars)
     count = xp.empty((channels,), "float64")
     mean, var = xp.empty((channels,), dtype), xp.empty((channels,), dtype)
     _core.merge_stats(xp.export(table), means, vars, count, mean, var, xp.stream)
