@@ -251,9 +251,10 @@ void reduce(Shape s, int threads, const Op& op, Partial* result) {
 //   is channel p / inner. Reductions use the view for inner < kShortRunReduce and at most
 //   kMaxReducePositions positions (their partials, 24 bytes each, are scratch: beyond
 //   that the planes schedule needs none); writes only for inner < kShortRunWrite and at
-//   most kMaxPositions positions (their expanded coefficients, 16 bytes each, stay in
-//   L2): from 32 elements on, runs written with per-channel coefficients were faster
-//   ((32, 256, 7, 7) inference 0.043 -> 0.030 ms).
+//   most kMaxPositions positions (each costs 16 bytes of expanded coefficients; with
+//   2^18, runs of 9 were written slower, runs of 16 and 25 faster: no clear gain). From
+//   32 elements on, runs written with per-channel coefficients were faster ((32, 256, 7,
+//   7) inference 0.043 -> 0.030 ms).
 // - rows narrower than a few vectors (channels < kNarrowRow: RGB images channels-last,
 //   (N, 3) features) as (outer / k, k * channels, 1), k rows side by side: position p is
 //   channel p % channels; the outer % k rows left over run as they are.
