@@ -330,35 +330,30 @@ plane_reduce_kernel(const T* __restrict__ x, const T* __restrict__ dy, Op op, Pl
     const int64_t j = j0 + threadIdx.x;
     const int64_t nt = j < j1 ? (j1 - 1 - j) / kThreads + 1 : 0;
     int64_t row = j / pl.width, col = j - row * pl.width;
-    int64_t k = 0;
-    for (; k + U <= nt; k += U) {
-        A xv[U * V], gv[U * V];
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-            const int64_t off = row * row_stride + col * V;
-            load_vec<T, V>(xc + off, xv + u * V);
-            if constexpr (Op::kInputs == 2) load_vec<T, V>(gc + off, gv + u * V);
-            col += pl.dcol;
-            row += pl.drow;
-            if (col >= pl.width) {
-                col -= pl.width;
-                ++row;
-            }
-        }
-        op.template tile<U * V>(st, xv, gv, center);
-    }
-    for (; k < nt; ++k) {
-        A xv[V], gv[V];
+    // Loads this thread's next item (V values of x, and of dy) into xv, gv and steps on by
+    // kThreads items.
+    const auto load_next = [&](A* xv, A* gv) {
         const int64_t off = row * row_stride + col * V;
         load_vec<T, V>(xc + off, xv);
         if constexpr (Op::kInputs == 2) load_vec<T, V>(gc + off, gv);
-        op.template tile<V>(st, xv, gv, center);
         col += pl.dcol;
         row += pl.drow;
         if (col >= pl.width) {
             col -= pl.width;
             ++row;
         }
+    };
+    int64_t k = 0;
+    for (; k + U <= nt; k += U) {
+        A xv[U * V], gv[U * V];
+#pragma unroll
+        for (int u = 0; u < U; ++u) load_next(xv + u * V, gv + u * V);
+        op.template tile<U * V>(st, xv, gv, center);
+    }
+    for (; k < nt; ++k) {
+        A xv[V], gv[V];
+        load_next(xv, gv);
+        op.template tile<V>(st, xv, gv, center);
     }
 
     st = block_reduce(st, warp_sm);
