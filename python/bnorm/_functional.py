@@ -126,6 +126,7 @@ class _Call:
         ndim = len(self.input_shape)
         if ndim < 2:
             raise ValueError(f"bnorm: {name} must have at least 2 dimensions, got shape {self.input_shape}")
+        # (a plain int first: the numbers.Integral check costs 0.2 us a call)
         if type(axis) is not int and (not isinstance(axis, numbers.Integral) or isinstance(axis, bool)):
             raise TypeError(f"bnorm: axis must be an integer, got {axis!r}")
         if not -ndim <= axis < ndim:
