@@ -85,6 +85,7 @@ class BatchNorm:
     def __call__(self, x):
         """Normalize x: batch statistics when training or not tracking running
         statistics, else the running ones. Remembers x for ``backward``."""
+        x = self._input(x)
         if self.training or not self.track_running_stats:
             update = self.training and self.track_running_stats
             batches = self.num_batches_tracked + 1 if update else None
@@ -107,6 +108,28 @@ class BatchNorm:
         return y
 
     forward = __call__
+
+    def _input(self, x):
+        """x as a NumPy array (lists and CPU arrays of other frameworks converted; CUDA
+        arrays pass as they are), checked against the layer's parameter dtype where the
+        layer has parameters or buffers, before anything is computed or updated."""
+        device = x.__dlpack_device__()[0] if hasattr(x, "__dlpack_device__") else 1
+        if device != 1:  # kDLCPU
+            return x
+        x = np.asarray(x)
+        self._check_dtype(x.dtype)
+        return x
+
+    def _check_dtype(self, dtype: np.dtype) -> None:
+        """TypeError for a float x whose parameter dtype is not this layer's (where the
+        layer has parameters or buffers); other dtypes are left to the functions' checks."""
+        if dtype.name in _DTYPES and (self.affine or self.track_running_stats):
+            param = np.dtype(np.float32) if dtype.itemsize == 2 else dtype
+            if param != self.param_dtype:
+                raise TypeError(
+                    f"bnorm: this layer's parameters are {self.param_dtype.name}, which takes "
+                    f"x of dtype {self.dtype.name}, got {dtype.name}"
+                )
 
     def backward(self, dy):
         """Gradient of the loss with respect to the last call's input, given dy (shaped like

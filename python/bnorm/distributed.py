@@ -589,14 +589,8 @@ class SyncBatchNorm(BatchNorm):
                 f"bnorm: x has {channels} channels (axis {self.axis}, shape {_shape_of(x)}), "
                 f"expected num_features={self.num_features}"
             )
-        dtype = np.dtype(getattr(x, "dtype", None)) if isinstance(x, np.ndarray) else None
-        if dtype is not None and dtype.name in ("float16", "float32", "float64"):
-            param = np.dtype(np.float32) if dtype.itemsize == 2 else dtype
-            if (self.affine or self.track_running_stats) and param != self.param_dtype:
-                raise TypeError(
-                    f"bnorm: this layer's parameters are {self.param_dtype.name}, which takes "
-                    f"x of dtype {self.dtype.name}, got {dtype.name}"
-                )
+        if isinstance(x, np.ndarray):
+            self._check_dtype(x.dtype)
         elif not on_cpu and (self.affine or self.track_running_stats):
             raise TypeError(
                 "bnorm: SyncBatchNorm, like BatchNorm, holds NumPy parameters and takes NumPy "

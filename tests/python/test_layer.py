@@ -230,3 +230,31 @@ def test_load_state_dict_from_plain_arrays():
     expect = ref.forward_infer(x, [1.0, 2.0, 3.0], [4.0, 5.0, 6.0], np.arange(3.0),
                                np.full(3, 0.5))
     assert_close(bn(x), expect, 1e-6, "eval output after load")
+
+
+def test_layer_takes_lists_like_arrays():
+    """A list goes through np.asarray before anything is computed or updated."""
+    x = [[1.0, 2.0], [3.0, 5.0], [0.0, -1.0]]
+    bn, expected = bnorm.BatchNorm(2, dtype=np.float64), bnorm.BatchNorm(2, dtype=np.float64)
+    ref.assert_bitwise(bn(x), expected(np.array(x)), "y from a list")
+    assert bn.num_batches_tracked == expected.num_batches_tracked == 1
+    ref.assert_bitwise(bn.running_mean, expected.running_mean, "running_mean")
+    ref.assert_bitwise(bn.backward(x), expected.backward(np.array(x)), "dx from a list")
+
+
+@pytest.mark.parametrize("config", [{}, {"affine": False}, {"track_running_stats": False}],
+                         ids=["default", "noaffine", "untracked"])
+def test_layer_wrong_dtype_names_x_and_changes_nothing(config):
+    bn = bnorm.BatchNorm(2, **config)  # float32 parameters: takes float32 and float16 x
+    with pytest.raises(TypeError, match="x of dtype float32, got float64"):
+        bn([[1.0, 2.0], [3.0, 5.0]])  # a float list is float64
+    assert bn.num_batches_tracked in (0, None) and bn._saved is None
+    assert bn(np.ones((3, 2), np.float16)).dtype == np.float16
+
+
+def test_layer_without_parameters_takes_any_float_dtype():
+    """As torch's: with neither affine parameters nor running buffers there is nothing
+    the dtype of x must match."""
+    bn = bnorm.BatchNorm(2, affine=False, track_running_stats=False)
+    x = np.array([[1.0, 2.0], [3.0, 5.0]])
+    assert_close(bn(x), ref.forward_train(x)[0], 1e-12, "float64 x, float32 layer")
