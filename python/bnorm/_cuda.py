@@ -69,6 +69,12 @@ class _Torch:
         return True
 
     @staticmethod
+    def overlaps_partly(a, b):
+        # C-contiguous, same shape and dtype (see _functional._NumPy.overlaps_partly)
+        a0, b0, n = a.data_ptr(), b.data_ptr(), a.numel() * a.element_size()
+        return a0 != b0 and a0 < b0 + n and b0 < a0 + n
+
+    @staticmethod
     def copy_into(dst, src):
         dst.copy_(src)
 
@@ -115,6 +121,12 @@ class _CuPy:
     @staticmethod
     def is_writeable(a):
         return True
+
+    @staticmethod
+    def overlaps_partly(a, b):
+        # C-contiguous, same shape and dtype (see _functional._NumPy.overlaps_partly)
+        a0, b0, n = a.data.ptr, b.data.ptr, a.nbytes
+        return a0 != b0 and a0 < b0 + n and b0 < a0 + n
 
     @staticmethod
     def copy_into(dst, src):
@@ -171,6 +183,10 @@ class _Jax:
     @staticmethod
     def is_writeable(a):
         return False
+
+    @staticmethod
+    def overlaps_partly(a, b):
+        return False  # never reached: JAX arrays are not writeable outputs
 
     @staticmethod
     def copy_into(dst, src):

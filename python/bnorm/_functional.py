@@ -49,7 +49,10 @@ class _NumPy:
 
     @staticmethod
     def dtype_name(a) -> str:
-        return _DTYPE_NAMES.get(a.dtype) or a.dtype.name
+        name = _DTYPE_NAMES.get(a.dtype)
+        if name is None:
+            name = a.dtype.name if a.dtype.isnative else f"{a.dtype.name} of non-native byte order ({a.dtype.str})"
+        return name
 
     @staticmethod
     def empty(shape, dtype_name: str):
@@ -66,6 +69,12 @@ class _NumPy:
     @staticmethod
     def is_writeable(a) -> bool:
         return a.flags.writeable
+
+    @staticmethod
+    def overlaps_partly(a, b) -> bool:
+        """Whether C-contiguous arrays a and b of one shape and dtype share memory without
+        being the same memory (then a kernel writing a would overwrite b's unread values)."""
+        return np.may_share_memory(a, b) and a.__array_interface__["data"][0] != b.__array_interface__["data"][0]
 
     @staticmethod
     def export(a):
@@ -105,6 +114,37 @@ def _backend(x, stream):
 def _exported(xp, a):
     """What _core gets for array a: a itself when C-contiguous, else a C-contiguous copy."""
     return xp.export(a if xp.is_contiguous(a) else xp.contiguous(a))
+
+
+def _real(value, name: str) -> float:
+    """A scalar argument (momentum, eps, count) as a float; TypeError naming it otherwise."""
+    if type(value) is not float and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+        raise TypeError(f"bnorm: {name} must be a real number, got {value!r}")
+    return float(value)
+
+
+def _count_of(count, channels: int) -> float:
+    """backward_elemt's count: a number, a 0-d array, or a (C,) array holding one value for
+    every channel (what merge_stats returns for (P, C) counts), on any device."""
+    if isinstance(count, bool) or isinstance(count, numbers.Real) or not hasattr(count, "shape"):
+        return _real(count, "count")
+    kind = np.dtype(str(count.dtype).removeprefix("torch.")).kind
+    if kind not in "iuf":
+        raise TypeError(f"bnorm: count must hold integers or floats, got dtype {count.dtype}")
+    shape = tuple(count.shape)
+    if shape == ():
+        return float(count)
+    if shape != (channels,):
+        raise ValueError(f"bnorm: count must be a number or have shape () or ({channels},), got {shape}")
+    if channels == 0:
+        return 1.0  # nothing to compute
+    lo, hi = float(count.min()), float(count.max())
+    if lo != hi:
+        raise ValueError(
+            f"bnorm: count must be the same for every channel, got values from {lo:g} to {hi:g} "
+            "(backward_elemt normalizes all channels by one count)"
+        )
+    return hi
 
 
 def _param_dtype(dtype_name: str) -> str:
@@ -186,9 +226,10 @@ class _Call:
     def new_vector(self):
         return self.xp.empty((self.channels,), self.param_dtype)
 
-    def output(self, out):
+    def output(self, out, *inputs):
         """(the array _core writes, the array returned): out itself when it is C-contiguous,
-        else a fresh array copied into out after the call."""
+        else a fresh array copied into out after the call. out may be x or one of the
+        x-shaped `inputs` (exported) itself, but not overlap one partly."""
         if out is None:
             return _Output(self.xp, self.xp.empty(self.input_shape, self.dtype))
         if self.xp is _NumPy and not isinstance(out, np.ndarray):
@@ -202,7 +243,11 @@ class _Call:
         if not self.xp.is_writeable(out):
             raise ValueError("bnorm: out is read-only")
         if self.xp.is_contiguous(out):
-            return _Output(self.xp, self.xp.export(out), out)
+            target = self.xp.export(out)
+            for a, name in ((self.x, "x"), *inputs):
+                if self.xp.overlaps_partly(target, a):
+                    raise ValueError(f"bnorm: out overlaps {name} partly (it may be {name} itself, or separate memory)")
+            return _Output(self.xp, target, out)
         return _Output(self.xp, self.xp.empty(self.input_shape, self.dtype), out, copy_back=True)
 
     def require_batch(self):
@@ -273,7 +318,7 @@ def forward_train(
     y = call.output(out)
     save_mean, save_invstd = call.new_vector(), call.new_vector()
     _core.forward_train(
-        call.x, call.shape, weight, bias, running_mean, running_var, float(momentum), float(eps),
+        call.x, call.shape, weight, bias, running_mean, running_var, _real(momentum, "momentum"), _real(eps, "eps"),
         y.target, save_mean, save_invstd, call.xp.stream,
     )
     return y.done(), call.result(save_mean), call.result(save_invstd)
@@ -295,7 +340,9 @@ def forward_infer(
     weight = call.vector(weight, "weight", required=False)
     bias = call.vector(bias, "bias", required=False)
     y = call.output(out)
-    _core.forward_infer(call.x, call.shape, running_mean, running_var, weight, bias, float(eps), y.target, call.xp.stream)
+    _core.forward_infer(
+        call.x, call.shape, running_mean, running_var, weight, bias, _real(eps, "eps"), y.target, call.xp.stream
+    )
     return y.done()
 
 
@@ -324,7 +371,7 @@ def backward(
     mean = call.vector(mean, "mean")
     invstd = call.vector(invstd, "invstd")
     weight = call.vector(weight, "weight", required=False)
-    dx = call.output(out)
+    dx = call.output(out, (dy, "dy"))
     dweight, dbias = call.new_vector(), call.new_vector()
     _core.backward(dy, call.x, call.shape, mean, invstd, weight, bool(batch_stats), dx.target, dweight, dbias, call.xp.stream)
     return dx.done(), call.result(dweight), call.result(dbias)
@@ -422,11 +469,12 @@ def backward_reduce(
 
 def backward_elemt(
     dy: Array, x: Array, mean: Array, invstd: Array, weight: Optional[Array], sum_dy: Array, sum_dy_xhat: Array,
-    count: Union[int, float], *, axis: int = 1, out: Optional[Array] = None, stream: Optional[int] = None,
+    count: Union[int, float, Array], *, axis: int = 1, out: Optional[Array] = None, stream: Optional[int] = None,
 ) -> Array:
     """The elementwise phase of ``backward`` with batch statistics:
     dx = weight * invstd * (dy - sum_dy / count - xhat * sum_dy_xhat / count),
-    where count is the number of values per channel over all shards (> 0)."""
+    where count is the number of values per channel over all shards (> 0): a number, a 0-d
+    array, or the (C,) count of ``merge_stats`` when every channel has the same count."""
     call = _Call(x, axis, stream)
     dy = call.input(dy, "dy")
     mean = call.vector(mean, "mean")
@@ -434,11 +482,10 @@ def backward_elemt(
     weight = call.vector(weight, "weight", required=False)
     sum_dy = call.vector(sum_dy, "sum_dy")
     sum_dy_xhat = call.vector(sum_dy_xhat, "sum_dy_xhat")
-    if isinstance(count, bool) or not isinstance(count, numbers.Real):
-        raise TypeError(f"bnorm: count must be a number, got {type(count).__name__}")
-    dx = call.output(out)
+    count = _count_of(count, call.channels)
+    dx = call.output(out, (dy, "dy"))
     _core.backward_elemt(
-        dy, call.x, call.shape, mean, invstd, weight, sum_dy, sum_dy_xhat, float(count), dx.target, call.xp.stream
+        dy, call.x, call.shape, mean, invstd, weight, sum_dy, sum_dy_xhat, count, dx.target, call.xp.stream
     )
     return dx.done()
 

@@ -197,3 +197,31 @@ def test_more_than_2_31_elements_on_the_gpu():
     x[:, 1] = 3
     _, mean, var = bnorm.batch_stats(x)
     assert mean.cpu().tolist() == [1.0, 3.0] and var.cpu().tolist() == [0.0, 0.0]
+
+
+def test_torch_backend_overlap_check_on_cpu_tensors():
+    """The CUDA backends' partial-overlap test on raw addresses, checked where it can run
+    here: _Torch's on CPU tensors (the same data_ptr arithmetic as on a GPU)."""
+    torch = pytest.importorskip("torch")
+    from bnorm._cuda import _Torch
+
+    buf = torch.zeros(9, 4)
+    a, b = buf[:-1], buf[1:]
+    assert _Torch.overlaps_partly(a, b) and _Torch.overlaps_partly(b, a)
+    assert not _Torch.overlaps_partly(a, buf[:-1])  # the same memory: out=x is allowed
+    assert not _Torch.overlaps_partly(buf[:4], buf[4:8])  # adjacent, disjoint
+
+
+@needs_torch_cuda
+def test_torch_cuda_partial_overlap_and_array_counts():
+    torch = torch_cuda
+    buf = torch.randn(9, 4, device="cuda")
+    with pytest.raises(ValueError, match="out overlaps x partly"):
+        bnorm.forward_train(buf[:-1], out=buf[1:])
+    x, dy = torch.randn(8, 4, 5, device="cuda"), torch.randn(8, 4, 5, device="cuda")
+    _, mean, invstd = bnorm.forward_train(x)
+    sums = bnorm.backward_reduce(dy, x, mean, invstd)
+    want = bnorm.backward_elemt(dy, x, mean, invstd, None, *sums, 40)
+    for count in (torch.tensor(40, device="cuda"), torch.full((4,), 40.0, dtype=torch.float64, device="cuda")):
+        got = bnorm.backward_elemt(dy, x, mean, invstd, None, *sums, count)
+        assert torch.equal(got, want)

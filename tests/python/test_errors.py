@@ -81,6 +81,11 @@ def _bad_inputs():
         if "dy" in uses:
             add(fn, "dy-float64-for-float32", np.float32,
                 lambda a: {"dy": a.dy.astype(np.float64)}, TypeError, "dy")
+        # non-native byte order: named, not nanobind's signature dump (TypeError)
+        for name in sorted(uses & (X_LIKE | PER_CHANNEL)):
+            add(fn, f"{name}-big-endian", np.float32,
+                lambda a, name=name: {name: getattr(a, name).astype(">f4")}, TypeError,
+                rf"{name} .*non-native byte order")
         # per-channel arrays of the wrong dtype (TypeError); float16 x needs float32 ones
         for name in sorted(uses & PER_CHANNEL):
             for xdt, pdt in ((np.float64, np.float32), (np.float32, np.float64),
@@ -117,21 +122,47 @@ def _bad_inputs():
                 lambda a: {"out": np.empty(SHAPE, np.float64)}, TypeError, "out")
             add(fn, "out-readonly", np.float32,
                 lambda a: {"out": _readonly(np.empty(SHAPE, np.float32))}, ValueError, "out")
+            add(fn, "out-big-endian", np.float32,
+                lambda a: {"out": np.empty(SHAPE, ">f4")}, TypeError, "out")
+            # out over part of an input: the kernel would overwrite values it has yet to read
+            for name in sorted(uses & X_LIKE):
+                add(fn, f"out-overlaps-{name}-partly", np.float32,
+                    lambda a, name=name: _shifted_alias(a, name), ValueError,
+                    f"out overlaps {name} partly")
         if "eps" in uses:
             for eps in (0.0, -1e-5):
                 add(fn, f"eps{eps}", np.float32, lambda a, eps=eps: {"eps": eps},
                     ValueError, "eps")
+            for eps in (None, "0.5", np.ones(1)):
+                add(fn, f"eps-{type(eps).__name__}", np.float32, lambda a, eps=eps: {"eps": eps},
+                    TypeError, "eps")
         if "momentum" in uses:
             for m in (-0.1, 1.0001, 2.0, float("nan")):
                 add(fn, f"momentum{m}", np.float32, lambda a, m=m: {"momentum": m},
                     ValueError, "momentum")
+            for m in (None, "0.1", True):
+                add(fn, f"momentum-{type(m).__name__}", np.float32, lambda a, m=m: {"momentum": m},
+                    TypeError, "momentum")
     for name in ("running_mean", "running_var"):
         add("forward_train", f"{name}-readonly", np.float32,
             lambda a, name=name: {name: _readonly(getattr(a, name))}, ValueError, name)
+    # backward_elemt's count: a number, a 0-d array or a (C,) array of one value
+    for ident, count, exc in (("None", None, TypeError), ("str", "20", TypeError),
+                              ("bool", True, TypeError), ("bool-array", np.ones(C, bool), TypeError),
+                              ("zero", 0, ValueError), ("nan", float("nan"), ValueError),
+                              ("per-channel-differ", np.array([20, 20, 21]), ValueError),
+                              ("shape", np.full(C + 1, 20), ValueError), ("2d", np.full((1, C), 20), ValueError)):
+        add("backward_elemt", f"count-{ident}", np.float32, lambda a, count=count: {"count": count}, exc, "count")
     add("forward_train", "M==1", np.float32,
         lambda a: {"x": a.x[:1, :, :1].copy()}, ValueError,
         r"^expected more than 1 value per channel when training, got input of shape")
     return cases
+
+
+def _shifted_alias(a, name):
+    """name and out as two overlapping views of one buffer, one row apart along axis 0."""
+    buf = np.concatenate([getattr(a, name), getattr(a, name)[:1]])
+    return {name: buf[:-1], "out": buf[1:]}
 
 
 def _readonly(arr):

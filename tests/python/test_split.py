@@ -154,3 +154,22 @@ def test_sharded_training_step_equals_whole_batch(rng):
     assert_close(np.concatenate(dxs), rdx, 1e-12, "dx")
     assert_close(sum_dy_xhat, rdw, 1e-12, "dweight")
     assert_close(sum_dy, rdb, 1e-12, "dbias")
+
+
+def test_backward_elemt_takes_the_count_of_merge_stats(rng):
+    """merge_stats returns a (C,) count for (P, C) counts; backward_elemt takes it (and a 0-d
+    array) when every channel has the same count, with the same bits as the number."""
+    c = 4
+    shards = [ref.make_x(rng, (n, c, 5), 1, np.float32) for n in (3, 6)]
+    counts, means, vars_ = _shard_stats(shards, 1)
+    per_channel = np.repeat(np.asarray(counts)[:, None], c, axis=1)
+    count, mean, var = bnorm.merge_stats(per_channel, means, vars_)
+    assert count.shape == (c,)
+    x = np.concatenate(shards)
+    dy = ref.make_dy(rng, x.shape, np.float32)
+    invstd = (1.0 / np.sqrt(var + 1e-5)).astype(np.float32)
+    sums = bnorm.backward_reduce(dy, x, mean, invstd)
+    expected = bnorm.backward_elemt(dy, x, mean, invstd, None, *sums, 45)
+    for form in (count, np.array(45), np.int64(45), np.full(c, 45, np.int32)):
+        ref.assert_bitwise(bnorm.backward_elemt(dy, x, mean, invstd, None, *sums, form), expected,
+                           f"count given as {type(form).__name__} {getattr(form, 'shape', '')}")
