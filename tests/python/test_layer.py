@@ -258,3 +258,14 @@ def test_layer_without_parameters_takes_any_float_dtype():
     bn = bnorm.BatchNorm(2, affine=False, track_running_stats=False)
     x = np.array([[1.0, 2.0], [3.0, 5.0]])
     assert_close(bn(x), ref.forward_train(x)[0], 1e-12, "float64 x, float32 layer")
+
+
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum0.1", "cumulative"])
+def test_layer_empty_batch_changes_no_buffer(rng, momentum):
+    bn = bnorm.BatchNorm(3, momentum=momentum)
+    bn(ref.make_x(rng, (4, 3, 2), 1, np.float32))
+    before = bn.state_dict()
+    y = bn(np.zeros((0, 3, 2), np.float32))
+    assert y.shape == (0, 3, 2)
+    for key, value in bn.state_dict().items():
+        ref.assert_bitwise(np.asarray(value), np.asarray(before[key]), f"{key} after an empty batch")
