@@ -217,10 +217,10 @@ class _Call:
         if self.xp is _NumPy and not isinstance(a, np.ndarray):
             raise TypeError(f"bnorm: {name} must be a NumPy array (it is updated in place), got {type(a).__name__}")
         self.vector(a, name)
-        if not self.xp.is_contiguous(a):
-            raise ValueError(f"bnorm: {name} must be C-contiguous (it is updated in place)")
         if not self.xp.is_writeable(a):
             raise ValueError(f"bnorm: {name} is read-only (it is updated in place)")
+        if not self.xp.is_contiguous(a):
+            raise ValueError(f"bnorm: {name} must be C-contiguous (it is updated in place)")
         return self.xp.export(a)
 
     def new_vector(self):

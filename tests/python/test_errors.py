@@ -146,6 +146,12 @@ def _bad_inputs():
     for name in ("running_mean", "running_var"):
         add("forward_train", f"{name}-readonly", np.float32,
             lambda a, name=name: {name: _readonly(getattr(a, name))}, ValueError, name)
+        add("forward_train", f"{name}-broadcast", np.float32,
+            lambda a, name=name: {name: np.broadcast_to(np.float32(0), (C,))}, ValueError,
+            f"{name} is read-only")
+        add("forward_train", f"{name}-strided", np.float32,
+            lambda a, name=name: {name: np.zeros(2 * C, np.float32)[::2]}, ValueError,
+            f"{name} must be C-contiguous")
     # backward_elemt's count: a number, a 0-d array or a (C,) array of one value
     for ident, count, exc in (("None", None, TypeError), ("str", "20", TypeError),
                               ("bool", True, TypeError), ("bool-array", np.ones(C, bool), TypeError),
