@@ -120,12 +120,8 @@ void backward_elemt(const T* dy, const T* x, Shape shape, const param_t<T>* mean
     using P = param_t<T>;
     const char* op = "backward_elemt";
     check_shape(op, shape);
+    check_count(op, count);
     if (shape.size() == 0) return;
-    if (!(count > 0) || !std::isfinite(count)) {
-        std::ostringstream out;
-        out << "bnorm: backward_elemt: count must be positive and finite, got " << count;
-        throw ValueError(out.str());
-    }
     check_pointer(op, dy, "dy");
     check_pointer(op, x, "x");
     check_pointer(op, mean, "mean");

@@ -24,6 +24,7 @@
 
 #include "bnorm/cuda.hpp"
 #include "bnorm/types.hpp"
+#include "checks.hpp"
 
 namespace bnorm::cuda::detail {
 
@@ -56,47 +57,16 @@ inline int64_t next_pow2(int64_t v) {
     return p;
 }
 
-// ---- argument checks (host, before anything is enqueued) -----------------------------------
+// ---- argument checks (host, before anything is enqueued): the CPU backend's -------------
 
-inline std::string shape_string(Shape s) {
-    std::ostringstream out;
-    out << "(outer, channels, inner) = (" << s.outer << ", " << s.channels << ", " << s.inner << ")";
-    return out.str();
-}
-
-inline void check_shape(const char* op, Shape s) {
-    if (s.outer < 0 || s.channels < 0 || s.inner < 0)
-        throw ValueError(std::string("bnorm: ") + op + ": negative size in shape " + shape_string(s));
-    // size() and count() must not overflow int64 (every index below is int64).
-    const int64_t big = INT64_MAX;
-    const bool overflow =
-        (s.outer > 0 && s.inner > 0 && s.inner > big / s.outer) ||
-        (s.outer > 0 && s.channels > 0 && s.inner > 0 &&
-         (s.channels > big / s.outer || s.inner > big / (s.outer * s.channels)));
-    if (overflow)
-        throw ValueError(std::string("bnorm: ") + op + ": shape " + shape_string(s) +
-                         " has more than 2^63 - 1 elements");
-}
-
-inline void check_pointer(const char* op, const void* p, const char* name) {
-    if (p == nullptr) throw ValueError(std::string("bnorm: ") + op + ": " + name + " must not be null");
-}
-
-inline void check_eps(const char* op, double eps) {
-    if (!(eps > 0) || !std::isfinite(eps)) {
-        std::ostringstream out;
-        out << "bnorm: " << op << ": eps must be positive and finite, got " << eps;
-        throw ValueError(out.str());
-    }
-}
-
-inline void check_momentum(const char* op, double momentum) {
-    if (!(momentum >= 0 && momentum <= 1)) {
-        std::ostringstream out;
-        out << "bnorm: " << op << ": momentum must be in [0, 1], got " << momentum;
-        throw ValueError(out.str());
-    }
-}
+using bnorm::detail::check_batch;
+using bnorm::detail::check_count;
+using bnorm::detail::check_eps;
+using bnorm::detail::check_momentum;
+using bnorm::detail::check_parts;
+using bnorm::detail::check_pointer;
+using bnorm::detail::check_shape;
+using bnorm::detail::shape_string;
 
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 

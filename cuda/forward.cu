@@ -141,9 +141,7 @@ void forward_train(const T* x, Shape shape, const param_t<T>* weight, const para
     check_shape(op, shape);
     check_eps(op, eps);
     check_momentum(op, momentum);
-    if (shape.count() == 1)
-        throw ValueError("expected more than 1 value per channel when training, got input of shape " +
-                         shape_string(shape));
+    check_batch(shape);
     const int64_t C = shape.channels;
     if (C == 0) return;
     check_pointer(op, save_mean, "save_mean");

@@ -63,7 +63,7 @@ void merge_stats(int64_t parts, int64_t channels, const double* counts, const P*
                  double* count, P* mean, P* var, stream_t stream) {
     using namespace detail;
     const char* op = "merge_stats";
-    if (parts < 0 || channels < 0) throw ValueError("bnorm: merge_stats: parts and channels must be >= 0");
+    check_parts(op, parts, channels);
     if (channels == 0) return;
     check_pointer(op, count, "count");
     check_pointer(op, mean, "mean");
@@ -72,7 +72,6 @@ void merge_stats(int64_t parts, int64_t channels, const double* counts, const P*
         check_pointer(op, counts, "counts");
         check_pointer(op, means, "means");
         check_pointer(op, vars, "vars");
-        if (channels > INT64_MAX / parts) throw ValueError("bnorm: merge_stats: parts * channels overflows");
     }
     if (ceil_div(channels, kThreads) > INT32_MAX) throw ValueError("bnorm: merge_stats: too many channels");
     merge_stats_kernel<P><<<dim3(unsigned(ceil_div(channels, kThreads))), kThreads, 0, stream>>>(

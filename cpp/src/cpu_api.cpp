@@ -9,9 +9,10 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
-#include <sstream>
+#include <string>
 
 #include "bnorm/cpu.hpp"
+#include "checks.hpp"
 #include "coefficients.hpp"
 #include "cpu_kernels.hpp"
 #include "scratch.hpp"
@@ -20,44 +21,20 @@ namespace bnorm {
 namespace {
 
 std::atomic<int> g_threads{0};  // 0: not set, use OpenMP's default
+constexpr int kMaxThreads = 1024;  // set_num_threads' bound, or the processor count if larger
 
 int threads() {
     const int n = g_threads.load(std::memory_order_relaxed);
     return n > 0 ? n : omp_get_max_threads();
 }
 
-std::string shape_string(Shape s) {
-    std::ostringstream out;
-    out << "(outer, channels, inner) = (" << s.outer << ", " << s.channels << ", " << s.inner
-        << ")";
-    return out.str();
-}
-
-void check_shape(Shape s) {
-    if (s.outer < 0 || s.channels < 0 || s.inner < 0)
-        throw ValueError("bnorm: negative size in shape " + shape_string(s));
-}
-
-void check_pointer(const void* p, const char* name) {
-    if (p == nullptr) throw ValueError(std::string("bnorm: ") + name + " must not be null");
-}
-
-void check_eps(double eps) {
-    if (!(eps > 0) || !std::isfinite(eps)) {
-        std::ostringstream out;
-        out << "bnorm: eps must be positive and finite, got " << eps;
-        throw ValueError(out.str());
-    }
-}
-
-void check_momentum(double momentum) {
-    if (!(momentum >= 0 && momentum <= 1)) {
-        std::ostringstream out;
-        out << "bnorm: momentum must be in [0, 1], got " << momentum;
-        throw ValueError(out.str());
-    }
-}
-
+using detail::check_batch;
+using detail::check_count;
+using detail::check_eps;
+using detail::check_momentum;
+using detail::check_parts;
+using detail::check_pointer;
+using detail::check_shape;
 using detail::Scratch;
 
 // weight (or 1) * invstd per channel, rounded to P.
@@ -73,7 +50,12 @@ using detail::invstd_of;
 }  // namespace
 
 void set_num_threads(int n) {
-    if (n < 1) throw ValueError("bnorm: the number of threads must be >= 1, got " + std::to_string(n));
+    // An upper bound too: libgomp crashes or aborts on teams of 100000 threads or more,
+    // and each thread gets its own workspace.
+    const int limit = std::max(kMaxThreads, omp_get_num_procs());
+    if (n < 1 || n > limit)
+        throw ValueError("bnorm: the number of threads must be in [1, " + std::to_string(limit) + "], got " +
+                         std::to_string(n));
     g_threads.store(n, std::memory_order_relaxed);
 }
 
@@ -83,11 +65,12 @@ const char* cpu_isa() { return kernels::isa_name(kernels::isa()); }
 
 template <class T>
 void batch_stats(const T* x, Shape shape, param_t<T>* mean, param_t<T>* var) {
-    check_shape(shape);
+    const char* op = "batch_stats";
+    check_shape(op, shape);
     if (shape.channels == 0) return;
-    check_pointer(mean, "mean");
-    check_pointer(var, "var");
-    if (shape.count() > 0) check_pointer(x, "x");
+    check_pointer(op, mean, "mean");
+    check_pointer(op, var, "var");
+    if (shape.count() > 0) check_pointer(op, x, "x");
     if (shape.count() == 0) {
         std::fill(mean, mean + shape.channels, param_t<T>(0));
         std::fill(var, var + shape.channels, param_t<T>(0));
@@ -102,21 +85,20 @@ void batch_stats(const T* x, Shape shape, param_t<T>* mean, param_t<T>* var) {
 template <class P>
 void merge_stats(int64_t parts, int64_t channels, const double* counts, const P* means,
                  const P* vars, double* count, P* mean, P* var) {
-    if (parts < 0 || channels < 0)
-        throw ValueError("bnorm: merge_stats: parts and channels must be >= 0");
+    const char* op = "merge_stats";
+    check_parts(op, parts, channels);
     if (channels == 0) return;
-    check_pointer(count, "count");
-    check_pointer(mean, "mean");
-    check_pointer(var, "var");
+    check_pointer(op, count, "count");
+    check_pointer(op, mean, "mean");
+    check_pointer(op, var, "var");
     if (parts > 0) {
-        check_pointer(counts, "counts");
-        check_pointer(means, "means");
-        check_pointer(vars, "vars");
+        check_pointer(op, counts, "counts");
+        check_pointer(op, means, "means");
+        check_pointer(op, vars, "vars");
     }
     for (int64_t i = 0; i < parts * channels; ++i)
         if (!(counts[i] >= 0) || !std::isfinite(counts[i]))
-            throw ValueError("bnorm: merge_stats: counts must be finite and >= 0, got " +
-                             std::to_string(counts[i]));
+            throw ValueError(detail::message(op, "counts must be finite and >= 0, got ", counts[i]));
     // Chan et al.: combine (n, mean, M2) pairwise in part order, in double.
     for (int64_t c = 0; c < channels; ++c) {
         double n = 0, m = 0, m2 = 0;
@@ -141,12 +123,13 @@ template <class T>
 void normalize(const T* x, Shape shape, const param_t<T>* mean, const param_t<T>* invstd,
                const param_t<T>* weight, const param_t<T>* bias, T* y) {
     using P = param_t<T>;
-    check_shape(shape);
+    const char* op = "normalize";
+    check_shape(op, shape);
     if (shape.size() == 0) return;
-    check_pointer(x, "x");
-    check_pointer(mean, "mean");
-    check_pointer(invstd, "invstd");
-    check_pointer(y, "y");
+    check_pointer(op, x, "x");
+    check_pointer(op, mean, "mean");
+    check_pointer(op, invstd, "invstd");
+    check_pointer(op, y, "y");
     const Scratch<P> scale = scales(shape.channels, invstd, weight);
     const Scratch<P> zero(shape.channels, P(0));
     kernels::affine(x, shape, threads(), mean, zero.data(), scale.data(), bias ? bias : zero.data(), y);
@@ -157,15 +140,14 @@ void forward_train(const T* x, Shape shape, const param_t<T>* weight, const para
                    param_t<T>* running_mean, param_t<T>* running_var, double momentum,
                    double eps, T* y, param_t<T>* save_mean, param_t<T>* save_invstd) {
     using P = param_t<T>;
-    check_shape(shape);
-    check_eps(eps);
-    check_momentum(momentum);
-    if (shape.count() == 1)
-        throw ValueError("expected more than 1 value per channel when training, got input of shape " +
-                         shape_string(shape));
+    const char* op = "forward_train";
+    check_shape(op, shape);
+    check_eps(op, eps);
+    check_momentum(op, momentum);
+    check_batch(shape);
     if (shape.channels == 0) return;
-    check_pointer(save_mean, "save_mean");
-    check_pointer(save_invstd, "save_invstd");
+    check_pointer(op, save_mean, "save_mean");
+    check_pointer(op, save_invstd, "save_invstd");
     if (shape.count() == 0) {  // empty batch: nothing to learn from, running stats untouched
         for (int64_t c = 0; c < shape.channels; ++c) {
             save_mean[c] = 0;
@@ -173,8 +155,8 @@ void forward_train(const T* x, Shape shape, const param_t<T>* weight, const para
         }
         return;
     }
-    check_pointer(x, "x");
-    check_pointer(y, "y");
+    check_pointer(op, x, "x");
+    check_pointer(op, y, "y");
     const int64_t C = shape.channels;
     Scratch<double> mean(C), var(C);
     Scratch<P> invstd(C);
@@ -195,11 +177,14 @@ void forward_infer(const T* x, Shape shape, const param_t<T>* running_mean,
                    const param_t<T>* running_var, const param_t<T>* weight,
                    const param_t<T>* bias, double eps, T* y) {
     using P = param_t<T>;
-    check_shape(shape);
-    check_eps(eps);
+    const char* op = "forward_infer";
+    check_shape(op, shape);
+    check_eps(op, eps);
     if (shape.size() == 0) return;
-    check_pointer(running_mean, "running_mean");
-    check_pointer(running_var, "running_var");
+    check_pointer(op, x, "x");
+    check_pointer(op, running_mean, "running_mean");
+    check_pointer(op, running_var, "running_var");
+    check_pointer(op, y, "y");
     Scratch<P> invstd(shape.channels);
     for (int64_t c = 0; c < shape.channels; ++c) invstd[c] = invstd_of<P>(running_var[c], eps);
     normalize(x, shape, running_mean, invstd.data(), weight, bias, y);
@@ -208,16 +193,17 @@ void forward_infer(const T* x, Shape shape, const param_t<T>* running_mean,
 template <class T>
 void backward_reduce(const T* dy, const T* x, Shape shape, const param_t<T>* mean,
                      const param_t<T>* invstd, param_t<T>* sum_dy, param_t<T>* sum_dy_xhat) {
-    check_shape(shape);
+    const char* op = "backward_reduce";
+    check_shape(op, shape);
     if (shape.channels == 0) return;
-    check_pointer(mean, "mean");
-    check_pointer(invstd, "invstd");
-    check_pointer(sum_dy, "sum_dy");
-    check_pointer(sum_dy_xhat, "sum_dy_xhat");
+    check_pointer(op, mean, "mean");
+    check_pointer(op, invstd, "invstd");
+    check_pointer(op, sum_dy, "sum_dy");
+    check_pointer(op, sum_dy_xhat, "sum_dy_xhat");
     Scratch<double> s_dy(shape.channels, 0.0), s_dy_xmu(shape.channels, 0.0);
     if (shape.count() > 0) {
-        check_pointer(dy, "dy");
-        check_pointer(x, "x");
+        check_pointer(op, dy, "dy");
+        check_pointer(op, x, "x");
         kernels::backward_sums(dy, x, shape, threads(), mean, s_dy.data(), s_dy_xmu.data());
     }
     for (int64_t c = 0; c < shape.channels; ++c)
@@ -230,15 +216,17 @@ void backward_elemt(const T* dy, const T* x, Shape shape, const param_t<T>* mean
                     const param_t<T>* sum_dy, const param_t<T>* sum_dy_xhat, double count,
                     T* dx) {
     using P = param_t<T>;
-    check_shape(shape);
+    const char* op = "backward_elemt";
+    check_shape(op, shape);
+    check_count(op, count);
     if (shape.size() == 0) return;
-    if (!(count > 0) || !std::isfinite(count))
-        throw ValueError("bnorm: count must be positive and finite, got " + std::to_string(count));
-    for (const void* p : {static_cast<const void*>(dy), static_cast<const void*>(x),
-                          static_cast<const void*>(mean), static_cast<const void*>(invstd),
-                          static_cast<const void*>(sum_dy), static_cast<const void*>(sum_dy_xhat),
-                          static_cast<const void*>(dx)})
-        check_pointer(p, "dy, x, mean, invstd, sum_dy, sum_dy_xhat and dx");
+    check_pointer(op, dy, "dy");
+    check_pointer(op, x, "x");
+    check_pointer(op, mean, "mean");
+    check_pointer(op, invstd, "invstd");
+    check_pointer(op, sum_dy, "sum_dy");
+    check_pointer(op, sum_dy_xhat, "sum_dy_xhat");
+    check_pointer(op, dx, "dx");
     const int64_t C = shape.channels;
     Scratch<P> dy_mean(C), xmu_scale(C), scale(C);
     for (int64_t c = 0; c < C; ++c) {
@@ -254,16 +242,19 @@ void backward(const T* dy, const T* x, Shape shape, const param_t<T>* mean,
               const param_t<T>* invstd, const param_t<T>* weight, bool batch_stats, T* dx,
               param_t<T>* dweight, param_t<T>* dbias) {
     using P = param_t<T>;
-    check_shape(shape);
+    const char* op = "backward";
+    check_shape(op, shape);
     if (shape.channels == 0) return;
-    check_pointer(dweight, "dweight");
-    check_pointer(dbias, "dbias");
+    check_pointer(op, dweight, "dweight");
+    check_pointer(op, dbias, "dbias");
     // Sums go to scratch first: dweight and dbias are written last, so they may alias weight.
     Scratch<P> sum_dy(shape.channels, P(0)), sum_dy_xhat(shape.channels, P(0));
     if (shape.size() > 0) {
-        for (const void* p : {static_cast<const void*>(dy), static_cast<const void*>(x), static_cast<const void*>(mean),
-                              static_cast<const void*>(invstd), static_cast<const void*>(dx)})
-            check_pointer(p, "dy, x, mean, invstd and dx");
+        check_pointer(op, dy, "dy");
+        check_pointer(op, x, "x");
+        check_pointer(op, mean, "mean");
+        check_pointer(op, invstd, "invstd");
+        check_pointer(op, dx, "dx");
         if (batch_stats) {
             kernels::backward_train(dy, x, shape, threads(), mean, invstd, weight, dx, sum_dy.data(), sum_dy_xhat.data());
         } else {

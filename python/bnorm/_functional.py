@@ -251,7 +251,7 @@ class _Call:
         return _Output(self.xp, self.xp.empty(self.input_shape, self.dtype), out, copy_back=True)
 
     def require_batch(self):
-        if self.count == 1:
+        if self.count == 1 and self.channels > 0:  # an empty x is no batch of one
             raise ValueError(
                 "expected more than 1 value per channel when training, "
                 f"got input of shape {self.input_shape}"
@@ -492,11 +492,12 @@ def backward_elemt(
 
 def set_num_threads(n: int) -> None:
     """Set the number of CPU threads bnorm uses (default: OpenMP's, honouring
-    OMP_NUM_THREADS). Results are bitwise identical for any number of threads."""
+    OMP_NUM_THREADS), at most 1024 or the number of processors if larger. Results are
+    bitwise identical for any number of threads."""
     if isinstance(n, bool) or not isinstance(n, numbers.Integral):
         raise TypeError(f"bnorm: the number of threads must be an integer, got {n!r}")
-    if n < 1:
-        raise ValueError(f"bnorm: the number of threads must be >= 1, got {n}")
+    if not 1 <= n < 2**31:  # the C++ API takes an int, and checks its own bound too
+        raise ValueError(f"bnorm: the number of threads must be in [1, 2**31), got {n}")
     _core.set_num_threads(int(n))
 
 

@@ -1,10 +1,12 @@
 // C++ tests of the CPU API against a double-precision reference written as plain loops.
 #include <bnorm/bnorm.hpp>
 
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <random>
+#include <string>
 #include <thread>
 #if defined(__unix__) || defined(__APPLE__)
 #include <pthread.h>
@@ -230,6 +232,83 @@ void test_errors_leave_buffers_untouched() {
     }
 }
 
+// The message of what expr throws (empty if it throws nothing).
+template <class F>
+std::string message_of(F&& expr) {
+    try {
+        expr();
+    } catch (const std::exception& e) {
+        return e.what();
+    }
+    return "";
+}
+
+bool contains(const std::string& text, const char* part) { return text.find(part) != std::string::npos; }
+
+void test_argument_messages() {
+    const Shape s{4, 2, 3};
+    std::vector<float> x(24, 1.0f), y(24, -7.0f), m(2, 9.0f), is(2, 9.0f);
+    // Shapes whose element count overflows int64 are refused, not wrapped to a small or empty array.
+    for (const Shape big : {Shape{int64_t(1) << 32, 3, int64_t(1) << 32}, Shape{int64_t(1) << 62, 4, 1},
+                            Shape{INT64_MAX, 3, 2}, Shape{3, INT64_MAX, 1}}) {
+        const std::string what = message_of([&] {
+            bnorm::forward_train(x.data(), big, (const float*)nullptr, nullptr, nullptr, nullptr, 0.1, 1e-5, y.data(),
+                                 m.data(), is.data());
+        });
+        CHECK(contains(what, "forward_train") && contains(what, "more than 2^63 - 1 elements"));
+        CHECK_THROWS(bnorm::normalize(x.data(), big, m.data(), is.data(), nullptr, nullptr, y.data()), bnorm::ValueError);
+        CHECK_THROWS(bnorm::backward(x.data(), x.data(), big, m.data(), is.data(), nullptr, false, y.data(), m.data(),
+                                     is.data()),
+                     bnorm::ValueError);
+    }
+    CHECK(y == std::vector<float>(24, -7.0f) && m == std::vector<float>(2, 9.0f));
+    std::vector<double> counts(4, 1.0), dm(4);
+    CHECK(contains(message_of([&] {
+              bnorm::merge_stats<double>(int64_t(1) << 32, int64_t(1) << 32, counts.data(), dm.data(), dm.data(),
+                                         dm.data(), dm.data(), dm.data());
+          }),
+          "parts and channels must be >= 0 with a product below 2^63"));
+    // Null pointers are named one by one.
+    const auto null_in_backward = [&](int which) {
+        const float* in[4] = {x.data(), x.data(), m.data(), is.data()};
+        in[which] = nullptr;
+        return message_of(
+            [&] { bnorm::backward(in[0], in[1], s, in[2], in[3], nullptr, true, y.data(), m.data(), is.data()); });
+    };
+    const char* names[4] = {"dy must not be null", "x must not be null", "mean must not be null",
+                            "invstd must not be null"};
+    for (int which = 0; which < 4; ++which) CHECK(contains(null_in_backward(which), names[which]));
+    CHECK(contains(message_of([&] {
+              bnorm::backward(x.data(), x.data(), s, m.data(), is.data(), nullptr, true, (float*)nullptr, m.data(),
+                              is.data());
+          }),
+          "backward: dx must not be null"));
+    CHECK(contains(message_of([&] {
+              bnorm::backward_elemt(x.data(), x.data(), s, m.data(), is.data(), nullptr, nullptr, m.data(), 4.0,
+                                    y.data());
+          }),
+          "backward_elemt: sum_dy must not be null"));
+    // Numbers as written, not in fixed notation ("got -0.000000").
+    CHECK(contains(message_of([&] {
+              bnorm::backward_elemt(x.data(), x.data(), s, m.data(), is.data(), nullptr, m.data(), m.data(), -1e-9,
+                                    y.data());
+          }),
+          "count must be positive and finite, got -1e-09"));
+    // count is checked on empty shapes too.
+    CHECK_THROWS(bnorm::backward_elemt<float>(nullptr, nullptr, Shape{0, 3, 4}, nullptr, nullptr, nullptr, nullptr,
+                                              nullptr, 0.0, nullptr),
+                 bnorm::ValueError);
+    // An x with no elements is no batch of one, even with one value per (absent) channel.
+    bnorm::forward_train<float>(nullptr, Shape{1, 0, 1}, nullptr, nullptr, nullptr, nullptr, 0.1, 1e-5, nullptr,
+                                nullptr, nullptr);
+    CHECK(y == std::vector<float>(24, -7.0f) && m == std::vector<float>(2, 9.0f));
+    // Thread counts libgomp cannot run are refused; the setting is unchanged.
+    const int before = bnorm::get_num_threads();
+    CHECK(contains(message_of([] { bnorm::set_num_threads(100000); }), "number of threads must be in [1, "));
+    CHECK_THROWS(bnorm::set_num_threads(INT32_MAX), bnorm::ValueError);
+    CHECK(bnorm::get_num_threads() == before);
+}
+
 void test_numerics() {
     // Large mean: two-pass accuracy from float32 data.
     const Shape s{64, 2, 100};
@@ -424,6 +503,7 @@ int main() {
     test_streaming_alignment<float>({3, 600001, 1});   // column strips
     test_streaming_alignment<float>({48, 512, 49});    // short-plane strips
     test_errors_leave_buffers_untouched();
+    test_argument_messages();
     test_calls_after_thread_exit_began();
     test_small_thread_stack();
     test_numerics();

@@ -217,7 +217,7 @@ def test_single_value_per_channel_raises_in_training(rng, shape, axis):
 
 @pytest.mark.parametrize("dtype", ref.DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("shape,axis", [((0, 3, 4), 1), ((0, 3), 1), ((2, 3, 0), 1),
-                                        ((0, 4, 4, 3), -1)], ids=str)
+                                        ((0, 4, 4, 3), -1), ((1, 0), 1), ((1, 0, 1), 1)], ids=str)
 def test_empty_batch(rng, dtype, shape, axis):
     c = shape[ref.norm_axis(len(shape), axis)]
     pd = ref.param_dtype(dtype)
@@ -235,7 +235,7 @@ def test_empty_batch(rng, dtype, shape, axis):
     assert bnorm.forward_infer(x, rm, rv, w, b, axis=axis).shape == shape
     assert bnorm.normalize(x, rm, rv, w, b, axis=axis).shape == shape
     count, bmean, bvar = bnorm.batch_stats(x, axis=axis)
-    assert count == 0 and bmean.shape == (c,) and bvar.shape == (c,)
+    assert count == (x.size // c if c else 1) and bmean.shape == (c,) and bvar.shape == (c,)
     for batch_stats in (True, False):
         dx, dw, db = bnorm.backward(dy, x, rm, rv, w, axis=axis, batch_stats=batch_stats)
         assert dx.shape == shape and dw.shape == (c,) and db.shape == (c,)

@@ -62,6 +62,17 @@ def test_num_threads_roundtrip(restore_threads):
         assert bnorm.get_num_threads() == n
 
 
+@pytest.mark.parametrize("n,exc", [(0, ValueError), (-1, ValueError), (100000, ValueError), (2**31 - 1, ValueError),
+                                   (2**40, ValueError), (1.5, TypeError), (True, TypeError)], ids=str)
+def test_num_threads_out_of_range(restore_threads, n, exc):
+    """Counts OpenMP cannot run (a team of 100000 threads crashed the process) are refused,
+    and the setting stays as it was."""
+    bnorm.set_num_threads(2)
+    with pytest.raises(exc, match="number of threads"):
+        bnorm.set_num_threads(n)
+    assert bnorm.get_num_threads() == 2
+
+
 @pytest.mark.parametrize("layout", BIG_LAYOUTS,
                          ids=lambda l: f"{'x'.join(map(str, l[0]))}-ax{l[1]}-{np.dtype(l[2]).name}")
 def test_bitwise_identical_for_any_thread_count(rng, restore_threads, layout):

@@ -6,8 +6,11 @@
 // running buffers, gradients of weight and bias.
 //
 // Arguments are checked before anything is written: a call that throws (bnorm::ValueError
-// for a bad value or size) has modified nothing. Optional pointers may be null where
-// marked. Outputs may alias inputs of the same shape (y may be x, dx may be dy or x).
+// for a bad value or size, with a message naming the operation and the argument) has
+// modified nothing. Shapes must have no negative size and at most 2^63 - 1 elements.
+// Pointers may be null only where marked ("may be null"), and the data pointers of an
+// array with no elements. Outputs may alias inputs of the same shape (y may be x, dx may be
+// dy or x); an output that overlaps an input only in part gives undefined results.
 // Results are bitwise identical for any thread count.
 #pragma once
 
@@ -35,17 +38,19 @@ void normalize(const T* x, Shape shape, const param_t<T>* mean, const param_t<T>
                const param_t<T>* weight, const param_t<T>* bias, T* y);
 
 /// Training forward: batch statistics, y = normalize(x), save_mean and
-/// save_invstd = 1/sqrt(var + eps). When running_mean / running_var are not null they are
-/// updated in place with `momentum` (running_var with the unbiased variance), after y is
-/// written, so they may alias weight or bias. Throws ValueError when M == 1, eps <= 0 or
-/// momentum is outside [0, 1]. With M == 0, nothing is computed and running buffers are
-/// left untouched (save_mean and save_invstd are set to 0 and 1/sqrt(eps)).
+/// save_invstd = 1/sqrt(var + eps). weight and bias may be null (1 and 0); so may
+/// running_mean / running_var: when not null they are updated in place with `momentum`
+/// (running_var with the unbiased variance), after y is written, so they may alias weight
+/// or bias. Throws ValueError when M == 1 (and x has elements), eps is not positive and
+/// finite, or momentum is outside [0, 1]. With M == 0, nothing is computed and running
+/// buffers are left untouched (save_mean and save_invstd are set to 0 and 1/sqrt(eps)).
 template <class T>
 void forward_train(const T* x, Shape shape, const param_t<T>* weight, const param_t<T>* bias,
                    param_t<T>* running_mean, param_t<T>* running_var, double momentum,
                    double eps, T* y, param_t<T>* save_mean, param_t<T>* save_invstd);
 
 /// Inference forward: y = (x - running_mean) / sqrt(running_var + eps) * weight + bias.
+/// weight and bias may be null (1 and 0); eps must be positive and finite.
 template <class T>
 void forward_infer(const T* x, Shape shape, const param_t<T>* running_mean,
                    const param_t<T>* running_var, const param_t<T>* weight,
@@ -59,8 +64,8 @@ void backward_reduce(const T* dy, const T* x, Shape shape, const param_t<T>* mea
 
 /// The elementwise phase of backward with batch statistics:
 /// dx = weight * invstd * (dy - sum_dy / count - xhat * sum_dy_xhat / count).
-/// `count` is the number of values per channel the statistics were taken over (across
-/// all shards when they were merged). weight may be null (1).
+/// `count` (> 0 and finite) is the number of values per channel the statistics were taken
+/// over (across all shards when they were merged). weight may be null (1).
 template <class T>
 void backward_elemt(const T* dy, const T* x, Shape shape, const param_t<T>* mean,
                     const param_t<T>* invstd, const param_t<T>* weight,
@@ -76,6 +81,7 @@ void backward(const T* dy, const T* x, Shape shape, const param_t<T>* mean,
               param_t<T>* dweight, param_t<T>* dbias);
 
 /// Threads used by CPU calls (default: OpenMP's maximum, which honours OMP_NUM_THREADS).
+/// n must be in [1, max(1024, processors)]: OpenMP runtimes crash on far larger teams.
 /// Results do not depend on it.
 void set_num_threads(int n);
 int get_num_threads();

@@ -1,0 +1,75 @@
+// Argument checks of the public entry points, shared by the CPU (cpu_api.cpp) and CUDA
+// (cuda/*.cu) backends, so that both reject the same inputs with the same messages. Each
+// names the operation and the argument; all run before anything is computed or written.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <sstream>
+#include <string>
+
+#include "bnorm/types.hpp"
+
+namespace bnorm::detail {
+
+inline std::string shape_string(Shape s) {
+    std::ostringstream out;
+    out << "(outer, channels, inner) = (" << s.outer << ", " << s.channels << ", " << s.inner << ")";
+    return out.str();
+}
+
+// "bnorm: <op>: <what><value>", the value in the shortest usual form (1e-09, not 0.000000).
+inline std::string message(const char* op, const char* what, double value) {
+    std::ostringstream out;
+    out << "bnorm: " << op << ": " << what << value;
+    return out.str();
+}
+
+// No negative size, and size() (hence count()) fits int64: every index is int64, and an
+// overflowed product would pass for an empty or small array.
+inline void check_shape(const char* op, Shape s) {
+    if (s.outer < 0 || s.channels < 0 || s.inner < 0)
+        throw ValueError(std::string("bnorm: ") + op + ": negative size in shape " + shape_string(s));
+    const int64_t big = INT64_MAX;
+    const bool overflow = s.outer > 0 && s.channels > 0 && s.inner > 0 &&
+                          (s.channels > big / s.outer || s.inner > big / (s.outer * s.channels));
+    if (overflow)
+        throw ValueError(std::string("bnorm: ") + op + ": shape " + shape_string(s) + " has more than 2^63 - 1 elements");
+}
+
+// Training needs two values per channel for a variance (PyTorch's message, verbatim). An
+// empty x (no channels) has nothing to normalize and passes.
+inline void check_batch(Shape s) {
+    if (s.count() == 1 && s.channels > 0)
+        throw ValueError("expected more than 1 value per channel when training, got input of shape " + shape_string(s));
+}
+
+inline void check_pointer(const char* op, const void* p, const char* name) {
+    if (p == nullptr) throw ValueError(std::string("bnorm: ") + op + ": " + name + " must not be null");
+}
+
+inline void check_eps(const char* op, double eps) {
+    if (!(eps > 0) || !std::isfinite(eps)) throw ValueError(message(op, "eps must be positive and finite, got ", eps));
+}
+
+inline void check_momentum(const char* op, double momentum) {
+    if (!(momentum >= 0 && momentum <= 1)) throw ValueError(message(op, "momentum must be in [0, 1], got ", momentum));
+}
+
+// backward_elemt's count of values per channel.
+inline void check_count(const char* op, double count) {
+    if (!(count > 0) || !std::isfinite(count))
+        throw ValueError(message(op, "count must be positive and finite, got ", count));
+}
+
+// merge_stats' table of `parts` x `channels` counts.
+inline void check_parts(const char* op, int64_t parts, int64_t channels) {
+    if (parts < 0 || channels < 0 || (parts > 0 && channels > INT64_MAX / parts)) {
+        std::ostringstream out;
+        out << "bnorm: " << op << ": parts and channels must be >= 0 with a product below 2^63, got " << parts
+            << " and " << channels;
+        throw ValueError(out.str());
+    }
+}
+
+}  // namespace bnorm::detail
