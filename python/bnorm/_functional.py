@@ -496,8 +496,10 @@ def set_num_threads(n: int) -> None:
     bitwise identical for any number of threads."""
     if isinstance(n, bool) or not isinstance(n, numbers.Integral):
         raise TypeError(f"bnorm: the number of threads must be an integer, got {n!r}")
-    if not 1 <= n < 2**31:  # the C++ API takes an int, and checks its own bound too
-        raise ValueError(f"bnorm: the number of threads must be in [1, 2**31), got {n}")
+    if n < 1:
+        raise ValueError(f"bnorm: the number of threads must be >= 1, got {n}")
+    if n >= 2**31:  # beyond the C++ API's int; below that, it checks the bound itself
+        raise ValueError(f"bnorm: the number of threads must be at most max(1024, processors), got {n}")
     _core.set_num_threads(int(n))
 
 

@@ -7,7 +7,7 @@ import numbers
 
 import numpy as np
 
-from ._functional import backward, forward_infer, forward_train
+from ._functional import _real, backward, forward_infer, forward_train
 
 __all__ = ["BatchNorm"]
 
@@ -28,8 +28,9 @@ class BatchNorm:
         track_running_stats: keep running_mean / running_var (initialized to 0 / 1)
             and use them in eval mode; when False, batch statistics are always used.
         axis: the channel axis.
-        dtype: the dtype of x: float16, float32 or float64. Parameters and running
-            statistics are float32 for float16, else this dtype.
+        dtype: float16, float32 or float64. Parameters and running statistics are
+            float32 for float16, else this dtype; x may have any dtype with those
+            parameters (float16 or float32 x for a float16 or float32 layer).
 
     Attributes:
         weight, bias: the affine parameters (None when affine is False).
@@ -45,9 +46,9 @@ class BatchNorm:
             raise TypeError(f"bnorm: num_features must be an integer, got {num_features!r}")
         if num_features <= 0:
             raise ValueError(f"bnorm: num_features must be positive, got {num_features}")
-        if not (isinstance(eps, numbers.Real) and np.isfinite(eps) and eps > 0):
+        if not (np.isfinite(_real(eps, "eps")) and eps > 0):
             raise ValueError(f"bnorm: eps must be positive and finite, got {eps!r}")
-        if momentum is not None and not (isinstance(momentum, numbers.Real) and 0 <= momentum <= 1):
+        if momentum is not None and not 0 <= _real(momentum, "momentum") <= 1:
             raise ValueError(f"bnorm: momentum must be in [0, 1] or None, got {momentum!r}")
         dtype = np.dtype(dtype)
         if dtype.name not in _DTYPES:
@@ -110,15 +111,31 @@ class BatchNorm:
     forward = __call__
 
     def _input(self, x):
-        """x as a NumPy array (lists and CPU arrays of other frameworks converted; CUDA
-        arrays pass as they are), checked against the layer's parameter dtype where the
-        layer has parameters or buffers, before anything is computed or updated."""
+        """x as a NumPy array (CPU arrays of other frameworks and lists converted, a float
+        list to float64; CUDA arrays pass as they are), checked against the layer's channel
+        count and, where the layer has parameters or buffers, their dtype, before anything is
+        computed or updated."""
         device = x.__dlpack_device__()[0] if hasattr(x, "__dlpack_device__") else 1
-        if device != 1:  # kDLCPU
-            return x
-        x = np.asarray(x)
-        self._check_dtype(x.dtype)
+        if device == 1:  # kDLCPU
+            x = np.asarray(x)
+            self._check_dtype(x.dtype)
+        self._check_shape(tuple(int(n) for n in x.shape))
         return x
+
+    def _check_shape(self, shape: tuple) -> None:
+        """ValueError unless x of this shape has num_features channels on the layer's axis
+        (checked here even without parameters: the layer is for num_features channels)."""
+        ndim = len(shape)
+        if ndim < 2:
+            raise ValueError(f"bnorm: x must have at least 2 dimensions, got shape {shape}")
+        if not -ndim <= self.axis < ndim:
+            raise ValueError(f"bnorm: axis {self.axis} is out of range for x of shape {shape}")
+        channels = shape[self.axis % ndim]
+        if channels != self.num_features:
+            raise ValueError(
+                f"bnorm: x has {channels} channels (axis {self.axis}, shape {shape}), "
+                f"expected num_features={self.num_features}"
+            )
 
     def _check_dtype(self, dtype: np.dtype) -> None:
         """TypeError for a float x whose parameter dtype is not this layer's (where the
@@ -126,9 +143,10 @@ class BatchNorm:
         if dtype.name in _DTYPES and (self.affine or self.track_running_stats):
             param = np.dtype(np.float32) if dtype.itemsize == 2 else dtype
             if param != self.param_dtype:
+                takes = "float16 or float32" if self.param_dtype == np.float32 else self.param_dtype.name
                 raise TypeError(
                     f"bnorm: this layer's parameters are {self.param_dtype.name}, which takes "
-                    f"x of dtype {self.dtype.name}, got {dtype.name}"
+                    f"x of dtype {takes}, got {dtype.name}"
                 )
 
     def backward(self, dy):

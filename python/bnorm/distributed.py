@@ -569,26 +569,14 @@ class SyncBatchNorm(BatchNorm):
         BatchNorm does), or x itself when it is a CUDA array and the layer holds no NumPy
         vectors. Raises as BatchNorm would for an x this layer cannot take. Runs before the
         collective (a bad input on one rank then makes every rank raise)."""
-        shape = getattr(x, "shape", None)
-        if shape is None:
+        if getattr(x, "shape", None) is None:
             raise TypeError(f"bnorm: x must be an array, got {type(x).__name__}")
         on_cpu = _ops_for_input(x) is _NUMPY_OPS
         if on_cpu:
             x = np.asarray(x)
             if not x.flags.c_contiguous:
                 x = np.ascontiguousarray(x)  # once, rather than in each of the three phases
-            shape = x.shape
-        ndim = len(shape)
-        if ndim < 2:
-            raise ValueError(f"bnorm: x must have at least 2 dimensions, got shape {_shape_of(x)}")
-        if not -ndim <= self.axis < ndim:
-            raise ValueError(f"bnorm: axis {self.axis} is out of range for x of shape {_shape_of(x)}")
-        channels = int(shape[self.axis % ndim])
-        if channels != self.num_features:
-            raise ValueError(
-                f"bnorm: x has {channels} channels (axis {self.axis}, shape {_shape_of(x)}), "
-                f"expected num_features={self.num_features}"
-            )
+        self._check_shape(_shape_of(x))
         if isinstance(x, np.ndarray):
             self._check_dtype(x.dtype)
         elif not on_cpu and (self.affine or self.track_running_stats):

@@ -224,6 +224,9 @@ def test_merge_stats_dtype_mismatch():
     pytest.param(3, {"momentum": 1.5}, ValueError, "momentum", id="momentum=1.5"),
     pytest.param(3, {"momentum": -0.5}, ValueError, "momentum", id="momentum=-0.5"),
     pytest.param(3, {"dtype": np.int32}, TypeError, "dtype", id="dtype=int32"),
+    pytest.param(3, {"momentum": "0.1"}, TypeError, "momentum", id="momentum=str"),
+    pytest.param(3, {"momentum": True}, TypeError, "momentum", id="momentum=True"),
+    pytest.param(3, {"eps": None}, TypeError, "eps", id="eps=None"),
 ])
 def test_layer_bad_construction(num_features, kwargs, exc, pattern):
     with pytest.raises(exc, match=f"(?i){pattern}"):

@@ -246,7 +246,7 @@ def test_layer_takes_lists_like_arrays():
                          ids=["default", "noaffine", "untracked"])
 def test_layer_wrong_dtype_names_x_and_changes_nothing(config):
     bn = bnorm.BatchNorm(2, **config)  # float32 parameters: takes float32 and float16 x
-    with pytest.raises(TypeError, match="x of dtype float32, got float64"):
+    with pytest.raises(TypeError, match="x of dtype float16 or float32, got float64"):
         bn([[1.0, 2.0], [3.0, 5.0]])  # a float list is float64
     assert bn.num_batches_tracked in (0, None) and bn._saved is None
     assert bn(np.ones((3, 2), np.float16)).dtype == np.float16
@@ -269,3 +269,14 @@ def test_layer_empty_batch_changes_no_buffer(rng, momentum):
     assert y.shape == (0, 3, 2)
     for key, value in bn.state_dict().items():
         ref.assert_bitwise(np.asarray(value), np.asarray(before[key]), f"{key} after an empty batch")
+
+
+@pytest.mark.parametrize("config", [{}, {"affine": False, "track_running_stats": False}],
+                         ids=["default", "no-parameters"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_layer_wrong_channel_count_names_x(config, training):
+    """Even a layer without parameters is for num_features channels (PyTorch would run it)."""
+    bn = bnorm.BatchNorm(4, **config).train(training)
+    with pytest.raises(ValueError, match=r"x has 5 channels \(axis 1, shape \(2, 5\)\), expected num_features=4"):
+        bn(np.ones((2, 5), np.float32))
+    assert bn._saved is None
