@@ -5,6 +5,9 @@
 // except that it centers x on the double-precision mean (as a hi + lo pair of P), which
 // keeps float32 outputs accurate when |mean| >> std.
 #include <omp.h>
+#if defined(__unix__) || defined(__APPLE__)
+#include <pthread.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -21,12 +24,26 @@ namespace bnorm {
 namespace {
 
 std::atomic<int> g_threads{0};  // 0: not set, use OpenMP's default
-constexpr int kMaxThreads = 1024;  // set_num_threads' bound, or the processor count if larger
+constexpr int kMaxThreads = 1024;  // the bound on threads, or the processor count if larger
+
+// libgomp crashes or aborts on teams of tens of thousands of threads, and each thread gets
+// its own workspace: set_num_threads refuses more, and OpenMP's default (OMP_NUM_THREADS)
+// is capped at the same bound.
+int thread_limit() { return std::max(kMaxThreads, omp_get_num_procs()); }
 
 int threads() {
     const int n = g_threads.load(std::memory_order_relaxed);
-    return n > 0 ? n : omp_get_max_threads();
+    return n > 0 ? n : std::min(omp_get_max_threads(), thread_limit());
 }
+
+#if defined(__unix__) || defined(__APPLE__)
+// A process forked after a parallel call cannot use the parent's OpenMP threads: libgomp's
+// thread pool does not survive fork(), and the child's first parallel region hangs
+// (multiprocessing workers, data loaders). The child runs single-threaded instead, as
+// PyTorch's does; set_num_threads in the child overrides it.
+void single_threaded_after_fork() { g_threads.store(1, std::memory_order_relaxed); }
+const int g_fork_handler = pthread_atfork(nullptr, nullptr, single_threaded_after_fork);
+#endif
 
 using detail::check_batch;
 using detail::check_count;
@@ -52,7 +69,7 @@ using detail::invstd_of;
 void set_num_threads(int n) {
     // An upper bound too: libgomp crashes or aborts on teams of 100000 threads or more,
     // and each thread gets its own workspace.
-    const int limit = std::max(kMaxThreads, omp_get_num_procs());
+    const int limit = thread_limit();
     if (n < 1 || n > limit)
         throw ValueError("bnorm: the number of threads must be in [1, " + std::to_string(limit) + "], got " +
                          std::to_string(n));

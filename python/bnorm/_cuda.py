@@ -69,10 +69,15 @@ class _Torch:
         return True
 
     @staticmethod
+    def overlaps(a, b):
+        # C-contiguous arrays: their address ranges intersect
+        a0, b0 = a.data_ptr(), b.data_ptr()
+        return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
+
+    @staticmethod
     def overlaps_partly(a, b):
         # C-contiguous, same shape and dtype (see _functional._NumPy.overlaps_partly)
-        a0, b0, n = a.data_ptr(), b.data_ptr(), a.numel() * a.element_size()
-        return a0 != b0 and a0 < b0 + n and b0 < a0 + n
+        return a.data_ptr() != b.data_ptr() and _Torch.overlaps(a, b)
 
     @staticmethod
     def copy_into(dst, src):
@@ -123,10 +128,15 @@ class _CuPy:
         return True
 
     @staticmethod
+    def overlaps(a, b):
+        # C-contiguous arrays: their address ranges intersect
+        a0, b0 = a.data.ptr, b.data.ptr
+        return a0 < b0 + b.nbytes and b0 < a0 + a.nbytes
+
+    @staticmethod
     def overlaps_partly(a, b):
         # C-contiguous, same shape and dtype (see _functional._NumPy.overlaps_partly)
-        a0, b0, n = a.data.ptr, b.data.ptr, a.nbytes
-        return a0 != b0 and a0 < b0 + n and b0 < a0 + n
+        return a.data.ptr != b.data.ptr and _CuPy.overlaps(a, b)
 
     @staticmethod
     def copy_into(dst, src):
@@ -185,8 +195,10 @@ class _Jax:
         return False
 
     @staticmethod
-    def overlaps_partly(a, b):
+    def overlaps(a, b):
         return False  # never reached: JAX arrays are not writeable outputs
+
+    overlaps_partly = overlaps
 
     @staticmethod
     def copy_into(dst, src):

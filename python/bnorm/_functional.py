@@ -71,6 +71,11 @@ class _NumPy:
         return a.flags.writeable
 
     @staticmethod
+    def overlaps(a, b) -> bool:
+        """Whether arrays a and b may share memory (their address ranges intersect)."""
+        return np.may_share_memory(a, b)
+
+    @staticmethod
     def overlaps_partly(a, b) -> bool:
         """Whether C-contiguous arrays a and b of one shape and dtype share memory without
         being the same memory (then a kernel writing a would overwrite b's unread values)."""
@@ -111,6 +116,19 @@ def _backend(x, stream):
     return _NumPy
 
 
+def _as_numpy(a, name: str) -> np.ndarray:
+    """a as a NumPy array (CPU arrays of other frameworks, lists), or TypeError naming it.
+    Masked arrays are refused: converting them would silently drop the mask."""
+    if type(a) is np.ndarray:
+        return a
+    if isinstance(a, np.ma.MaskedArray):
+        raise TypeError(f"bnorm: {name} is a masked array; pass {name}.filled(value) or {name}.data")
+    try:
+        return np.asarray(a)
+    except Exception as e:  # e.g. a torch tensor that requires grad, an unsupported torch dtype
+        raise TypeError(f"bnorm: {name} cannot be converted to a NumPy array ({type(e).__name__}: {e})") from None
+
+
 def _exported(xp, a):
     """What _core gets for array a: a itself when C-contiguous, else a C-contiguous copy."""
     return xp.export(a if xp.is_contiguous(a) else xp.contiguous(a))
@@ -120,7 +138,10 @@ def _real(value, name: str) -> float:
     """A scalar argument (momentum, eps, count) as a float; TypeError naming it otherwise."""
     if type(value) is not float and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
         raise TypeError(f"bnorm: {name} must be a real number, got {value!r}")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:
+        raise ValueError(f"bnorm: {name} is too large for a float (an integer of {len(str(value))} digits)") from None
 
 
 def _count_of(count, channels: int) -> float:
@@ -128,7 +149,10 @@ def _count_of(count, channels: int) -> float:
     every channel (what merge_stats returns for (P, C) counts), on any device."""
     if isinstance(count, bool) or isinstance(count, numbers.Real) or not hasattr(count, "shape"):
         return _real(count, "count")
-    kind = np.dtype(str(count.dtype).removeprefix("torch.")).kind
+    try:
+        kind = np.dtype(str(count.dtype).removeprefix("torch.")).kind
+    except TypeError:
+        kind = "?"
     if kind not in "iuf":
         raise TypeError(f"bnorm: count must hold integers or floats, got dtype {count.dtype}")
     shape = tuple(count.shape)
@@ -139,6 +163,8 @@ def _count_of(count, channels: int) -> float:
     if channels == 0:
         return 1.0  # nothing to compute
     lo, hi = float(count.min()), float(count.max())
+    if math.isnan(lo) or math.isnan(hi):
+        return math.nan  # refused, as not finite, with the other bad numbers
     if lo != hi:
         raise ValueError(
             f"bnorm: count must be the same for every channel, got values from {lo:g} to {hi:g} "
@@ -157,7 +183,7 @@ class _Call:
     def __init__(self, x, axis, stream, name="x"):
         self.xp = _backend(x, stream)
         if self.xp is _NumPy:
-            x = np.asarray(x)
+            x = _as_numpy(x, name)
         self.input_shape = tuple(x.shape)
         self.dtype = self.xp.dtype_name(x)
         if self.dtype not in self.xp.dtypes:
@@ -179,11 +205,12 @@ class _Call:
         self.count = outer * inner
         # x's dtype and shape are the call's by definition: only its layout needs a look
         self.x = _exported(self.xp, x)
+        self.vectors = []  # the per-channel inputs, as exported: out must not overlap them
 
     def input(self, a, name):
         """An array shaped like x, as a C-contiguous array (copied only if it is not one)."""
         if self.xp is _NumPy:
-            a = np.asarray(a)
+            a = _as_numpy(a, name)
         elif not self.xp.owns(a):
             raise ValueError(f"bnorm: {name} must be an array of the same framework and device as x")
         if self.xp.dtype_name(a) != self.dtype:
@@ -199,7 +226,7 @@ class _Call:
                 raise ValueError(f"bnorm: {name} is required")
             return None
         if self.xp is _NumPy:
-            a = np.asarray(a)
+            a = _as_numpy(a, name)
         elif not self.xp.owns(a):
             raise ValueError(f"bnorm: {name} must be an array of the same framework and device as x")
         if self.xp.dtype_name(a) != self.param_dtype:
@@ -208,7 +235,9 @@ class _Call:
             )
         if tuple(a.shape) != (self.channels,):
             raise ValueError(f"bnorm: {name} must have shape ({self.channels},), got {tuple(a.shape)}")
-        return _exported(self.xp, a)
+        a = _exported(self.xp, a)
+        self.vectors.append((a, name))
+        return a
 
     def buffer(self, a, name):
         """A per-channel vector updated in place (running statistics)."""
@@ -247,6 +276,10 @@ class _Call:
             for a, name in ((self.x, "x"), *inputs):
                 if self.xp.overlaps_partly(target, a):
                     raise ValueError(f"bnorm: out overlaps {name} partly (it may be {name} itself, or separate memory)")
+            # the kernels read the per-channel vectors while they write out
+            for a, name in self.vectors:
+                if self.xp.overlaps(target, a):
+                    raise ValueError(f"bnorm: out overlaps {name}")
             return _Output(self.xp, target, out)
         return _Output(self.xp, self.xp.empty(self.input_shape, self.dtype), out, copy_back=True)
 
@@ -314,6 +347,8 @@ def forward_train(
     bias = call.vector(bias, "bias", required=False)
     running_mean = call.buffer(running_mean, "running_mean")
     running_var = call.buffer(running_var, "running_var")
+    if running_mean is not None and running_var is not None and call.xp.overlaps(running_mean, running_var):
+        raise ValueError("bnorm: running_mean and running_var overlap (each is updated from its own old value)")
     call.require_batch()
     y = call.output(out)
     save_mean, save_invstd = call.new_vector(), call.new_vector()
@@ -373,6 +408,8 @@ def backward(
     weight = call.vector(weight, "weight", required=False)
     dx = call.output(out, (dy, "dy"))
     dweight, dbias = call.new_vector(), call.new_vector()
+    if not isinstance(batch_stats, (bool, np.bool_)):
+        raise TypeError(f"bnorm: batch_stats must be True or False, got {batch_stats!r}")
     _core.backward(dy, call.x, call.shape, mean, invstd, weight, bool(batch_stats), dx.target, dweight, dbias, call.xp.stream)
     return dx.done(), call.result(dweight), call.result(dbias)
 
@@ -432,7 +469,11 @@ def merge_stats(
     count = xp.empty((channels,), "float64")
     mean, var = xp.empty((channels,), dtype), xp.empty((channels,), dtype)
     _core.merge_stats(xp.export(table), means, vars, count, mean, var, xp.stream)
-    count = counts.sum().item() if counts.ndim == 1 else xp.wrap(count)  # exact: an int for integer counts
+    if counts.ndim == 1:  # summed in Python: exact for integers, double for floats (not counts' own dtype)
+        values = counts.tolist()
+        count = sum(values) if all(isinstance(v, int) for v in values) else math.fsum(values)
+    else:
+        count = xp.wrap(count)
     return count, xp.wrap(mean), xp.wrap(var)
 
 

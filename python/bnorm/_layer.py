@@ -50,9 +50,9 @@ class BatchNorm:
             raise ValueError(f"bnorm: eps must be positive and finite, got {eps!r}")
         if momentum is not None and not 0 <= _real(momentum, "momentum") <= 1:
             raise ValueError(f"bnorm: momentum must be in [0, 1] or None, got {momentum!r}")
-        dtype = np.dtype(dtype)
-        if dtype.name not in _DTYPES:
-            raise TypeError(f"bnorm: dtype must be one of {', '.join(_DTYPES)}, got {dtype.name}")
+        dtype = np.dtype(np.float32 if dtype is None else dtype)  # None: the default, as in PyTorch
+        if dtype.name not in _DTYPES or not dtype.isnative:
+            raise TypeError(f"bnorm: dtype must be one of {', '.join(_DTYPES)} (native byte order), got {dtype.str}")
         if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
             raise TypeError(f"bnorm: axis must be an integer, got {axis!r}")
         self.num_features = int(num_features)
@@ -176,6 +176,8 @@ class BatchNorm:
         """Load parameters and buffers from a dict with PyTorch's keys (values: arrays, or
         anything np.asarray takes, such as CPU torch tensors). With strict, missing or
         unexpected keys raise KeyError. Nothing is changed when it raises."""
+        if not hasattr(state, "keys"):
+            raise TypeError(f"bnorm: state must be a dict (as state_dict() returns), got {type(state).__name__}")
         expected = set(self.state_dict())
         keys = set(state)
         if strict and keys != expected:
@@ -185,8 +187,8 @@ class BatchNorm:
         for key in expected & keys:
             value = np.asarray(state[key])
             if key == "num_batches_tracked":
-                if value.shape != () or value.dtype.kind not in "iu":
-                    raise ValueError(f"bnorm: num_batches_tracked must be an integer scalar, got {value!r}")
+                if value.shape != () or value.dtype.kind not in "iu" or not 0 <= int(value) < 2**63:
+                    raise ValueError(f"bnorm: num_batches_tracked must be an integer scalar in [0, 2**63), got {value!r}")
                 values[key] = int(value)
                 continue
             if value.shape != (self.num_features,):

@@ -152,11 +152,23 @@ def _bad_inputs():
         add("forward_train", f"{name}-strided", np.float32,
             lambda a, name=name: {name: np.zeros(2 * C, np.float32)[::2]}, ValueError,
             f"{name} must be C-contiguous")
+    # scalars too large for a float
+    for name in ("eps", "momentum"):
+        add("forward_train", f"{name}-huge-int", np.float32, lambda a, name=name: {name: 10**400}, ValueError, name)
+    add("backward_elemt", "count-huge-int", np.float32, lambda a: {"count": 10**400}, ValueError, "count")
+    # batch_stats is a bool, not anything truthy
+    for bad in ("no", None, np.ones(2, bool)):
+        add("backward", f"batch_stats-{type(bad).__name__}", np.float32, lambda a, bad=bad: {"batch_stats": bad},
+            TypeError, "batch_stats")
+    # inputs NumPy cannot take as they are: a masked array (its mask would be dropped)
+    add("forward_train", "x-masked", np.float32, lambda a: {"x": np.ma.masked_array(a.x)}, TypeError, "masked")
     # backward_elemt's count: a number, a 0-d array or a (C,) array of one value
     for ident, count, exc in (("None", None, TypeError), ("str", "20", TypeError),
                               ("bool", True, TypeError), ("bool-array", np.ones(C, bool), TypeError),
                               ("zero", 0, ValueError), ("nan", float("nan"), ValueError),
                               ("per-channel-differ", np.array([20, 20, 21]), ValueError),
+                              ("per-channel-nan", np.full(C, np.nan), ValueError),
+                              ("structured", np.zeros(C, "i4,i4"), TypeError),
                               ("shape", np.full(C + 1, 20), ValueError), ("2d", np.full((1, C), 20), ValueError)):
         add("backward_elemt", f"count-{ident}", np.float32, lambda a, count=count: {"count": count}, exc, "count")
     add("forward_train", "M==1", np.float32,
@@ -227,6 +239,8 @@ def test_merge_stats_dtype_mismatch():
     pytest.param(3, {"momentum": "0.1"}, TypeError, "momentum", id="momentum=str"),
     pytest.param(3, {"momentum": True}, TypeError, "momentum", id="momentum=True"),
     pytest.param(3, {"eps": None}, TypeError, "eps", id="eps=None"),
+    pytest.param(3, {"eps": 10**400}, ValueError, "eps", id="eps=huge-int"),
+    pytest.param(3, {"dtype": ">f4"}, TypeError, "native byte order", id="dtype=big-endian"),
 ])
 def test_layer_bad_construction(num_features, kwargs, exc, pattern):
     with pytest.raises(exc, match=f"(?i){pattern}"):
@@ -251,3 +265,9 @@ def test_layer_bad_input(training):
             bn(np.ones((1, 3), np.float32))
     else:
         bn(np.ones((1, 3), np.float32))  # one sample is fine in eval mode
+
+
+def test_tensor_that_requires_grad_is_named():
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match="x cannot be converted to a NumPy array"):
+        bnorm.forward_train(torch.ones(4, 3, requires_grad=True))

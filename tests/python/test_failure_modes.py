@@ -358,6 +358,36 @@ def test_out_aliasing_input_gives_same_result(rng, op, dtype, layout):
         assert_bitwise(g, e, f"{name} output {i} with out aliasing {aliased}")
 
 
+@pytest.mark.parametrize("vector", ["weight", "bias", "mean", "invstd", "running_mean"])
+def test_out_over_a_per_channel_vector_raises(rng, vector):
+    """The kernels read weight, bias and the statistics while they write out: an out over
+    one of them gave silently wrong results (29 off for a weight in out's first bytes)."""
+    x = ref.make_x(rng, (64, 16, 1000), 1, np.float32)
+    out = np.zeros_like(x)
+    vec = out.reshape(-1)[100:116]
+    vec[:] = 2.0
+    snapshot = out.copy()
+    ones = np.ones(16, np.float32)
+    calls = {
+        "weight": lambda: bnorm.forward_train(x, vec, out=out),
+        "bias": lambda: bnorm.normalize(x, ones * 0, ones, None, vec, out=out),
+        "mean": lambda: bnorm.backward(x, x, vec, ones, out=out),
+        "invstd": lambda: bnorm.normalize(x, ones * 0, vec, out=out),
+        "running_mean": lambda: bnorm.forward_train(x, None, None, vec, ones.copy(), out=out),
+    }
+    with pytest.raises(ValueError, match=f"out overlaps {vector}"):
+        calls[vector]()
+    assert_bitwise(out, snapshot, "out after the refused call")
+
+
+def test_running_buffers_overlapping_each_other_raise(rng):
+    x = ref.make_x(rng, (8, 4, 5), 1, np.float32)
+    buf = np.zeros(6, np.float32)
+    with pytest.raises(ValueError, match="running_mean and running_var overlap"):
+        bnorm.forward_train(x, None, None, buf[:4], buf[2:])
+    assert (buf == 0).all()
+
+
 def test_out_overlapping_a_copied_input_is_computed_from_the_copy(rng):
     """A non-contiguous x is copied before the kernel runs, so an out over part of its
     memory cannot corrupt it: the result is exact, not an overlap error."""

@@ -280,3 +280,23 @@ def test_layer_wrong_channel_count_names_x(config, training):
     with pytest.raises(ValueError, match=r"x has 5 channels \(axis 1, shape \(2, 5\)\), expected num_features=4"):
         bn(np.ones((2, 5), np.float32))
     assert bn._saved is None
+
+
+def test_layer_dtype_none_is_the_default():
+    assert bnorm.BatchNorm(3, dtype=None).dtype == np.float32
+
+
+@pytest.mark.parametrize("value,exc", [(-1, ValueError), (np.uint64(2**64 - 1), ValueError), (1.5, ValueError)],
+                         ids=["negative", "uint64-max", "float"])
+def test_load_state_dict_refuses_bad_num_batches_tracked(value, exc):
+    bn = bnorm.BatchNorm(2, momentum=None)
+    state = bn.state_dict()
+    state["num_batches_tracked"] = value
+    with pytest.raises(exc, match="num_batches_tracked"):
+        bn.load_state_dict(state)
+    assert bn.num_batches_tracked == 0
+
+
+def test_load_state_dict_needs_a_dict():
+    with pytest.raises(TypeError, match="state must be a dict"):
+        bnorm.BatchNorm(2).load_state_dict([1, 2])

@@ -173,3 +173,14 @@ def test_backward_elemt_takes_the_count_of_merge_stats(rng):
     for form in (count, np.array(45), np.int64(45), np.full(c, 45, np.int32)):
         ref.assert_bitwise(bnorm.backward_elemt(dy, x, mean, invstd, None, *sums, form), expected,
                            f"count given as {type(form).__name__} {getattr(form, 'shape', '')}")
+
+
+@pytest.mark.parametrize("counts,total", [
+    (np.array([60000, 60000], np.float16), 120000.0),       # overflowed float16 (inf)
+    (np.array([2**24, 1], np.float32), 16777217.0),         # rounded in float32
+    (np.array([2**62, 2**62], np.int64), 2**63),            # wrapped in int64
+], ids=["float16", "float32", "int64"])
+def test_merge_stats_total_count_is_exact(counts, total):
+    count, mean, var = bnorm.merge_stats(counts, np.zeros((2, 1)), np.ones((2, 1)))
+    assert count == total and type(count) is type(total)
+    assert mean[0] == 0 and var[0] == 1

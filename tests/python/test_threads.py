@@ -143,3 +143,41 @@ def test_omp_num_threads_is_honoured(n):
     out = subprocess.run([sys.executable, "-c", "import bnorm; print(bnorm.get_num_threads())"],
                          env=env, capture_output=True, text=True, check=True)
     assert int(out.stdout.strip()) == n
+
+
+def test_huge_omp_num_threads_is_capped():
+    """OMP_NUM_THREADS=100000 made libgomp crash the process at the first parallel call;
+    the default is capped like set_num_threads (at max(1024, processors))."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import numpy as np, bnorm; x = np.random.rand(100, 1000).astype(np.float32); "
+            "bnorm.batch_stats(x); print(bnorm.get_num_threads())")
+    out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, OMP_NUM_THREADS="100000"),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert int(out.stdout.strip()) == max(1024, os.cpu_count())
+
+
+FORK_CHILD = """
+import os, numpy as np, bnorm
+bnorm.set_num_threads(2)
+x = np.random.rand(64, 64, 1024).astype(np.float32)
+y0 = bnorm.forward_train(x)[0]          # the parent's OpenMP threads are now running
+pid = os.fork()
+if pid == 0:
+    y = bnorm.forward_train(x)[0]       # hung in libgomp before the fork handler
+    os._exit(0 if bnorm.get_num_threads() == 1 and (y == y0).all() else 3)
+_, status = os.waitpid(pid, 0)
+print(os.waitstatus_to_exitcode(status))
+"""
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_forked_child_runs_single_threaded():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", FORK_CHILD], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "0", (out.stdout, out.stderr[-2000:])
