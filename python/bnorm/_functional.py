@@ -73,9 +73,9 @@ class _NumPy:
     @staticmethod
     def overlaps(a, b) -> bool:
         """Whether arrays a and b may share memory (their address ranges intersect). Two
-        arrays that own their memory (no base) share none unless they are one array: that
-        test is cheap, and most calls need no other (np.may_share_memory costs ~0.4 us)."""
-        if a.base is None and b.base is None:
+        arrays that own their memory share none unless they are one array: that test is
+        cheap, and most calls need no other (np.may_share_memory costs ~0.2 us)."""
+        if a.flags.owndata and b.flags.owndata:
             return a is b
         return np.may_share_memory(a, b)
 
@@ -83,7 +83,7 @@ class _NumPy:
     def overlaps_partly(a, b) -> bool:
         """Whether C-contiguous arrays a and b of one shape and dtype share memory without
         being the same memory (then a kernel writing a would overwrite b's unread values)."""
-        if a.base is None and b.base is None:
+        if a.flags.owndata and b.flags.owndata:
             return False
         return np.may_share_memory(a, b) and a.__array_interface__["data"][0] != b.__array_interface__["data"][0]
 
