@@ -120,8 +120,8 @@ void backward_elemt(const T* dy, const T* x, Shape shape, const param_t<T>* mean
     using P = param_t<T>;
     const char* op = "backward_elemt";
     check_shape(op, shape);
+    if (shape.size() == 0) return;  // before count: an empty x has M = 0 values per channel
     check_count(op, count);
-    if (shape.size() == 0) return;
     check_pointer(op, dy, "dy");
     check_pointer(op, x, "x");
     check_pointer(op, mean, "mean");

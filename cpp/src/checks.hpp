@@ -18,21 +18,28 @@ inline std::string shape_string(Shape s) {
     return out.str();
 }
 
-// "bnorm: <op>: <what><value>", the value in the shortest usual form (1e-09, not 0.000000).
+// "bnorm: <op>: <what><value>", the value with the fewest digits that give it back
+// (1e-09, 1.0000001; not 0.000000, nor 1 for 1.0000001).
 inline std::string message(const char* op, const char* what, double value) {
-    std::ostringstream out;
-    out << "bnorm: " << op << ": " << what << value;
-    return out.str();
+    std::ostringstream number;
+    for (int digits = 6; digits <= 17; ++digits) {
+        number.str("");
+        number.precision(digits);
+        number << value;
+        if (!std::isfinite(value) || std::stod(number.str()) == value) break;
+    }
+    return std::string("bnorm: ") + op + ": " + what + number.str();
 }
 
-// No negative size, and size() (hence count()) fits int64: every index is int64, and an
-// overflowed product would pass for an empty or small array.
+// No negative size, and size() and count() fit int64 (count() too when channels is 0):
+// every index is int64, and an overflowed product would pass for an empty or small array.
 inline void check_shape(const char* op, Shape s) {
     if (s.outer < 0 || s.channels < 0 || s.inner < 0)
         throw ValueError(std::string("bnorm: ") + op + ": negative size in shape " + shape_string(s));
     const int64_t big = INT64_MAX;
-    const bool overflow = s.outer > 0 && s.channels > 0 && s.inner > 0 &&
-                          (s.channels > big / s.outer || s.inner > big / (s.outer * s.channels));
+    const bool overflow = (s.outer > 0 && s.inner > big / s.outer) ||
+                          (s.outer > 0 && s.channels > 0 && s.inner > 0 &&
+                           (s.channels > big / s.outer || s.inner > big / (s.outer * s.channels)));
     if (overflow)
         throw ValueError(std::string("bnorm: ") + op + ": shape " + shape_string(s) + " has more than 2^63 - 1 elements");
 }
@@ -40,7 +47,7 @@ inline void check_shape(const char* op, Shape s) {
 // Training needs two values per channel for a variance (PyTorch's message, verbatim). An
 // empty x (no channels) has nothing to normalize and passes.
 inline void check_batch(Shape s) {
-    if (s.count() == 1 && s.channels > 0)
+    if (s.channels > 0 && s.count() == 1)
         throw ValueError("expected more than 1 value per channel when training, got input of shape " + shape_string(s));
 }
 

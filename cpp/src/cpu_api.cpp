@@ -34,17 +34,26 @@ int thread_limit() {
     return limit;
 }
 
+// A process forked after bnorm ran OpenMP threads cannot use them: libgomp's thread pool
+// does not survive fork(), and the child's first parallel region hangs (multiprocessing
+// workers, data loaders). Such a child runs single-threaded, as PyTorch's does, and refuses
+// more threads.
+std::atomic<bool> g_threads_ran{false};   // a call here asked OpenMP for more than one thread
+std::atomic<bool> g_forked_after{false};  // this process was forked after that
+
 int threads() {
-    const int n = g_threads.load(std::memory_order_relaxed);
-    return n > 0 ? n : std::min(omp_get_max_threads(), thread_limit());
+    const int set = g_threads.load(std::memory_order_relaxed);
+    const int n = set > 0 ? set : std::min(omp_get_max_threads(), thread_limit());
+    if (n > 1 && !g_threads_ran.load(std::memory_order_relaxed)) g_threads_ran.store(true, std::memory_order_relaxed);
+    return n;
 }
 
 #if defined(__unix__) || defined(__APPLE__)
-// A process forked after a parallel call cannot use the parent's OpenMP threads: libgomp's
-// thread pool does not survive fork(), and the child's first parallel region hangs
-// (multiprocessing workers, data loaders). The child runs single-threaded instead, as
-// PyTorch's does; set_num_threads in the child overrides it.
-void single_threaded_after_fork() { g_threads.store(1, std::memory_order_relaxed); }
+void single_threaded_after_fork() {
+    if (!g_threads_ran.load(std::memory_order_relaxed)) return;
+    g_forked_after.store(true, std::memory_order_relaxed);
+    g_threads.store(1, std::memory_order_relaxed);
+}
 const int g_fork_handler = pthread_atfork(nullptr, nullptr, single_threaded_after_fork);
 #endif
 
@@ -69,13 +78,17 @@ using detail::invstd_of;
 
 }  // namespace
 
+int max_num_threads() { return thread_limit(); }
+
 void set_num_threads(int n) {
-    // An upper bound too: libgomp crashes or aborts on teams of 100000 threads or more,
-    // and each thread gets its own workspace.
     const int limit = thread_limit();
     if (n < 1 || n > limit)
         throw ValueError("bnorm: the number of threads must be in [1, " + std::to_string(limit) + "], got " +
                          std::to_string(n));
+    if (n > 1 && g_forked_after.load(std::memory_order_relaxed))
+        throw ValueError("bnorm: this process was forked after bnorm ran OpenMP threads, which do not survive "
+                         "fork(): it runs single-threaded (start workers with the spawn or forkserver method "
+                         "to use threads in them)");
     g_threads.store(n, std::memory_order_relaxed);
 }
 
@@ -238,8 +251,8 @@ void backward_elemt(const T* dy, const T* x, Shape shape, const param_t<T>* mean
     using P = param_t<T>;
     const char* op = "backward_elemt";
     check_shape(op, shape);
+    if (shape.size() == 0) return;  // before count: an empty x has M = 0 values per channel
     check_count(op, count);
-    if (shape.size() == 0) return;
     check_pointer(op, dy, "dy");
     check_pointer(op, x, "x");
     check_pointer(op, mean, "mean");

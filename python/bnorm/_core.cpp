@@ -305,6 +305,7 @@ NB_MODULE(_core, m) {
           "batch_stats"_a, "dx"_a, "dweight"_a, "dbias"_a, "stream"_a = 0, release);
     m.def("set_num_threads", &bnorm::set_num_threads, "n"_a);
     m.def("get_num_threads", &bnorm::get_num_threads);
+    m.def("max_num_threads", &bnorm::max_num_threads);
     m.def("cpu_isa", &bnorm::cpu_isa);
     m.def("cuda_available", &cuda_available);
 #if BNORM_HAS_CUDA

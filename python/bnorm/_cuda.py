@@ -194,11 +194,6 @@ class _Jax:
     def is_writeable(a):
         return False
 
-    @staticmethod
-    def overlaps(a, b):
-        return False  # never reached: JAX arrays are not writeable outputs
-
-    overlaps_partly = overlaps
 
     @staticmethod
     def copy_into(dst, src):

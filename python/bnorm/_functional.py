@@ -107,7 +107,7 @@ class _NumPy:
         return np.ascontiguousarray(np.broadcast_to(counts.astype(np.float64).reshape(parts, 1 if counts.ndim == 1 else channels), (parts, channels)))
 
 
-def _backend(x, stream):
+def _backend(x, stream, name="x"):
     """The array namespace of x: NumPy on the CPU, or the CUDA backend for DLPack arrays."""
     if not isinstance(x, np.ndarray) and hasattr(x, "__dlpack_device__"):
         device_type, _ = x.__dlpack_device__()
@@ -116,7 +116,7 @@ def _backend(x, stream):
 
             return _cuda.backend(x, stream)
         if device_type != 1:  # kDLCPU arrays of other frameworks go through NumPy below
-            raise ValueError(f"bnorm: x is on an unsupported device (DLPack device type {device_type})")
+            raise ValueError(f"bnorm: {name} is on an unsupported device (DLPack device type {device_type})")
     if stream is not None:
         raise ValueError("bnorm: stream= applies to CUDA arrays only")
     return _NumPy
@@ -129,7 +129,7 @@ def _as_numpy(a, name: str) -> np.ndarray:
         raise TypeError(f"bnorm: {name} is a masked array; pass {name}.filled(value) or {name}.data")
     try:
         return np.asarray(a)
-    except Exception as e:  # e.g. a torch tensor that requires grad, an unsupported torch dtype
+    except (TypeError, RuntimeError) as e:  # e.g. a torch tensor that requires grad, or of bfloat16
         raise TypeError(f"bnorm: {name} cannot be converted to a NumPy array ({type(e).__name__}: {e})") from None
 
 
@@ -141,7 +141,9 @@ def _exported(xp, a):
 def _real(value, name: str) -> float:
     """A scalar argument (momentum, eps, count) as a float; TypeError naming it otherwise."""
     if type(value) is not float and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
-        raise TypeError(f"bnorm: {name} must be a real number, got {value!r}")
+        # a 0-d array of a real dtype is a number too
+        if not (isinstance(value, np.ndarray) and value.shape == () and value.dtype.kind in "iuf"):
+            raise TypeError(f"bnorm: {name} must be a real number, got {value!r}")
     try:
         return float(value)
     except OverflowError:
@@ -278,15 +280,16 @@ class _Call:
             raise ValueError(f"bnorm: out must have x's shape {self.input_shape}, got {tuple(out.shape)}")
         if not self.xp.is_writeable(out):
             raise ValueError("bnorm: out is read-only")
+        # The kernels read the per-channel vectors while they write out, and update running
+        # buffers in place: a non-contiguous out, filled after the call, would overwrite them.
+        for a, name in self.vectors:
+            if self.xp.overlaps(out, a):
+                raise ValueError(f"bnorm: out overlaps {name}")
         if self.xp.is_contiguous(out):
             target = self.xp.export(out)
             for a, name in ((self.x, "x"), *inputs):
                 if self.xp.overlaps_partly(target, a):
                     raise ValueError(f"bnorm: out overlaps {name} partly (it may be {name} itself, or separate memory)")
-            # the kernels read the per-channel vectors while they write out
-            for a, name in self.vectors:
-                if self.xp.overlaps(target, a):
-                    raise ValueError(f"bnorm: out overlaps {name}")
             return _Output(self.xp, target, out)
         return _Output(self.xp, self.xp.empty(self.input_shape, self.dtype), out, copy_back=True)
 
@@ -446,11 +449,11 @@ def merge_stats(
         are integers; else float64 of shape (C,)), and the mean and biased variance of the
         union, shape (C,). Where the total count is 0, mean and var are 0.
     """
-    xp = _backend(means, stream)
+    xp = _backend(means, stream, "means")
     if xp is _NumPy:
-        means, vars = np.asarray(means), np.asarray(vars)
+        means, vars = _as_numpy(means, "means"), _as_numpy(vars, "vars")
     if xp is _NumPy or not xp.owns(counts):
-        counts = np.asarray(counts)  # counts may live on the host for device statistics
+        counts = _as_numpy(counts, "counts")  # counts may live on the host for device statistics
     for a, name in ((means, "means"), (vars, "vars")):
         if xp is not _NumPy and not xp.owns(a):
             raise ValueError(f"bnorm: {name} must be an array of the same framework and device as means")
@@ -478,7 +481,7 @@ def merge_stats(
     _core.merge_stats(xp.export(table), means, vars, count, mean, var, xp.stream)
     if counts.ndim == 1:  # summed in Python: exact for integers, double for floats (not counts' own dtype)
         values = counts.tolist()
-        count = sum(values) if all(isinstance(v, int) for v in values) else math.fsum(values)
+        count = sum(values) if xp.dtype_name(counts)[:1] in ("i", "u") else math.fsum(values)
     else:
         count = xp.wrap(count)
     return count, xp.wrap(mean), xp.wrap(var)
@@ -544,10 +547,9 @@ def set_num_threads(n: int) -> None:
     bitwise identical for any number of threads."""
     if isinstance(n, bool) or not isinstance(n, numbers.Integral):
         raise TypeError(f"bnorm: the number of threads must be an integer, got {n!r}")
-    if n < 1:
-        raise ValueError(f"bnorm: the number of threads must be >= 1, got {n}")
-    if n >= 2**31:  # beyond the C++ API's int; below that, it checks the bound itself
-        raise ValueError(f"bnorm: the number of threads must be at most max(1024, processors), got {n}")
+    limit = _core.max_num_threads()
+    if not 1 <= n <= limit:  # (C++ checks it too, with the same message, but takes an int)
+        raise ValueError(f"bnorm: the number of threads must be in [1, {limit}], got {n}")
     _core.set_num_threads(int(n))
 
 

@@ -7,7 +7,7 @@ import numbers
 
 import numpy as np
 
-from ._functional import _real, backward, forward_infer, forward_train
+from ._functional import _DTYPE_NAMES, _NumPy, _as_numpy, _backend, _param_dtype, _real, backward, forward_infer, forward_train
 
 __all__ = ["BatchNorm"]
 
@@ -51,8 +51,9 @@ class BatchNorm:
         if momentum is not None and not 0 <= _real(momentum, "momentum") <= 1:
             raise ValueError(f"bnorm: momentum must be in [0, 1] or None, got {momentum!r}")
         dtype = np.dtype(np.float32 if dtype is None else dtype)  # None: the default, as in PyTorch
-        if dtype.name not in _DTYPES or not dtype.isnative:
-            raise TypeError(f"bnorm: dtype must be one of {', '.join(_DTYPES)} (native byte order), got {dtype.str}")
+        if dtype not in _DTYPE_NAMES:  # native float16, float32, float64 only
+            got = dtype.name if dtype.isnative else f"{dtype.name} of non-native byte order ({dtype.str})"
+            raise TypeError(f"bnorm: dtype must be one of {', '.join(_DTYPES)}, got {got}")
         if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
             raise TypeError(f"bnorm: axis must be an integer, got {axis!r}")
         self.num_features = int(num_features)
@@ -62,7 +63,7 @@ class BatchNorm:
         self.track_running_stats = bool(track_running_stats)
         self.axis = int(axis)
         self.dtype = dtype
-        self.param_dtype = np.dtype(np.float32) if dtype.itemsize == 2 else dtype
+        self.param_dtype = np.dtype(_param_dtype(_DTYPE_NAMES[dtype]))
         c, p = self.num_features, self.param_dtype
         self.weight = np.ones(c, p) if self.affine else None
         self.bias = np.zeros(c, p) if self.affine else None
@@ -115,9 +116,9 @@ class BatchNorm:
         list to float64; CUDA arrays pass as they are), checked against the layer's channel
         count and, where the layer has parameters or buffers, their dtype, before anything is
         computed or updated."""
-        device = x.__dlpack_device__()[0] if hasattr(x, "__dlpack_device__") else 1
-        if device == 1:  # kDLCPU
-            x = np.asarray(x)
+        if _backend(x, None) is _NumPy:
+            if type(x) is not np.ndarray:
+                x = _as_numpy(x, "x")
             self._check_dtype(x.dtype)
         self._check_shape(tuple(int(n) for n in x.shape))
         return x
@@ -140,14 +141,13 @@ class BatchNorm:
     def _check_dtype(self, dtype: np.dtype) -> None:
         """TypeError for a float x whose parameter dtype is not this layer's (where the
         layer has parameters or buffers); other dtypes are left to the functions' checks."""
-        if dtype.name in _DTYPES and (self.affine or self.track_running_stats):
-            param = np.dtype(np.float32) if dtype.itemsize == 2 else dtype
-            if param != self.param_dtype:
-                takes = "float16 or float32" if self.param_dtype == np.float32 else self.param_dtype.name
-                raise TypeError(
-                    f"bnorm: this layer's parameters are {self.param_dtype.name}, which takes "
-                    f"x of dtype {takes}, got {dtype.name}"
-                )
+        name = _DTYPE_NAMES.get(dtype)  # (None: not a native float dtype, for the functions to refuse)
+        if name is None or not (self.affine or self.track_running_stats):
+            return
+        if _param_dtype(name) != _DTYPE_NAMES[self.param_dtype]:
+            param = _DTYPE_NAMES[self.param_dtype]
+            takes = "float16 or float32" if param == "float32" else param
+            raise TypeError(f"bnorm: this layer's parameters are {param}, which takes x of dtype {takes}, got {name}")
 
     def backward(self, dy):
         """Gradient of the loss with respect to the last call's input, given dy (shaped like

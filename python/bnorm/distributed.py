@@ -569,17 +569,11 @@ class SyncBatchNorm(BatchNorm):
         BatchNorm does), or x itself when it is a CUDA array and the layer holds no NumPy
         vectors. Raises as BatchNorm would for an x this layer cannot take. Runs before the
         collective (a bad input on one rank then makes every rank raise)."""
-        if getattr(x, "shape", None) is None:
-            raise TypeError(f"bnorm: x must be an array, got {type(x).__name__}")
-        on_cpu = _ops_for_input(x) is _NUMPY_OPS
-        if on_cpu:
-            x = np.asarray(x)
+        x = self._input(x)  # as BatchNorm: CPU arrays converted, dtype and channels checked
+        if isinstance(x, np.ndarray):
             if not x.flags.c_contiguous:
                 x = np.ascontiguousarray(x)  # once, rather than in each of the three phases
-        self._check_shape(_shape_of(x))
-        if isinstance(x, np.ndarray):
-            self._check_dtype(x.dtype)
-        elif not on_cpu and (self.affine or self.track_running_stats):
+        elif self.affine or self.track_running_stats:
             raise TypeError(
                 "bnorm: SyncBatchNorm, like BatchNorm, holds NumPy parameters and takes NumPy "
                 f"arrays, got {type(x).__module__}.{type(x).__name__} on a GPU; there, use "

@@ -294,17 +294,30 @@ void test_argument_messages() {
                                     y.data());
           }),
           "count must be positive and finite, got -1e-09"));
-    // count is checked on empty shapes too.
-    CHECK_THROWS(bnorm::backward_elemt<float>(nullptr, nullptr, Shape{0, 3, 4}, nullptr, nullptr, nullptr, nullptr,
-                                              nullptr, 0.0, nullptr),
-                 bnorm::ValueError);
-    // An x with no elements is no batch of one, even with one value per (absent) channel.
+    CHECK(contains(message_of([&] {
+              bnorm::forward_train(x.data(), s, (const float*)nullptr, nullptr, nullptr, nullptr, 1.0000001, 1e-5,
+                                   y.data(), m.data(), is.data());
+          }),
+          "momentum must be in [0, 1], got 1.0000001"));
+    // An empty x returns before count is checked: its M is 0 (backward_reduce + backward_elemt
+    // with count = M equals backward, which returns empty results).
+    bnorm::backward_elemt<float>(nullptr, nullptr, Shape{0, 3, 4}, nullptr, nullptr, nullptr, nullptr, nullptr, 0.0,
+                                 nullptr);
+    // An x with no elements is no batch of one, even with one value per (absent) channel:
+    // returns without an error (and writes nothing: there are no channels).
     bnorm::forward_train<float>(nullptr, Shape{1, 0, 1}, nullptr, nullptr, nullptr, nullptr, 0.1, 1e-5, nullptr,
                                 nullptr, nullptr);
-    CHECK(y == std::vector<float>(24, -7.0f) && m == std::vector<float>(2, 9.0f));
+    // count() overflows even with no channels.
+    CHECK(contains(message_of([&] {
+              bnorm::forward_train<float>(nullptr, Shape{int64_t(1) << 40, 0, int64_t(1) << 40}, nullptr, nullptr,
+                                          nullptr, nullptr, 0.1, 1e-5, nullptr, nullptr, nullptr);
+          }),
+          "more than 2^63 - 1 elements"));
     // Thread counts libgomp cannot run are refused; the setting is unchanged.
     const int before = bnorm::get_num_threads();
-    CHECK(contains(message_of([] { bnorm::set_num_threads(100000); }), "number of threads must be in [1, "));
+    CHECK(contains(message_of([] { bnorm::set_num_threads(100000); }),
+                   ("number of threads must be in [1, " + std::to_string(bnorm::max_num_threads()) + "]").c_str()));
+    CHECK(bnorm::max_num_threads() >= 1024);
     CHECK_THROWS(bnorm::set_num_threads(INT32_MAX), bnorm::ValueError);
     CHECK(bnorm::get_num_threads() == before);
 }

@@ -162,6 +162,8 @@ def _bad_inputs():
             TypeError, "batch_stats")
     # inputs NumPy cannot take as they are: a masked array (its mask would be dropped)
     add("forward_train", "x-masked", np.float32, lambda a: {"x": np.ma.masked_array(a.x)}, TypeError, "masked")
+    add("forward_train", "weight-masked", np.float32, lambda a: {"weight": np.ma.masked_array(a.weight)}, TypeError,
+        "weight is a masked array")
     # backward_elemt's count: a number, a 0-d array or a (C,) array of one value
     for ident, count, exc in (("None", None, TypeError), ("str", "20", TypeError),
                               ("bool", True, TypeError), ("bool-array", np.ones(C, bool), TypeError),
@@ -271,3 +273,24 @@ def test_tensor_that_requires_grad_is_named():
     torch = pytest.importorskip("torch")
     with pytest.raises(TypeError, match="x cannot be converted to a NumPy array"):
         bnorm.forward_train(torch.ones(4, 3, requires_grad=True))
+
+
+def test_scalars_may_be_0d_arrays():
+    x = np.random.default_rng(0).standard_normal((6, 3)).astype(np.float32)
+    expected = bnorm.forward_train(x, eps=1e-3, momentum=0.5)
+    got = bnorm.forward_train(x, eps=np.array(1e-3), momentum=np.float32(0.5) * np.ones(()))
+    for g, e in zip(got, expected):
+        ref.assert_bitwise(g, e, "0-d array scalars")
+
+
+def test_masked_arrays_are_refused_everywhere():
+    masked = np.ma.masked_array(np.ones((4, 3), np.float32), mask=np.eye(4, 3, dtype=bool))
+    with pytest.raises(TypeError, match="x is a masked array"):
+        bnorm.BatchNorm(3)(masked)
+    with pytest.raises(TypeError, match="means is a masked array"):
+        bnorm.merge_stats(np.ones(4), masked, np.ones((4, 3), np.float32))
+
+
+def test_layer_big_endian_x_gets_the_byte_order_message():
+    with pytest.raises(TypeError, match="non-native byte order"):
+        bnorm.BatchNorm(3)(np.ones((4, 3), ">f4"))

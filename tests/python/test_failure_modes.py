@@ -380,6 +380,17 @@ def test_out_over_a_per_channel_vector_raises(rng, vector):
     assert_bitwise(out, snapshot, "out after the refused call")
 
 
+def test_non_contiguous_out_over_a_running_buffer_raises(rng):
+    """A non-contiguous out is filled after the call, over the running buffer the call had
+    just updated in place."""
+    x = ref.make_x(rng, (4, 3), 1, np.float32)
+    buf = np.zeros(24, np.float32)
+    out, running_mean = buf.reshape(4, 6)[:, ::2], buf[1:4]
+    with pytest.raises(ValueError, match="out overlaps running_mean"):
+        bnorm.forward_train(x, None, None, running_mean, np.ones(3, np.float32), momentum=1.0, out=out)
+    assert (buf == 0).all()
+
+
 def test_running_buffers_overlapping_each_other_raise(rng):
     x = ref.make_x(rng, (8, 4, 5), 1, np.float32)
     buf = np.zeros(6, np.float32)

@@ -184,3 +184,16 @@ def test_merge_stats_total_count_is_exact(counts, total):
     count, mean, var = bnorm.merge_stats(counts, np.zeros((2, 1)), np.ones((2, 1)))
     assert count == total and type(count) is type(total)
     assert mean[0] == 0 and var[0] == 1
+
+
+def test_backward_elemt_of_an_empty_x_takes_its_count_of_zero(rng):
+    """backward_reduce + backward_elemt with count = M equals backward, also for M = 0."""
+    x = np.zeros((0, 3, 4), np.float32)
+    count, mean, var = bnorm.batch_stats(x)
+    sums = bnorm.backward_reduce(x, x, mean, var)
+    assert count == 0 and bnorm.backward_elemt(x, x, mean, var, None, *sums, count).shape == x.shape
+
+
+def test_merge_stats_of_no_parts_keeps_the_count_type():
+    assert type(bnorm.merge_stats(np.zeros(0), np.zeros((0, 2)), np.zeros((0, 2)))[0]) is float
+    assert type(bnorm.merge_stats(np.zeros(0, int), np.zeros((0, 2)), np.zeros((0, 2)))[0]) is int

@@ -10,7 +10,8 @@
 // modified nothing. Shapes must have no negative size and at most 2^63 - 1 elements.
 // Pointers may be null only where marked ("may be null"), and the data pointers of an
 // array with no elements. Outputs may alias inputs of the same shape (y may be x, dx may be
-// dy or x); an output that overlaps an input only in part gives undefined results.
+// dy or x); an output that overlaps an input only in part, or any per-channel input, gives
+// undefined results, and so do running_mean and running_var that overlap each other.
 // Results are bitwise identical for any thread count.
 #pragma once
 
@@ -80,11 +81,15 @@ void backward(const T* dy, const T* x, Shape shape, const param_t<T>* mean,
               const param_t<T>* invstd, const param_t<T>* weight, bool batch_stats, T* dx,
               param_t<T>* dweight, param_t<T>* dbias);
 
-/// Threads used by CPU calls (default: OpenMP's maximum, which honours OMP_NUM_THREADS).
-/// n must be in [1, max(1024, processors)]: OpenMP runtimes crash on far larger teams.
-/// Results do not depend on it.
+/// Threads used by CPU calls (default: OpenMP's maximum, which honours OMP_NUM_THREADS,
+/// capped at max_num_threads()). n must be in [1, max_num_threads()]: OpenMP runtimes crash
+/// on far larger teams. Results do not depend on it. A process forked (POSIX fork()) after
+/// a call here ran more than one thread runs single-threaded, as OpenMP's threads do not
+/// survive fork(), and set_num_threads(n > 1) throws ValueError there.
 void set_num_threads(int n);
 int get_num_threads();
+/// max(1024, the number of processors): the largest n set_num_threads accepts.
+int max_num_threads();
 
 /// The instruction set of the CPU kernels in use: "baseline" (SSE2 on x86-64), "avx2" or
 /// "avx512": the widest this CPU runs, unless the environment variable BNORM_CPU_ISA names
