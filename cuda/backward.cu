@@ -75,6 +75,11 @@ struct GradOp {
 }  // namespace
 }  // namespace detail
 
+// The public API (bnorm/cuda.hpp), exported from a shared libbnorm (see cpu_api.cpp).
+#if defined(__GNUC__)
+#pragma GCC visibility push(default)
+#endif
+
 template <class T>
 void backward_reduce(const T* dy, const T* x, Shape shape, const param_t<T>* mean, const param_t<T>* invstd,
                      param_t<T>* sum_dy, param_t<T>* sum_dy_xhat, stream_t stream) {
@@ -218,5 +223,9 @@ BNORM_CUDA_INSTANTIATE_BACKWARD(double)
 BNORM_CUDA_INSTANTIATE_BACKWARD(half)
 BNORM_CUDA_INSTANTIATE_BACKWARD(bfloat16)
 #undef BNORM_CUDA_INSTANTIATE_BACKWARD
+
+#if defined(__GNUC__)
+#pragma GCC visibility pop
+#endif
 
 }  // namespace bnorm::cuda

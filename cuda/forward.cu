@@ -83,6 +83,11 @@ struct StatsOp {
 }  // namespace
 }  // namespace detail
 
+// The public API (bnorm/cuda.hpp), exported from a shared libbnorm (see cpu_api.cpp).
+#if defined(__GNUC__)
+#pragma GCC visibility push(default)
+#endif
+
 template <class T>
 void batch_stats(const T* x, Shape shape, param_t<T>* mean, param_t<T>* var, stream_t stream) {
     using namespace detail;
@@ -229,5 +234,9 @@ BNORM_CUDA_INSTANTIATE_FORWARD(double)
 BNORM_CUDA_INSTANTIATE_FORWARD(half)
 BNORM_CUDA_INSTANTIATE_FORWARD(bfloat16)
 #undef BNORM_CUDA_INSTANTIATE_FORWARD
+
+#if defined(__GNUC__)
+#pragma GCC visibility pop
+#endif
 
 }  // namespace bnorm::cuda

@@ -58,6 +58,11 @@ merge_stats_kernel(int64_t parts, int64_t channels, const double* counts, const 
 }  // namespace
 }  // namespace detail
 
+// The public API (bnorm/cuda.hpp), exported from a shared libbnorm (see cpu_api.cpp).
+#if defined(__GNUC__)
+#pragma GCC visibility push(default)
+#endif
+
 template <class P>
 void merge_stats(int64_t parts, int64_t channels, const double* counts, const P* means, const P* vars,
                  double* count, P* mean, P* var, stream_t stream) {
@@ -83,5 +88,9 @@ template void merge_stats<float>(int64_t, int64_t, const double*, const float*, 
                                  float*, float*, stream_t);
 template void merge_stats<double>(int64_t, int64_t, const double*, const double*, const double*, double*,
                                   double*, double*, stream_t);
+
+#if defined(__GNUC__)
+#pragma GCC visibility pop
+#endif
 
 }  // namespace bnorm::cuda

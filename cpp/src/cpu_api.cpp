@@ -78,6 +78,12 @@ using detail::invstd_of;
 
 }  // namespace
 
+// The public API (bnorm/cpu.hpp), exported from a shared libbnorm: GCC gives the explicit
+// instantiations below the visibility of the definitions, not of the header's declarations.
+#if defined(__GNUC__)
+#pragma GCC visibility push(default)
+#endif
+
 int max_num_threads() { return thread_limit(); }
 
 void set_num_threads(int n) {
@@ -326,5 +332,9 @@ template void merge_stats<float>(int64_t, int64_t, const double*, const float*, 
                                  double*, float*, float*);
 template void merge_stats<double>(int64_t, int64_t, const double*, const double*,
                                   const double*, double*, double*, double*);
+
+#if defined(__GNUC__)
+#pragma GCC visibility pop
+#endif
 
 }  // namespace bnorm

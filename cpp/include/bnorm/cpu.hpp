@@ -17,6 +17,11 @@
 
 #include "bnorm/types.hpp"
 
+// The library is built with hidden symbols: only what these headers declare is exported.
+#if defined(__GNUC__)
+#pragma GCC visibility push(default)
+#endif
+
 namespace bnorm {
 
 /// Per-channel mean and biased variance of x (M = shape.count() values per channel),
@@ -98,3 +103,7 @@ int max_num_threads();
 const char* cpu_isa();
 
 }  // namespace bnorm
+
+#if defined(__GNUC__)
+#pragma GCC visibility pop
+#endif

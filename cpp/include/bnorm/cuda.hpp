@@ -27,6 +27,11 @@
 
 struct CUstream_st;  // cudaStream_t is CUstream_st*: no CUDA header needed to use this API
 
+// The library is built with hidden symbols: only what these headers declare is exported.
+#if defined(__GNUC__)
+#pragma GCC visibility push(default)
+#endif
+
 namespace bnorm::cuda {
 
 using stream_t = CUstream_st*;
@@ -86,3 +91,7 @@ void backward(const T* dy, const T* x, Shape shape, const param_t<T>* mean,
               param_t<T>* dweight, param_t<T>* dbias, stream_t stream = nullptr);
 
 }  // namespace bnorm::cuda
+
+#if defined(__GNUC__)
+#pragma GCC visibility pop
+#endif

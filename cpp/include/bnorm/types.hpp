@@ -5,6 +5,11 @@
 #include <stdexcept>
 #include <string>
 
+// The library is built with hidden symbols: only what these headers declare is exported.
+#if defined(__GNUC__)
+#pragma GCC visibility push(default)
+#endif
+
 namespace bnorm {
 
 /// An array viewed around its channel axis. A C-contiguous array of any rank with
@@ -58,3 +63,7 @@ template <> struct param_type<bfloat16> { using type = float; };
 template <class T> using param_t = typename param_type<T>::type;
 
 }  // namespace bnorm
+
+#if defined(__GNUC__)
+#pragma GCC visibility pop
+#endif
