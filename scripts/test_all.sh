@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Builds and installs bnorm with its test dependencies into the current Python, then runs
 # every test: the pytest suite (MPI runs included), the C++ tests and the install/consumer
-# tests (ctest), the C++ tests again under AddressSanitizer + UndefinedBehaviorSanitizer and
-# with the portable one-lane kernels, the docs build, and the repaired wheel in a fresh venv. The CUDA backend is compiled wherever
+# tests (ctest), the C++ tests again under AddressSanitizer + UndefinedBehaviorSanitizer,
+# against a shared libbnorm and with the portable one-lane kernels, the docs build, and the repaired wheel in a fresh venv. The CUDA backend is compiled wherever
 # nvcc exists (its tests skip without a GPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,6 +25,17 @@ cmake -S . -B build/cpp-asan -DBNORM_TESTS=ON -DBNORM_PYTHON=OFF -DBNORM_CUDA=OF
   -DCMAKE_BUILD_TYPE=Debug
 cmake --build build/cpp-asan -j "$JOBS"
 ctest --test-dir build/cpp-asan --output-on-failure
+
+echo "== shared libbnorm: C++ and consumer tests, and only the public API exported"
+cmake -S . -B build/cpp-shared -DBNORM_TESTS=ON -DBNORM_PYTHON=OFF -DBNORM_CUDA=OFF -DBUILD_SHARED_LIBS=ON
+cmake --build build/cpp-shared -j "$JOBS"
+ctest --test-dir build/cpp-shared --output-on-failure
+if command -v nm > /dev/null && [ -f build/cpp-shared/libbnorm.so ]; then
+  if nm -DC --defined-only build/cpp-shared/libbnorm.so | grep -E "bnorm::(kernels|detail)"; then
+    echo "libbnorm.so exports internal symbols (above)" >&2
+    exit 1
+  fi
+fi
 
 echo "== C++ tests of the portable one-lane kernels (what non-x86 builds run)"
 cmake -S . -B build/cpp-scalar -DBNORM_TESTS=ON -DBNORM_PYTHON=OFF -DBNORM_CUDA=OFF -DBNORM_INSTALL=OFF \
