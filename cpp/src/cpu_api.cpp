@@ -41,10 +41,16 @@ int thread_limit() {
 std::atomic<bool> g_threads_ran{false};   // a call here asked OpenMP for more than one thread
 std::atomic<bool> g_forked_after{false};  // this process was forked after that
 
-int threads() {
+int configured_threads() {
     const int set = g_threads.load(std::memory_order_relaxed);
-    const int n = set > 0 ? set : std::min(omp_get_max_threads(), thread_limit());
-    if (n > 1 && !g_threads_ran.load(std::memory_order_relaxed)) g_threads_ran.store(true, std::memory_order_relaxed);
+    return set > 0 ? set : std::min(omp_get_max_threads(), thread_limit());
+}
+
+// The threads for a call on `shape`, noting when OpenMP will start threads for it.
+int threads(Shape shape) {
+    const int n = configured_threads();
+    if (n > 1 && shape.size() >= kernels::kSerialBelow && !g_threads_ran.load(std::memory_order_relaxed))
+        g_threads_ran.store(true, std::memory_order_relaxed);
     return n;
 }
 
@@ -98,7 +104,7 @@ void set_num_threads(int n) {
     g_threads.store(n, std::memory_order_relaxed);
 }
 
-int get_num_threads() { return threads(); }
+int get_num_threads() { return configured_threads(); }
 
 const char* cpu_isa() { return kernels::isa_name(kernels::isa()); }
 
@@ -116,7 +122,7 @@ void batch_stats(const T* x, Shape shape, param_t<T>* mean, param_t<T>* var) {
         return;
     }
     Scratch<double> m(shape.channels), v(shape.channels);
-    kernels::moments(x, shape, threads(), m.data(), v.data());
+    kernels::moments(x, shape, threads(shape), m.data(), v.data());
     for (int64_t c = 0; c < shape.channels; ++c) mean[c] = param_t<T>(m[c]);
     for (int64_t c = 0; c < shape.channels; ++c) var[c] = param_t<T>(v[c]);
 }
@@ -171,7 +177,7 @@ void normalize(const T* x, Shape shape, const param_t<T>* mean, const param_t<T>
     check_pointer(op, y, "y");
     const Scratch<P> scale = scales(shape.channels, invstd, weight);
     const Scratch<P> zero(shape.channels, P(0));
-    kernels::affine(x, shape, threads(), mean, zero.data(), scale.data(), bias ? bias : zero.data(), y);
+    kernels::affine(x, shape, threads(shape), mean, zero.data(), scale.data(), bias ? bias : zero.data(), y);
 }
 
 template <class T>
@@ -199,7 +205,7 @@ void forward_train(const T* x, Shape shape, const param_t<T>* weight, const para
     const int64_t C = shape.channels;
     Scratch<double> mean(C), var(C);
     Scratch<P> invstd(C);
-    kernels::forward_train(x, shape, threads(), eps, weight, bias, y, mean.data(), var.data(), invstd.data());
+    kernels::forward_train(x, shape, threads(shape), eps, weight, bias, y, mean.data(), var.data(), invstd.data());
     // Written last, so that running buffers may alias weight or bias. One loop per output,
     // so that each vectorizes.
     const double unbias = double(shape.count()) / double(shape.count() - 1);
@@ -243,7 +249,7 @@ void backward_reduce(const T* dy, const T* x, Shape shape, const param_t<T>* mea
     if (shape.count() > 0) {
         check_pointer(op, dy, "dy");
         check_pointer(op, x, "x");
-        kernels::backward_sums(dy, x, shape, threads(), mean, s_dy.data(), s_dy_xmu.data());
+        kernels::backward_sums(dy, x, shape, threads(shape), mean, s_dy.data(), s_dy_xmu.data());
     }
     for (int64_t c = 0; c < shape.channels; ++c)
         detail::round_backward_sums(s_dy[c], s_dy_xmu[c], invstd[c], sum_dy[c], sum_dy_xhat[c]);
@@ -272,7 +278,7 @@ void backward_elemt(const T* dy, const T* x, Shape shape, const param_t<T>* mean
         const auto k = detail::backward_coefficients(sum_dy[c], sum_dy_xhat[c], invstd[c], weight, c, count);
         dy_mean[c] = k.dy_mean, xmu_scale[c] = k.xmu_scale, scale[c] = k.scale;
     }
-    kernels::backward_dx(dy, x, shape, threads(), mean, dy_mean.data(), xmu_scale.data(),
+    kernels::backward_dx(dy, x, shape, threads(shape), mean, dy_mean.data(), xmu_scale.data(),
                          scale.data(), dx);
 }
 
@@ -295,12 +301,12 @@ void backward(const T* dy, const T* x, Shape shape, const param_t<T>* mean,
         check_pointer(op, invstd, "invstd");
         check_pointer(op, dx, "dx");
         if (batch_stats) {
-            kernels::backward_train(dy, x, shape, threads(), mean, invstd, weight, dx, sum_dy.data(), sum_dy_xhat.data());
+            kernels::backward_train(dy, x, shape, threads(shape), mean, invstd, weight, dx, sum_dy.data(), sum_dy_xhat.data());
         } else {
             backward_reduce(dy, x, shape, mean, invstd, sum_dy.data(), sum_dy_xhat.data());
             const Scratch<P> scale = scales(shape.channels, invstd, weight);
             const Scratch<P> zero(shape.channels, P(0));
-            kernels::affine(dy, shape, threads(), zero.data(), zero.data(), scale.data(), zero.data(), dx);
+            kernels::affine(dy, shape, threads(shape), zero.data(), zero.data(), scale.data(), zero.data(), dx);
         }
     }
     std::copy(sum_dy.begin(), sum_dy.end(), dbias);

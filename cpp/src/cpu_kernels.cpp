@@ -51,7 +51,6 @@ constexpr int64_t kRowTileElems = 65536;    // rows tile (256 KiB of float, in L
 constexpr int64_t kRowTileRows = 256;       // rows tile: float sums of at most 256 values
 constexpr int64_t kChannelBlock = 1024;     // channels per rows-schedule tile (RowWork arrays)
 constexpr int64_t kWorkItems = 64;          // partials per call, enough for 64 threads
-constexpr int64_t kSerialBelow = 1 << 15;   // fewer elements than this: one thread is faster
 constexpr int64_t kStreamBytes = 4 << 20;   // outputs larger than this skip the caches
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

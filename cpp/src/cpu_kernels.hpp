@@ -5,6 +5,8 @@
 // in a fixed order, so results never depend on the number of threads.
 #pragma once
 
+#include <cstdint>
+
 #include "bnorm/types.hpp"
 
 namespace bnorm::kernels {
@@ -18,6 +20,10 @@ enum class Isa { baseline, avx2, avx512 };
 /// The instruction set in use, chosen at first use.
 Isa isa();
 const char* isa_name(Isa isa);
+
+/// Calls on fewer elements than this run on one thread (it is faster), whatever the number
+/// of threads they are given.
+constexpr int64_t kSerialBelow = 1 << 15;
 
 namespace baseline {
 #include "cpu_kernels.inc"

@@ -77,7 +77,14 @@ class _NumPy:
         cheap, and most calls need no other (np.may_share_memory costs ~0.2 us)."""
         if a.flags.owndata and b.flags.owndata:
             return a is b
-        return np.may_share_memory(a, b)
+        if not np.may_share_memory(a, b):
+            return False
+        if a.flags.c_contiguous and b.flags.c_contiguous:
+            return True  # the address ranges are the elements
+        try:  # a strided array's range has gaps: a real overlap only if an element is shared
+            return np.shares_memory(a, b, max_work=1 << 20)
+        except RuntimeError:  # numpy.exceptions.TooHardError: assume the worst
+            return True
 
     @staticmethod
     def overlaps_partly(a, b) -> bool:
@@ -138,11 +145,19 @@ def _exported(xp, a):
     return xp.export(a if xp.is_contiguous(a) else xp.contiguous(a))
 
 
+def _kind(a) -> str:
+    """The NumPy dtype kind of an array of any framework ("f", "i", "u", "b", ...; "?")."""
+    try:
+        return np.dtype(str(a.dtype).removeprefix("torch.")).kind
+    except TypeError:
+        return "?"
+
+
 def _real(value, name: str) -> float:
-    """A scalar argument (momentum, eps, count) as a float; TypeError naming it otherwise."""
+    """A scalar argument (momentum, eps, count) as a float: a real number, or a 0-d array
+    (of any framework) of a real dtype; TypeError naming it otherwise."""
     if type(value) is not float and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
-        # a 0-d array of a real dtype is a number too
-        if not (isinstance(value, np.ndarray) and value.shape == () and value.dtype.kind in "iuf"):
+        if not (tuple(getattr(value, "shape", (1,))) == () and _kind(value) in "iuf"):
             raise TypeError(f"bnorm: {name} must be a real number, got {value!r}")
     try:
         return float(value)
@@ -153,17 +168,11 @@ def _real(value, name: str) -> float:
 def _count_of(count, channels: int) -> float:
     """backward_elemt's count: a number, a 0-d array, or a (C,) array holding one value for
     every channel (what merge_stats returns for (P, C) counts), on any device."""
-    if isinstance(count, bool) or isinstance(count, numbers.Real) or not hasattr(count, "shape"):
+    if isinstance(count, bool) or isinstance(count, numbers.Real) or tuple(getattr(count, "shape", ())) == ():
         return _real(count, "count")
-    try:
-        kind = np.dtype(str(count.dtype).removeprefix("torch.")).kind
-    except TypeError:
-        kind = "?"
-    if kind not in "iuf":
+    if _kind(count) not in "iuf":
         raise TypeError(f"bnorm: count must hold integers or floats, got dtype {count.dtype}")
     shape = tuple(count.shape)
-    if shape == ():
-        return float(count)
     if shape != (channels,):
         raise ValueError(f"bnorm: count must be a number or have shape () or ({channels},), got {shape}")
     if channels == 0:
@@ -418,7 +427,9 @@ def backward(
     weight = call.vector(weight, "weight", required=False)
     dx = call.output(out, (dy, "dy"))
     dweight, dbias = call.new_vector(), call.new_vector()
-    if not isinstance(batch_stats, (bool, np.bool_)):
+    if not isinstance(batch_stats, (bool, np.bool_)) and not (
+        tuple(getattr(batch_stats, "shape", (1,))) == () and _kind(batch_stats) == "b"
+    ):
         raise TypeError(f"bnorm: batch_stats must be True or False, got {batch_stats!r}")
     _core.backward(dy, call.x, call.shape, mean, invstd, weight, bool(batch_stats), dx.target, dweight, dbias, call.xp.stream)
     return dx.done(), call.result(dweight), call.result(dbias)

@@ -391,6 +391,19 @@ def test_non_contiguous_out_over_a_running_buffer_raises(rng):
     assert (buf == 0).all()
 
 
+def test_strided_out_with_a_vector_in_its_gaps_is_fine(rng):
+    """One arena: y in columns 0-2, running_mean in row 0's columns 3-5. The strided out's
+    address range covers running_mean, but no element is shared."""
+    x = ref.make_x(rng, (4, 3), 1, np.float32)
+    arena = np.zeros((4, 6), np.float32)
+    out, running_mean, running_var = arena[:, :3], arena[0, 3:], np.ones(3, np.float32)
+    separate_mean = np.zeros(3, np.float32)
+    expected = bnorm.forward_train(x, None, None, separate_mean, np.ones(3, np.float32))
+    got = bnorm.forward_train(x, None, None, running_mean, running_var, out=out)
+    assert_bitwise(got[0], expected[0], "y in the arena")
+    assert_bitwise(running_mean, separate_mean, "running_mean in the arena")
+
+
 def test_running_buffers_overlapping_each_other_raise(rng):
     x = ref.make_x(rng, (8, 4, 5), 1, np.float32)
     buf = np.zeros(6, np.float32)

@@ -168,6 +168,8 @@ FORK_CHILD = """
 import os, numpy as np, bnorm
 bnorm.set_num_threads(2)
 x = np.random.rand(64, 64, 1024).astype(np.float32)
+bnorm.get_num_threads()                 # asking starts no thread,
+bnorm.forward_train(x[:2, :3, :4])      # nor does a call small enough to run on one
 pid = os.fork()                         # before any parallel call: the child keeps its threads
 if pid == 0:
     os._exit(0 if bnorm.get_num_threads() == 2 else 4)

@@ -192,3 +192,18 @@ def test_channels_last_layer_vs_torch_2d(rng):
         assert_close(y, _np(ty).transpose(0, 2, 3, 1).astype(np.float64), 1e-5, "y")
     assert_close(bn.running_mean, _np(tm.running_mean).astype(np.float64), 1e-5, "rm")
     assert_close(bn.running_var, _np(tm.running_var).astype(np.float64), 1e-5, "rv")
+
+
+def test_torch_scalars_for_eps_momentum_and_batch_stats():
+    """0-d tensors work where numbers do, as they did through float() and bool()."""
+    x = np.random.default_rng(0).standard_normal((6, 3)).astype(np.float32)
+    expected = bnorm.forward_train(x, eps=1e-3, momentum=0.5)
+    got = bnorm.forward_train(x, eps=torch.tensor(1e-3, dtype=torch.float64), momentum=torch.tensor(0.5))
+    for g, e in zip(got, expected):
+        ref.assert_bitwise(g, e, "0-d tensor scalars")
+    _, mean, invstd = expected
+    for flag in (True, False):
+        want = bnorm.backward(x, x, mean, invstd, batch_stats=flag)
+        for given in (np.array(flag), torch.tensor(flag), np.bool_(flag)):
+            for g, e in zip(bnorm.backward(x, x, mean, invstd, batch_stats=given), want):
+                ref.assert_bitwise(g, e, f"batch_stats={given!r}")
