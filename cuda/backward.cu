@@ -123,17 +123,7 @@ void backward_elemt(const T* dy, const T* x, Shape shape, const param_t<T>* mean
                     double count, T* dx, stream_t stream) {
     using namespace detail;
     using P = param_t<T>;
-    const char* op = "backward_elemt";
-    check_shape(op, shape);
-    if (shape.size() == 0) return;  // before count: an empty x has M = 0 values per channel
-    check_count(op, count);
-    check_pointer(op, dy, "dy");
-    check_pointer(op, x, "x");
-    check_pointer(op, mean, "mean");
-    check_pointer(op, invstd, "invstd");
-    check_pointer(op, sum_dy, "sum_dy");
-    check_pointer(op, sum_dy_xhat, "sum_dy_xhat");
-    check_pointer(op, dx, "dx");
+    if (!bnorm::detail::check_backward_elemt(shape, count, dy, x, mean, invstd, sum_dy, sum_dy_xhat, dx)) return;
     const int64_t C = shape.channels;
     Layout layout;
     const size_t at_dy_mean = layout.add<P>(C);

@@ -60,7 +60,6 @@ inline int64_t next_pow2(int64_t v) {
 // ---- argument checks (host, before anything is enqueued): the CPU backend's -------------
 
 using bnorm::detail::check_batch;
-using bnorm::detail::check_count;
 using bnorm::detail::check_eps;
 using bnorm::detail::check_momentum;
 using bnorm::detail::check_parts;

@@ -121,13 +121,7 @@ template <class T>
 void normalize(const T* x, Shape shape, const param_t<T>* mean, const param_t<T>* invstd,
                const param_t<T>* weight, const param_t<T>* bias, T* y, stream_t stream) {
     using namespace detail;
-    const char* op = "normalize";
-    check_shape(op, shape);
-    if (shape.size() == 0) return;
-    check_pointer(op, x, "x");
-    check_pointer(op, mean, "mean");
-    check_pointer(op, invstd, "invstd");
-    check_pointer(op, y, "y");
+    if (!bnorm::detail::check_normalize(shape, x, mean, invstd, y)) return;
     EwCoefs<param_t<T>> k;
     k.center = mean;
     k.scale = invstd;
@@ -199,14 +193,7 @@ void forward_infer(const T* x, Shape shape, const param_t<T>* running_mean, cons
                    const param_t<T>* weight, const param_t<T>* bias, double eps, T* y, stream_t stream) {
     using namespace detail;
     using P = param_t<T>;
-    const char* op = "forward_infer";
-    check_shape(op, shape);
-    check_eps(op, eps);
-    if (shape.size() == 0) return;
-    check_pointer(op, running_mean, "running_mean");
-    check_pointer(op, running_var, "running_var");
-    check_pointer(op, x, "x");
-    check_pointer(op, y, "y");
+    if (!bnorm::detail::check_forward_infer(shape, eps, x, running_mean, running_var, y)) return;
     const int64_t C = shape.channels;
     Layout layout;
     const size_t at_scale = layout.add<P>(C);

@@ -79,4 +79,47 @@ inline void check_parts(const char* op, int64_t parts, int64_t channels) {
     }
 }
 
+// The whole argument checks of the elementwise entry points, one per op for both backends
+// (the same calls refused, with the same first message). Each returns whether there is
+// anything to compute: an x with no elements needs no valid pointer.
+inline bool check_normalize(Shape s, const void* x, const void* mean, const void* invstd, const void* y) {
+    const char* op = "normalize";
+    check_shape(op, s);
+    if (s.size() == 0) return false;
+    check_pointer(op, x, "x");
+    check_pointer(op, mean, "mean");
+    check_pointer(op, invstd, "invstd");
+    check_pointer(op, y, "y");
+    return true;
+}
+
+inline bool check_forward_infer(Shape s, double eps, const void* x, const void* running_mean,
+                                const void* running_var, const void* y) {
+    const char* op = "forward_infer";
+    check_shape(op, s);
+    check_eps(op, eps);
+    if (s.size() == 0) return false;
+    check_pointer(op, x, "x");
+    check_pointer(op, running_mean, "running_mean");
+    check_pointer(op, running_var, "running_var");
+    check_pointer(op, y, "y");
+    return true;
+}
+
+inline bool check_backward_elemt(Shape s, double count, const void* dy, const void* x, const void* mean,
+                                 const void* invstd, const void* sum_dy, const void* sum_dy_xhat, const void* dx) {
+    const char* op = "backward_elemt";
+    check_shape(op, s);
+    if (s.size() == 0) return false;  // before count: an empty x has M = 0 values per channel
+    check_count(op, count);
+    check_pointer(op, dy, "dy");
+    check_pointer(op, x, "x");
+    check_pointer(op, mean, "mean");
+    check_pointer(op, invstd, "invstd");
+    check_pointer(op, sum_dy, "sum_dy");
+    check_pointer(op, sum_dy_xhat, "sum_dy_xhat");
+    check_pointer(op, dx, "dx");
+    return true;
+}
+
 }  // namespace bnorm::detail

@@ -64,7 +64,6 @@ const int g_fork_handler = pthread_atfork(nullptr, nullptr, single_threaded_afte
 #endif
 
 using detail::check_batch;
-using detail::check_count;
 using detail::check_eps;
 using detail::check_momentum;
 using detail::check_parts;
@@ -168,13 +167,7 @@ template <class T>
 void normalize(const T* x, Shape shape, const param_t<T>* mean, const param_t<T>* invstd,
                const param_t<T>* weight, const param_t<T>* bias, T* y) {
     using P = param_t<T>;
-    const char* op = "normalize";
-    check_shape(op, shape);
-    if (shape.size() == 0) return;
-    check_pointer(op, x, "x");
-    check_pointer(op, mean, "mean");
-    check_pointer(op, invstd, "invstd");
-    check_pointer(op, y, "y");
+    if (!detail::check_normalize(shape, x, mean, invstd, y)) return;
     const Scratch<P> scale = scales(shape.channels, invstd, weight);
     const Scratch<P> zero(shape.channels, P(0));
     kernels::affine(x, shape, threads(shape), mean, zero.data(), scale.data(), bias ? bias : zero.data(), y);
@@ -222,14 +215,7 @@ void forward_infer(const T* x, Shape shape, const param_t<T>* running_mean,
                    const param_t<T>* running_var, const param_t<T>* weight,
                    const param_t<T>* bias, double eps, T* y) {
     using P = param_t<T>;
-    const char* op = "forward_infer";
-    check_shape(op, shape);
-    check_eps(op, eps);
-    if (shape.size() == 0) return;
-    check_pointer(op, x, "x");
-    check_pointer(op, running_mean, "running_mean");
-    check_pointer(op, running_var, "running_var");
-    check_pointer(op, y, "y");
+    if (!detail::check_forward_infer(shape, eps, x, running_mean, running_var, y)) return;
     Scratch<P> invstd(shape.channels);
     for (int64_t c = 0; c < shape.channels; ++c) invstd[c] = invstd_of<P>(running_var[c], eps);
     normalize(x, shape, running_mean, invstd.data(), weight, bias, y);
@@ -261,17 +247,7 @@ void backward_elemt(const T* dy, const T* x, Shape shape, const param_t<T>* mean
                     const param_t<T>* sum_dy, const param_t<T>* sum_dy_xhat, double count,
                     T* dx) {
     using P = param_t<T>;
-    const char* op = "backward_elemt";
-    check_shape(op, shape);
-    if (shape.size() == 0) return;  // before count: an empty x has M = 0 values per channel
-    check_count(op, count);
-    check_pointer(op, dy, "dy");
-    check_pointer(op, x, "x");
-    check_pointer(op, mean, "mean");
-    check_pointer(op, invstd, "invstd");
-    check_pointer(op, sum_dy, "sum_dy");
-    check_pointer(op, sum_dy_xhat, "sum_dy_xhat");
-    check_pointer(op, dx, "dx");
+    if (!detail::check_backward_elemt(shape, count, dy, x, mean, invstd, sum_dy, sum_dy_xhat, dx)) return;
     const int64_t C = shape.channels;
     Scratch<P> dy_mean(C), xmu_scale(C), scale(C);
     for (int64_t c = 0; c < C; ++c) {
