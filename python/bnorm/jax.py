@@ -38,7 +38,7 @@ __all__ = ["batch_norm"]
 if not hasattr(_core, "jax_ffi_targets"):
     raise ImportError(
         "bnorm.jax needs bnorm built with its XLA FFI handlers, and this bnorm was built without them "
-        "(no jax in the build Python): reinstall with jax installed, e.g. "
+        "(BNORM_JAX_FFI=OFF, or no jax in the build Python): reinstall with jax installed, e.g. "
         "pip install jax && pip install --no-build-isolation bnorm (docs/frameworks.md)"
     )
 

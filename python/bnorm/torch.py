@@ -40,7 +40,9 @@ from . import _functional
 
 __all__ = ["batch_norm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert"]
 
-_CPU_DTYPES = tuple(getattr(torch, name) for name in _functional._CPU_DTYPES)
+# What bnorm's CPU backend takes, as far as torch can hand it over as a NumPy view: NumPy has
+# no bfloat16, so a CPU bfloat16 path needs the NumPy dtype bnorm adopts for it.
+_CPU_DTYPES = tuple(getattr(torch, name) for name in _functional._CPU_DTYPES if name != "bfloat16")
 _CUDA_DTYPES = (torch.float16, torch.float32, torch.float64, torch.bfloat16)
 
 

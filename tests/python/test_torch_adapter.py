@@ -108,6 +108,8 @@ def test_errors():
         bt.batch_norm(torch.zeros(1, 3), None, None, training=True)
     with pytest.raises(TypeError, match="input must be one of"):
         bt.batch_norm(torch.zeros(4, 3, dtype=torch.int32), None, None, training=True)
+    with pytest.raises(TypeError, match="float16, float32, float64 on cpu, got torch.bfloat16"):
+        bt.batch_norm(torch.zeros(4, 3, dtype=torch.bfloat16), None, None, training=True)
     with pytest.raises(TypeError, match="torch.Tensor"):
         bt.batch_norm([[1.0, 2.0]], None, None, training=True)
 
@@ -248,14 +250,16 @@ def test_state_dict_round_trip():
     _assert_same_state(back, stock, 0, 0)
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
+def test_torch_compile_fullgraph(memory_format):
     """The converted CNN under torch.compile(fullgraph=True): no graph break, same losses
-    and running statistics as eager bnorm."""
-    eager, compiled = bt.convert(_cnn()), bt.convert(_cnn())
+    and running statistics as eager bnorm (channels_last: the fake op's strides match)."""
+    eager = bt.convert(_cnn()).to(memory_format=memory_format)
+    compiled = bt.convert(_cnn()).to(memory_format=memory_format)
     torch._dynamo.reset()
     compiled_fn = torch.compile(compiled, fullgraph=True)
-    want = _train(eager, 3)
-    got = _train(compiled_fn, 3)
+    want = _train(eager, 3, memory_format)
+    got = _train(compiled_fn, 3, memory_format)
     for g, w in zip(got, want):
         assert abs(g - w) <= 1e-4 * max(1.0, abs(w)), (g, w)
     _assert_same_state(compiled, eager, rtol=1e-4, atol=1e-5)
