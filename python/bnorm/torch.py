@@ -176,9 +176,12 @@ def _setup_context(ctx, inputs, output):
     ctx.batch_stats = training
     ctx.bias_dtype = None if bias is None else bias.dtype
     ctx.mark_non_differentiable(mean, invstd, new_running_mean, new_running_var)
+    ctx.set_materialize_grads(False)  # no zero tensors for the statistics' (unused) gradients
 
 
 def _backward(ctx, grad_y, *grad_statistics):
+    if grad_y is None:  # y did not reach the loss
+        return (None,) * 8
     input, weight, mean, invstd = ctx.saved_tensors
     grad_input, grad_weight, grad_bias = torch.ops.bnorm.batch_norm_backward(
         grad_y, input, weight, mean, invstd, ctx.batch_stats)
