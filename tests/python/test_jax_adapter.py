@@ -175,3 +175,12 @@ def test_cnn_trains():
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-4)
     for s, r in zip(stats, ref_stats):
         np.testing.assert_allclose(np.asarray(s), np.asarray(r), rtol=1e-4, atol=1e-5)
+
+
+def test_vmap_normalizes_each_slice():
+    x, weight, bias, running_mean, running_var = _data((3, 4, 2, 5), 1, "float32")
+    f = lambda x: bj.batch_norm(x, weight[:2], bias[:2], running_mean[:2], running_var[:2], training=True)  # noqa: E731
+    mapped = jax.vmap(f)(x)
+    for i in range(x.shape[0]):
+        for got, want in zip(mapped, f(x[i])):
+            np.testing.assert_allclose(np.asarray(got[i]), np.asarray(want), rtol=1e-6, atol=1e-6)
