@@ -265,3 +265,14 @@ def test_torch_compile_fullgraph(memory_format):
     _assert_same_state(compiled, eager, rtol=1e-4, atol=1e-5)
     explanation = torch._dynamo.explain(compiled)(torch.randn(4, 3, 8, 8))
     assert explanation.graph_break_count == 0
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_torch_export_keeps_the_op(mode):
+    model = bt.convert(_cnn())
+    getattr(model, mode)()
+    program = torch.export.export(copy.deepcopy(model), (torch.randn(4, 3, 8, 8),))
+    targets = [str(node.target) for node in program.graph.nodes]
+    assert targets.count("bnorm.batch_norm.default") == 3
+    x = torch.randn(4, 3, 8, 8)
+    torch.testing.assert_close(program.module()(x), copy.deepcopy(model)(x))
