@@ -27,7 +27,7 @@ if [[ "${1:-}" != "--no-check" ]]; then
     exit 1
   fi
   "$PYTHON" - <<'PY'
-import ast, contextlib, inspect, io, os, re, sys, tempfile
+import ast, contextlib, importlib.util, inspect, io, os, re, sys, tempfile
 
 import numpy
 import bnorm
@@ -87,6 +87,9 @@ for name in bnorm.__all__:
 
 # 2. the pages' ```python examples run
 pages = ["docs/index.md", "docs/getting-started.md", "docs/faq.md"]
+# the framework page's examples need PyTorch, JAX and bnorm's JAX handlers (CI has all three)
+if all(importlib.util.find_spec(m) for m in ("torch", "jax")) and hasattr(bnorm._core, "jax_ffi_targets"):
+    pages.append("docs/frameworks.md")
 root = os.getcwd()
 for page in pages:
     text = open(page, encoding="utf-8").read()

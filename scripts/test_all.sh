@@ -9,8 +9,13 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 JOBS=${JOBS:-2}
 
-echo "== install bnorm[test,demo,mpi,docs]"
-"$PYTHON" -m pip install ".[test,demo,mpi,docs]"
+echo "== install PyTorch and JAX (CPU), which bnorm.torch and bnorm.jax are tested with"
+"$PYTHON" -m pip install "torch==2.13.0" jax jaxlib
+
+echo "== install bnorm[test,demo,mpi,docs], with bnorm.jax's XLA FFI handlers (headers from jaxlib)"
+JAX_FFI_INCLUDE_DIR=$("$PYTHON" -c "import jax.ffi; print(jax.ffi.include_dir())")
+"$PYTHON" -m pip install ".[test,demo,mpi,docs]" -Ccmake.define.BNORM_JAX_FFI=ON \
+  "-Ccmake.define.BNORM_JAX_FFI_INCLUDE_DIR=$JAX_FFI_INCLUDE_DIR"
 
 echo "== pytest"
 BNORM_REQUIRE_MPI=1 "$PYTHON" -m pytest tests/python -q

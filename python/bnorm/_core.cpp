@@ -276,6 +276,10 @@ bool cuda_available() {
 
 }  // namespace
 
+#if BNORM_JAX_FFI
+void bind_jax_ffi(nb::module_& m);  // _jax_ffi.cpp: bnorm.jax's XLA FFI handlers
+#endif
+
 NB_MODULE(_core, m) {
     m.doc() = "bnorm's compiled core. Use the functions in the bnorm package, not these.";
     nb::register_exception_translator([](const std::exception_ptr& p, void*) {
@@ -310,6 +314,9 @@ NB_MODULE(_core, m) {
     m.def("cuda_available", &cuda_available);
 #if BNORM_HAS_CUDA
     m.def("cuda_empty", &cuda_empty, "shape"_a, "dtype"_a, "device"_a);
+#endif
+#if BNORM_JAX_FFI
+    bind_jax_ffi(m);
 #endif
     m.attr("built_with_cuda") = bool(BNORM_HAS_CUDA);
     m.attr("__version__") = BNORM_VERSION_STRING;
