@@ -19,6 +19,7 @@ from ._functional import (
     normalize,
     set_num_threads,
 )
+from ._fold import fold
 from ._layer import BatchNorm
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "built_with_cuda",
     "cpu_isa",
     "cuda_available",
+    "fold",
     "forward_infer",
     "forward_train",
     "get_num_threads",

@@ -174,7 +174,8 @@ void normalize(const In& x, ShapeTuple shape_, const In& mean, const In& invstd,
 
 void forward_train(const In& x, ShapeTuple shape_, const OptIn& weight, const OptIn& bias,
                    const OptOut& running_mean, const OptOut& running_var, double momentum, double eps,
-                   const Out& y, const Out& save_mean, const Out& save_invstd, uintptr_t stream) {
+                   const Out& y, const Out& save_mean, const Out& save_invstd, uintptr_t stream,
+                   bool unbiased_running_var) {
     const Context ctx(x, stream);
     const bnorm::Shape s = to_shape(shape_);
     const size_t C = size_t(s.channels), N = elements(s);
@@ -184,7 +185,8 @@ void forward_train(const In& x, ShapeTuple shape_, const OptIn& weight, const Op
         BNORM_RUN(ctx, forward_train, T, ctx.get<T>(x, "x", N), s, ctx.get<P>(weight, "weight", C),
                   ctx.get<P>(bias, "bias", C), ctx.get<P>(running_mean, "running_mean", C),
                   ctx.get<P>(running_var, "running_var", C), momentum, eps, ctx.get<T>(y, "out", N),
-                  ctx.get<P>(save_mean, "save_mean", C), ctx.get<P>(save_invstd, "save_invstd", C));
+                  ctx.get<P>(save_mean, "save_mean", C), ctx.get<P>(save_invstd, "save_invstd", C),
+                  unbiased_running_var);
     });
 }
 
@@ -247,6 +249,22 @@ void backward(const In& dy, const In& x, ShapeTuple shape_, const In& mean, cons
     });
 }
 
+void fold(const In& weight, const OptIn& bias, ShapeTuple shape_, const In& running_mean, const In& running_var,
+          const OptIn& bn_weight, const OptIn& bn_bias, double eps, const Out& weight_out, const Out& bias_out) {
+    const Context ctx(weight, 0);
+    if (ctx.cuda()) throw bnorm::ValueError("bnorm: fold takes CPU (NumPy) arrays");
+    const bnorm::Shape s = to_shape(shape_);
+    const size_t C = size_t(s.channels), N = elements(s);
+    dispatch(weight, [&](auto tag) {
+        using T = decltype(tag);
+        using P = bnorm::param_t<T>;
+        bnorm::fold<T>(ctx.get<T>(weight, "weight", N), ctx.get<T>(bias, "bias", C), s,
+                       ctx.get<P>(running_mean, "running_mean", C), ctx.get<P>(running_var, "running_var", C),
+                       ctx.get<P>(bn_weight, "bn_weight", C), ctx.get<P>(bn_bias, "bn_bias", C), eps,
+                       ctx.get<T>(weight_out, "weight_out", N), ctx.get<T>(bias_out, "bias_out", C));
+    });
+}
+
 #if BNORM_HAS_CUDA
 // A fresh device buffer owned by Python (freed with the last reference), exported through
 // DLPack: the outputs of frameworks whose arrays are immutable (JAX).
@@ -294,7 +312,7 @@ NB_MODULE(_core, m) {
           "y"_a, "stream"_a = 0, release);
     m.def("forward_train", &forward_train, "x"_a, "shape"_a, "weight"_a.none(), "bias"_a.none(),
           "running_mean"_a.none(), "running_var"_a.none(), "momentum"_a, "eps"_a, "y"_a, "save_mean"_a,
-          "save_invstd"_a, "stream"_a = 0, release);
+          "save_invstd"_a, "stream"_a = 0, "unbiased_running_var"_a = true, release);
     m.def("forward_infer", &forward_infer, "x"_a, "shape"_a, "running_mean"_a, "running_var"_a,
           "weight"_a.none(), "bias"_a.none(), "eps"_a, "y"_a, "stream"_a = 0, release);
     m.def("backward_reduce", &backward_reduce, "dy"_a, "x"_a, "shape"_a, "mean"_a, "invstd"_a, "sum_dy"_a,
@@ -303,6 +321,8 @@ NB_MODULE(_core, m) {
           "sum_dy"_a, "sum_dy_xhat"_a, "count"_a, "dx"_a, "stream"_a = 0, release);
     m.def("backward", &backward, "dy"_a, "x"_a, "shape"_a, "mean"_a, "invstd"_a, "weight"_a.none(),
           "batch_stats"_a, "dx"_a, "dweight"_a, "dbias"_a, "stream"_a = 0, release);
+    m.def("fold", &fold, "weight"_a, "bias"_a.none(), "shape"_a, "running_mean"_a, "running_var"_a,
+          "bn_weight"_a.none(), "bn_bias"_a.none(), "eps"_a, "weight_out"_a, "bias_out"_a, release);
     m.def("set_num_threads", &bnorm::set_num_threads, "n"_a);
     m.def("get_num_threads", &bnorm::get_num_threads);
     m.def("max_num_threads", &bnorm::max_num_threads);

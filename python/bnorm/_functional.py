@@ -165,6 +165,13 @@ def _real(value, name: str) -> float:
         raise ValueError(f"bnorm: {name} is too large for a float (an integer of {len(str(value))} digits)") from None
 
 
+def _flag(value, name: str) -> bool:
+    """A boolean keyword (True/False, NumPy bools, 0-d boolean arrays), or TypeError naming it."""
+    if isinstance(value, (bool, np.bool_)) or (tuple(getattr(value, "shape", (1,))) == () and _kind(value) == "b"):
+        return bool(value)
+    raise TypeError(f"bnorm: {name} must be True or False, got {value!r}")
+
+
 def _count_of(count, channels: int) -> float:
     """backward_elemt's count: a number, a 0-d array, or a (C,) array holding one value for
     every channel (what merge_stats returns for (P, C) counts), on any device."""
@@ -333,7 +340,7 @@ class _Output:
 def forward_train(
     x: Array, weight: Optional[Array] = None, bias: Optional[Array] = None, running_mean: Optional[Array] = None,
     running_var: Optional[Array] = None, *, axis: int = 1, momentum: float = 0.1, eps: float = 1e-5,
-    out: Optional[Array] = None, stream: Optional[int] = None,
+    out: Optional[Array] = None, stream: Optional[int] = None, unbiased_running_var: bool = True,
 ) -> Tuple[Array, Array, Array]:
     """Batch normalization in training mode.
 
@@ -352,6 +359,9 @@ def forward_train(
         eps: > 0, added to the variance.
         out: optional preallocated output of x's shape and dtype (may be x itself).
         stream: CUDA stream handle (int) for CUDA arrays; None is the legacy default stream.
+        unbiased_running_var: False updates running_var with the biased variance var
+            instead of var * M / (M - 1): the convention of Keras 3, Flax and ONNX
+            (docs/frameworks.md); True (default) is PyTorch's and cuDNN's.
 
     Returns:
         (y, save_mean, save_invstd): the output and the batch mean and 1/sqrt(var + eps)
@@ -374,6 +384,7 @@ def forward_train(
     _core.forward_train(
         call.x, call.shape, weight, bias, running_mean, running_var, _real(momentum, "momentum"), _real(eps, "eps"),
         y.target, save_mean, save_invstd, call.xp.stream,
+        unbiased_running_var=_flag(unbiased_running_var, "unbiased_running_var"),
     )
     return y.done(), call.result(save_mean), call.result(save_invstd)
 

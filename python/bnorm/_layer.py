@@ -7,7 +7,8 @@ import numbers
 
 import numpy as np
 
-from ._functional import _DTYPE_NAMES, _NumPy, _as_numpy, _backend, _param_dtype, _real, backward, forward_infer, forward_train
+from . import _ghost
+from ._functional import _DTYPE_NAMES, _NumPy, _as_numpy, _backend, _flag, _param_dtype, _real, backward, forward_infer, forward_train
 
 __all__ = ["BatchNorm"]
 
@@ -31,6 +32,16 @@ class BatchNorm:
         dtype: float16, float32 or float64. Parameters and running statistics are
             float32 for float16, else this dtype; x may have any dtype with those
             parameters (float16 or float32 x for a float16 or float32 layer).
+        unbiased_running_var: False updates running_var with the biased batch variance
+            (Keras 3, Flax, ONNX); True (default) with the unbiased one (PyTorch).
+        virtual_batch_size: None, or v > 0 for ghost batch normalization: wherever batch
+            statistics are used, each consecutive group of v samples along axis 0 is
+            normalized with its own statistics (x.shape[0] must be a multiple of v, and
+            the channel axis must not be 0). The running statistics are updated once per
+            call with the statistics of the whole batch (the groups' merged with Chan's
+            formula): what eval mode will see is the population of all groups, as without
+            groups. (Keras averages the groups' means and variances instead, which leaves
+            out the spread between the groups' means.)
 
     Attributes:
         weight, bias: the affine parameters (None when affine is False).
@@ -41,7 +52,7 @@ class BatchNorm:
     """
 
     def __init__(self, num_features, *, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, axis=1,
-                 dtype=np.float32):
+                 dtype=np.float32, unbiased_running_var=True, virtual_batch_size=None):
         if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral):
             raise TypeError(f"bnorm: num_features must be an integer, got {num_features!r}")
         if num_features <= 0:
@@ -56,6 +67,13 @@ class BatchNorm:
             raise TypeError(f"bnorm: dtype must be one of {', '.join(_DTYPES)}, got {got}")
         if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
             raise TypeError(f"bnorm: axis must be an integer, got {axis!r}")
+        if virtual_batch_size is not None:
+            if isinstance(virtual_batch_size, bool) or not isinstance(virtual_batch_size, numbers.Integral):
+                raise TypeError(f"bnorm: virtual_batch_size must be an integer or None, got {virtual_batch_size!r}")
+            if virtual_batch_size <= 0:
+                raise ValueError(f"bnorm: virtual_batch_size must be positive, got {virtual_batch_size}")
+        self.unbiased_running_var = _flag(unbiased_running_var, "unbiased_running_var")
+        self.virtual_batch_size = None if virtual_batch_size is None else int(virtual_batch_size)
         self.num_features = int(num_features)
         self.eps = float(eps)
         self.momentum = None if momentum is None else float(momentum)
@@ -74,6 +92,7 @@ class BatchNorm:
         self.grad_weight = None
         self.grad_bias = None
         self._saved = None  # (x, mean, invstd, batch_stats) of the last call, for backward
+        self._saved_groups = None  # (x, means, invstds) of the last ghost call, for backward
 
     def train(self, mode: bool = True) -> "BatchNorm":
         """Training mode (batch statistics, running statistics updated); returns self."""
@@ -88,6 +107,9 @@ class BatchNorm:
         """Normalize x: batch statistics when training or not tracking running
         statistics, else the running ones. Remembers x for ``backward``."""
         x = self._input(x)
+        self._saved_groups = None
+        if self.virtual_batch_size is not None and (self.training or not self.track_running_stats):
+            return self._ghost_call(x)
         if self.training or not self.track_running_stats:
             update = self.training and self.track_running_stats
             batches = self.num_batches_tracked + 1 if update else None
@@ -97,7 +119,7 @@ class BatchNorm:
             y, mean, invstd = forward_train(
                 x, self.weight, self.bias,
                 self.running_mean if update else None, self.running_var if update else None,
-                axis=self.axis, momentum=factor, eps=self.eps,
+                axis=self.axis, momentum=factor, eps=self.eps, unbiased_running_var=self.unbiased_running_var,
             )
             if update and math.prod(x.shape) > 0:
                 self.num_batches_tracked = batches
@@ -110,6 +132,32 @@ class BatchNorm:
         return y
 
     forward = __call__
+
+    def _ghost_call(self, x):
+        """Ghost batch normalization (virtual_batch_size): groups normalized one by one, then
+        the running statistics updated once from the whole batch's merged statistics."""
+        if not isinstance(x, np.ndarray):
+            raise TypeError(f"bnorm: virtual_batch_size takes NumPy arrays, got {type(x).__module__}.{type(x).__name__}")
+        _ghost.check_groups(x, self.virtual_batch_size, self.axis)
+        if x.size == 0:  # nothing to learn from: as BatchNorm, no buffer changes
+            y, mean, invstd = forward_train(x, self.weight, self.bias, axis=self.axis, eps=self.eps)
+            self._saved = (x, mean, invstd, True)
+            return y
+        y, means, invstds, vars_ = _ghost.forward(x, self.virtual_batch_size, self.weight, self.bias,
+                                                  axis=self.axis, eps=self.eps)
+        if self.training and self.track_running_stats:
+            count, mean, var = _ghost.merged_stats(x, self.virtual_batch_size, self.axis, means, vars_)
+            batches = self.num_batches_tracked + 1
+            factor = 1.0 / batches if self.momentum is None else self.momentum
+            unbias = count / (count - 1) if self.unbiased_running_var else 1.0
+            new_mean = (1 - factor) * self.running_mean.astype(np.float64) + factor * mean
+            new_var = (1 - factor) * self.running_var.astype(np.float64) + factor * var * unbias
+            self.running_mean[...] = new_mean
+            self.running_var[...] = new_var
+            self.num_batches_tracked = batches
+        self._saved = None
+        self._saved_groups = (np.ascontiguousarray(x), means, invstds)
+        return y
 
     def _input(self, x):
         """x as a NumPy array (CPU arrays of other frameworks and lists converted, a float
@@ -152,6 +200,13 @@ class BatchNorm:
     def backward(self, dy):
         """Gradient of the loss with respect to the last call's input, given dy (shaped like
         its output). Sets grad_weight and grad_bias (when affine); returns dx."""
+        if self._saved_groups is not None:
+            x, means, invstds = self._saved_groups
+            dx, dweight, dbias = _ghost.backward_groups(dy, x, self.virtual_batch_size, means, invstds, self.weight,
+                                                        axis=self.axis)
+            if self.affine:
+                self.grad_weight, self.grad_bias = dweight, dbias
+            return dx
         if self._saved is None:
             raise RuntimeError("bnorm: BatchNorm.backward called before a forward call")
         x, mean, invstd, batch_stats = self._saved
@@ -204,4 +259,6 @@ class BatchNorm:
 
     def __repr__(self) -> str:
         return (f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
-                f"track_running_stats={self.track_running_stats}, axis={self.axis}, dtype={self.dtype.name})")
+                f"track_running_stats={self.track_running_stats}, axis={self.axis}, dtype={self.dtype.name}"
+                + ("" if self.unbiased_running_var else ", unbiased_running_var=False")
+                + ("" if self.virtual_batch_size is None else f", virtual_batch_size={self.virtual_batch_size}") + ")")
