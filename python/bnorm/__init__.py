@@ -21,9 +21,11 @@ from ._functional import (
 )
 from ._fold import fold
 from ._layer import BatchNorm
+from ._renorm import BatchRenorm
 
 __all__ = [
     "BatchNorm",
+    "BatchRenorm",
     "__version__",
     "backward",
     "backward_elemt",
