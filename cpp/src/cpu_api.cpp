@@ -309,6 +309,7 @@ void backward(const T* dy, const T* x, Shape shape, const param_t<T>* mean,
 BNORM_INSTANTIATE(float)
 BNORM_INSTANTIATE(double)
 BNORM_INSTANTIATE(half)
+BNORM_INSTANTIATE(bfloat16)
 #undef BNORM_INSTANTIATE
 
 template void merge_stats<float>(int64_t, int64_t, const double*, const float*, const float*,

@@ -54,6 +54,8 @@ template void fold<double>(const double*, const double*, Shape, const double*, c
                            const double*, double, double*, double*);
 template void fold<half>(const half*, const half*, Shape, const float*, const float*, const float*,
                          const float*, double, half*, half*);
+template void fold<bfloat16>(const bfloat16*, const bfloat16*, Shape, const float*, const float*, const float*,
+                             const float*, double, bfloat16*, bfloat16*);
 
 #if defined(__GNUC__)
 #pragma GCC visibility pop

@@ -39,6 +39,15 @@ using ShapeTuple = std::tuple<int64_t, int64_t, int64_t>;
 const nb::dlpack::dtype kHalf{uint8_t(nb::dlpack::dtype_code::Float), 16, 1};
 const nb::dlpack::dtype kBfloat16{uint8_t(nb::dlpack::dtype_code::Bfloat), 16, 1};
 
+// NumPy exports no buffer nor DLPack capsule for ml_dtypes.bfloat16 arrays: the Python
+// layer passes them as uint16 views of the same memory, so on the CPU uint16 data is
+// bfloat16 (_core is private; _functional.py checks every dtype first).
+const nb::dlpack::dtype kUint16 = nb::dtype<uint16_t>();
+
+bool is_bfloat16(const nb::dlpack::dtype& dt, int32_t device_type) {
+    return dt == kBfloat16 || (dt == kUint16 && device_type == nb::device::cpu::value);
+}
+
 template <class T> nb::dlpack::dtype dtype_of() {
     if constexpr (std::is_same_v<T, bnorm::half>) return kHalf;
     else if constexpr (std::is_same_v<T, bnorm::bfloat16>) return kBfloat16;
@@ -72,7 +81,8 @@ public:
     auto get(const A& a, const char* name, size_t size) const {
         if (a.device_type() != device_type_ || a.device_id() != device_id_)
             throw bnorm::ValueError(std::string("bnorm: ") + name + " is not on x's device");
-        if (a.dtype() != dtype_of<T>())
+        const bool bf16_view = std::is_same_v<T, bnorm::bfloat16> && is_bfloat16(a.dtype(), device_type_);
+        if (a.dtype() != dtype_of<T>() && !bf16_view)
             throw bnorm::TypeError(std::string("bnorm: ") + name + " has the wrong dtype");
         if (a.size() != size)
             throw bnorm::ValueError(std::string("bnorm: ") + name + " has " + std::to_string(a.size()) +
@@ -98,10 +108,8 @@ void dispatch(const In& x, Fn&& fn) {
     if (dt == nb::dtype<float>()) fn(float{});
     else if (dt == nb::dtype<double>()) fn(double{});
     else if (dt == kHalf) fn(bnorm::half{});
-#if BNORM_HAS_CUDA
-    else if (dt == kBfloat16 && x.device_type() == nb::device::cuda::value) fn(bnorm::bfloat16{});
-#endif
-    else throw bnorm::TypeError("bnorm: x must be float16, float32 or float64 (bfloat16 on CUDA)");
+    else if (is_bfloat16(dt, x.device_type())) fn(bnorm::bfloat16{});
+    else throw bnorm::TypeError("bnorm: x must be float16, bfloat16, float32 or float64");
 }
 
 // Runs bnorm::op (CPU) or bnorm::cuda::op (with the call's stream) on T.
@@ -109,7 +117,7 @@ void dispatch(const In& x, Fn&& fn) {
 #define BNORM_RUN(ctx, op, T, ...)                                                        \
     do {                                                                                  \
         if ((ctx).cuda()) bnorm::cuda::op<T>(__VA_ARGS__, (ctx).stream());                \
-        else if constexpr (!std::is_same_v<T, bnorm::bfloat16>) bnorm::op<T>(__VA_ARGS__); \
+        else bnorm::op<T>(__VA_ARGS__);                                                   \
     } while (0)
 #else
 #define BNORM_RUN(ctx, op, T, ...) bnorm::op<T>(__VA_ARGS__)

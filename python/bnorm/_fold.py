@@ -25,17 +25,17 @@ def fold(
     channel c, weight2 = weight * scale[c] and bias2 = (bias - running_mean) * scale + bn_bias.
 
     Args:
-        weight: the layer's weight (float16, float32 or float64, ndim >= 1), with its
+        weight: the layer's weight (float16, bfloat16, float32 or float64, ndim >= 1), with its
             output channels on ``axis``: 0 for a (out, in) linear weight and for OIHW
             convolutions (PyTorch), -1 for HWIO (TensorFlow/Keras, Flax).
         bias: the layer's bias of shape (C,) and weight's dtype, or None (0).
         running_mean, running_var: the batch norm's statistics, shape (C,), float32 for
-            float16 weight, else weight's dtype.
+            16-bit weight, else weight's dtype.
         bn_weight, bn_bias: the batch norm's affine parameters (None: 1 and 0), as the
             statistics.
         eps: the batch norm's eps, > 0.
 
-    Computed in float64 and rounded once to weight's dtype (float16 via float32). New
+    Computed in float64 and rounded once to weight's dtype (16-bit types via float32). New
     arrays are returned (bias2 even when bias is None); nothing passed is modified.
     NumPy (CPU) arrays; arrays of other frameworks are converted with np.asarray.
 

@@ -33,8 +33,27 @@ __all__ = [
 #: A NumPy array, or a CUDA array of PyTorch, CuPy or JAX (anything with __dlpack__).
 Array = Any
 
-_CPU_DTYPES = ("float16", "float32", "float64")
-_DTYPE_NAMES = {np.dtype(name): name for name in _CPU_DTYPES}  # dtype.name is slow to compute
+_CPU_DTYPES = ("float16", "bfloat16", "float32", "float64")
+_DTYPE_NAMES = {np.dtype(name): name for name in ("float16", "float32", "float64")}  # dtype.name is slow to compute
+
+
+def _is_bfloat16(dtype: np.dtype) -> bool:
+    """Whether dtype is ml_dtypes' bfloat16 (an array of it means ml_dtypes is imported;
+    bnorm itself imports ml_dtypes only to allocate bfloat16 arrays)."""
+    return dtype.kind == "V" and dtype.itemsize == 2 and dtype.name == "bfloat16"
+
+
+def _bfloat16() -> np.dtype:
+    """NumPy's bfloat16 dtype, from ml_dtypes (an optional dependency: bfloat16 needs it)."""
+    try:
+        import ml_dtypes
+    except ImportError:
+        raise ImportError("bnorm: bfloat16 on the CPU needs the ml_dtypes package (pip install ml_dtypes)") from None
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+def _numpy_dtype(name: str) -> np.dtype:
+    return _bfloat16() if name == "bfloat16" else np.dtype(name)
 
 
 class _NumPy:
@@ -54,8 +73,12 @@ class _NumPy:
             name = a.dtype.name if a.dtype.isnative else f"{a.dtype.name} of non-native byte order ({a.dtype.str})"
         return name
 
+    # bfloat16 arrays reach _core as uint16 views of their memory (NumPy exports no buffer
+    # or DLPack capsule for them): empty() allocates them so, wrap() views them back.
     @staticmethod
     def empty(shape, dtype_name: str):
+        if dtype_name == "bfloat16":
+            return np.empty(shape, dtype=_bfloat16()).view(np.uint16)
         return np.empty(shape, dtype=dtype_name)
 
     @staticmethod
@@ -97,16 +120,16 @@ class _NumPy:
     @staticmethod
     def export(a):
         """The object handed to _core for array a."""
-        return a
+        return a if a.dtype.kind != "V" else a.view(np.uint16)  # bfloat16 (checked by the caller)
 
     @staticmethod
     def wrap(a):
         """The array returned to the user for an output _core wrote."""
-        return a
+        return a if a.dtype.kind != "u" else a.view(_bfloat16())
 
     @staticmethod
     def copy_into(dst, src) -> None:
-        np.copyto(dst, src)
+        np.copyto(dst, src if src.dtype.kind != "u" else src.view(dst.dtype))
 
     @staticmethod
     def counts_table(counts, parts: int, channels: int):
@@ -348,7 +371,8 @@ def forward_train(
     statistics over every other axis): y = (x - mean) / sqrt(var + eps) * weight + bias.
 
     Args:
-        x: float16, float32 or float64 array, ndim >= 2 (bfloat16 too on CUDA).
+        x: float16, bfloat16, float32 or float64 array, ndim >= 2 (bfloat16 on the CPU:
+            ml_dtypes.bfloat16, what JAX and NumPy users hold).
         weight, bias: per-channel scale and shift of shape (C,), or None (1 and 0).
             Parameter dtype: float32 for 16-bit x, else x's dtype.
         running_mean, running_var: per-channel buffers updated in place when given:

@@ -8,11 +8,11 @@ import numbers
 import numpy as np
 
 from . import _ghost
-from ._functional import _DTYPE_NAMES, _NumPy, _as_numpy, _backend, _flag, _param_dtype, _real, backward, forward_infer, forward_train
+from ._functional import _DTYPE_NAMES, _NumPy, _as_numpy, _backend, _bfloat16, _flag, _is_bfloat16, _param_dtype, _real, backward, forward_infer, forward_train
 
 __all__ = ["BatchNorm"]
 
-_DTYPES = ("float16", "float32", "float64")
+_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 
 class BatchNorm:
@@ -29,9 +29,10 @@ class BatchNorm:
         track_running_stats: keep running_mean / running_var (initialized to 0 / 1)
             and use them in eval mode; when False, batch statistics are always used.
         axis: the channel axis.
-        dtype: float16, float32 or float64. Parameters and running statistics are
-            float32 for float16, else this dtype; x may have any dtype with those
-            parameters (float16 or float32 x for a float16 or float32 layer).
+        dtype: float16, bfloat16 (ml_dtypes.bfloat16, or the string "bfloat16" with
+            ml_dtypes installed), float32 or float64. Parameters and running statistics
+            are float32 for 16-bit dtypes, else this dtype; x may have any dtype with
+            those parameters (float16, bfloat16 or float32 x for a 16-bit or float32 layer).
         unbiased_running_var: False updates running_var with the biased batch variance
             (Keras 3, Flax, ONNX); True (default) with the unbiased one (PyTorch).
         virtual_batch_size: None, or v > 0 for ghost batch normalization: wherever batch
@@ -61,8 +62,8 @@ class BatchNorm:
             raise ValueError(f"bnorm: eps must be positive and finite, got {eps!r}")
         if momentum is not None and not 0 <= _real(momentum, "momentum") <= 1:
             raise ValueError(f"bnorm: momentum must be in [0, 1] or None, got {momentum!r}")
-        dtype = np.dtype(np.float32 if dtype is None else dtype)  # None: the default, as in PyTorch
-        if dtype not in _DTYPE_NAMES:  # native float16, float32, float64 only
+        dtype = np.dtype(np.float32 if dtype is None else _bfloat16() if dtype == "bfloat16" else dtype)  # None: the default, as in PyTorch
+        if dtype not in _DTYPE_NAMES and not _is_bfloat16(dtype):  # native float16, float32, float64, bfloat16 only
             got = dtype.name if dtype.isnative else f"{dtype.name} of non-native byte order ({dtype.str})"
             raise TypeError(f"bnorm: dtype must be one of {', '.join(_DTYPES)}, got {got}")
         if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
@@ -81,7 +82,7 @@ class BatchNorm:
         self.track_running_stats = bool(track_running_stats)
         self.axis = int(axis)
         self.dtype = dtype
-        self.param_dtype = np.dtype(_param_dtype(_DTYPE_NAMES[dtype]))
+        self.param_dtype = np.dtype(_param_dtype(_DTYPE_NAMES.get(dtype, "bfloat16")))
         c, p = self.num_features, self.param_dtype
         self.weight = np.ones(c, p) if self.affine else None
         self.bias = np.zeros(c, p) if self.affine else None
@@ -190,11 +191,13 @@ class BatchNorm:
         """TypeError for a float x whose parameter dtype is not this layer's (where the
         layer has parameters or buffers); other dtypes are left to the functions' checks."""
         name = _DTYPE_NAMES.get(dtype)  # (None: not a native float dtype, for the functions to refuse)
+        if name is None and _is_bfloat16(dtype):
+            name = "bfloat16"
         if name is None or not (self.affine or self.track_running_stats):
             return
         if _param_dtype(name) != _DTYPE_NAMES[self.param_dtype]:
             param = _DTYPE_NAMES[self.param_dtype]
-            takes = "float16 or float32" if param == "float32" else param
+            takes = "float16, bfloat16 or float32" if param == "float32" else param
             raise TypeError(f"bnorm: this layer's parameters are {param}, which takes x of dtype {takes}, got {name}")
 
     def backward(self, dy):

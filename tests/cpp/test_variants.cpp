@@ -1,11 +1,13 @@
 // C++ tests of the batch-norm variants beyond PyTorch's: bnorm::fold, the biased running
-// variance of forward_train (Keras 3, Flax, ONNX), against plain double loops.
+// variance of forward_train (Keras 3, Flax, ONNX), bfloat16 on the CPU, against plain
+// double loops.
 #include <bnorm/bnorm.hpp>
 
 #include <cmath>
 #include <cstdio>
 #include <vector>
 
+#include "../../cpp/src/half.hpp"
 #include "check.hpp"
 
 namespace {
@@ -81,9 +83,55 @@ void test_biased_running_var() {
     CHECK(rm[1] == rm2[1]);
 }
 
+// bfloat16: the scalar conversion rounds to nearest even, and forward_train/backward on
+// bfloat16 agree with the float path on the same (exactly representable) values.
+void test_bfloat16() {
+    using bnorm::bfloat16;
+    using bnorm::detail::bfloat16_to_float;
+    using bnorm::detail::float_to_bfloat16;
+    CHECK(float_to_bfloat16(1.0f).bits == 0x3f80);
+    CHECK(float_to_bfloat16(bnorm::detail::bits_float(0x3f808000u)).bits == 0x3f80);  // tie to even
+    CHECK(float_to_bfloat16(bnorm::detail::bits_float(0x3f818000u)).bits == 0x3f82);  // tie to even (up)
+    CHECK(float_to_bfloat16(bnorm::detail::bits_float(0x3f808001u)).bits == 0x3f81);
+    CHECK(float_to_bfloat16(3.4e38f).bits == 0x7f80);                                 // overflow: inf
+    CHECK(float_to_bfloat16(bnorm::detail::bits_float(0x7f800001u)).bits == 0x7fc0);  // NaN stays NaN (quiet)
+    CHECK(float_to_bfloat16(bnorm::detail::bits_float(0xff812345u)).bits == 0xffc1);  // sign and payload kept
+    CHECK(bfloat16_to_float(bfloat16{0xc040}) == -3.0f);
+
+    const Shape s{64, 3, 100};
+    std::vector<bfloat16> x(size_t(s.size())), dy(size_t(s.size())), y(x.size()), dx(x.size());
+    std::vector<float> xf(x.size()), dyf(x.size()), yf(x.size()), dxf(x.size());
+    for (size_t i = 0; i < x.size(); ++i) {
+        x[i] = float_to_bfloat16(float(2.0 + std::sin(0.7 * double(i)) * double(1 + i % 3)));
+        dy[i] = float_to_bfloat16(float(std::cos(0.3 * double(i))));
+        xf[i] = bfloat16_to_float(x[i]);
+        dyf[i] = bfloat16_to_float(dy[i]);
+    }
+    std::vector<float> mean(3), invstd(3), meanf(3), invstdf(3), dw(3), db(3), dwf(3), dbf(3);
+    bnorm::forward_train<bfloat16>(x.data(), s, nullptr, nullptr, nullptr, nullptr, 0.1, 1e-5, y.data(), mean.data(),
+                                   invstd.data());
+    bnorm::forward_train<float>(xf.data(), s, nullptr, nullptr, nullptr, nullptr, 0.1, 1e-5, yf.data(), meanf.data(),
+                                invstdf.data());
+    bnorm::backward<bfloat16>(dy.data(), x.data(), s, mean.data(), invstd.data(), nullptr, true, dx.data(), dw.data(),
+                              db.data());
+    bnorm::backward<float>(dyf.data(), xf.data(), s, meanf.data(), invstdf.data(), nullptr, true, dxf.data(),
+                           dwf.data(), dbf.data());
+    for (int c = 0; c < 3; ++c) {
+        CHECK(mean[c] == meanf[c]);
+        CHECK(invstd[c] == invstdf[c]);
+        CHECK(dw[c] == dwf[c]);
+        CHECK(db[c] == dbf[c]);
+    }
+    for (size_t i = 0; i < x.size(); ++i) {
+        CHECK(y[i].bits == float_to_bfloat16(yf[i]).bits);  // the same float, rounded once
+        CHECK_CLOSE(bfloat16_to_float(dx[i]), dxf[i], 8e-3, 8e-3);
+    }
+}
+
 }  // namespace
 
 int main() {
+    test_bfloat16();
     test_biased_running_var();
     test_fold_linear();
     test_fold_errors();

@@ -1,7 +1,7 @@
 // bnorm: the CPU backend's public API.
 //
 // Every function works on raw pointers to C-contiguous data viewed as a Shape
-// (outer, channels, inner). T is float, double or bnorm::half; P = param_t<T> is the
+// (outer, channels, inner). T is float, double, bnorm::half or bnorm::bfloat16; P = param_t<T> is the
 // type of every per-channel vector (length shape.channels): statistics, weight, bias,
 // running buffers, gradients of weight and bias.
 //
