@@ -86,7 +86,7 @@ for name in bnorm.__all__:
                               f"package {p.default!r}")
 
 # 2. the pages' ```python examples run
-pages = ["docs/index.md", "docs/getting-started.md", "docs/faq.md"]
+pages = ["docs/index.md", "docs/getting-started.md", "docs/faq.md", "docs/variants.md"]
 root = os.getcwd()
 for page in pages:
     text = open(page, encoding="utf-8").read()
