@@ -385,7 +385,7 @@ def forward_train(
         stream: CUDA stream handle (int) for CUDA arrays; None is the legacy default stream.
         unbiased_running_var: False updates running_var with the biased variance var
             instead of var * M / (M - 1): the convention of Keras 3, Flax and ONNX
-            (docs/frameworks.md); True (default) is PyTorch's and cuDNN's.
+            (docs/variants.md); True (default) is PyTorch's and cuDNN's.
 
     Returns:
         (y, save_mean, save_invstd): the output and the batch mean and 1/sqrt(var + eps)

@@ -50,12 +50,11 @@ def forward(x, v, weight, bias, *, axis, eps):
     return y, means, invstds, vars_
 
 
-def merged_stats(x, v, axis, means, vars_):
-    """(count, mean, biased var) of the whole batch from the groups' statistics, in float64."""
+def merged_stats(x, axis, means, vars_):
+    """(count, mean, biased var) of the whole batch x from its groups' statistics, in float64."""
     per_group = x.size // x.shape[axis] // means.shape[0]
     counts = np.full(means.shape[0], per_group, np.int64)
-    count, mean, var = merge_stats(counts, means.astype(np.float64), vars_.astype(np.float64))
-    return count, mean, var
+    return merge_stats(counts, means.astype(np.float64), vars_.astype(np.float64))
 
 
 def backward_groups(dy, x, v, means, invstds, weight, *, axis):

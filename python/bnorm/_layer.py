@@ -147,7 +147,7 @@ class BatchNorm:
         y, means, invstds, vars_ = _ghost.forward(x, self.virtual_batch_size, self.weight, self.bias,
                                                   axis=self.axis, eps=self.eps)
         if self.training and self.track_running_stats:
-            count, mean, var = _ghost.merged_stats(x, self.virtual_batch_size, self.axis, means, vars_)
+            count, mean, var = _ghost.merged_stats(x, self.axis, means, vars_)
             batches = self.num_batches_tracked + 1
             factor = 1.0 / batches if self.momentum is None else self.momentum
             unbias = count / (count - 1) if self.unbiased_running_var else 1.0
