@@ -120,12 +120,13 @@ class _NumPy:
     @staticmethod
     def export(a):
         """The object handed to _core for array a."""
-        return a if a.dtype.kind != "V" else a.view(np.uint16)  # bfloat16 (checked by the caller)
+        # bfloat16 (its dtype checked by the caller); itemsize first: it is the cheaper test
+        return a if a.itemsize != 2 or a.dtype.kind != "V" else a.view(np.uint16)
 
     @staticmethod
     def wrap(a):
         """The array returned to the user for an output _core wrote."""
-        return a if a.dtype.kind != "u" else a.view(_bfloat16())
+        return a if a.itemsize != 2 or a.dtype.kind != "u" else a.view(_bfloat16())
 
     @staticmethod
     def copy_into(dst, src) -> None:
