@@ -211,3 +211,21 @@ def test_bench_rows(tmp_path):
     assert "### bfloat16" in proc.stdout
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and not line.startswith("| op")]
     assert len(rows) == 6 and all("| ok " in r for r in rows), proc.stdout
+
+
+@pytest.mark.parametrize("shape", [(8, 4, 5, 5), (64, 6)])
+def test_against_torch_bfloat16(rng, shape):
+    """PyTorch's bfloat16 CPU batch norm, through a zero-copy int16 view of the tensor."""
+    torch = pytest.importorskip("torch")
+    t = torch.from_numpy(rng.standard_normal(shape, dtype=np.float32) * 2 + 1).to(torch.bfloat16)
+    x = t.view(torch.int16).numpy().view(BF16)
+    assert np.shares_memory(x, t.view(torch.int16).numpy())
+    w = torch.from_numpy(rng.uniform(0.5, 1.5, shape[1]).astype(np.float32))
+    b = torch.from_numpy(rng.uniform(-1, 1, shape[1]).astype(np.float32))
+    rm, rv = torch.zeros(shape[1]), torch.ones(shape[1])
+    want = torch.nn.functional.batch_norm(t, rm, rv, w, b, training=True, momentum=0.1, eps=1e-5)
+    rm2, rv2 = np.zeros(shape[1], np.float32), np.ones(shape[1], np.float32)
+    y, _, _ = bnorm.forward_train(x, w.numpy(), b.numpy(), rm2, rv2, momentum=0.1)
+    ref.assert_close(y.astype(np.float32), want.float().numpy(), 2 * OUT)
+    ref.assert_close(rm2, rm.numpy(), 1e-5)
+    ref.assert_close(rv2, rv.numpy(), 1e-5)
