@@ -43,6 +43,7 @@ struct StatsOp {
     P* running_mean = nullptr;
     P* running_var = nullptr;
     double momentum = 0, eps = 0;
+    bool unbiased_running_var = true;
 
     __device__ A center_of(int64_t) const { return A(0); }
 
@@ -74,7 +75,7 @@ struct StatsOp {
         save_mean[c] = hi;
         save_invstd[c] = invstd;
         // After weight[c] / bias[c] were read above: the running buffers may alias them.
-        const double unbias = f.n / (f.n - 1);
+        const double unbias = unbiased_running_var ? f.n / (f.n - 1) : 1.0;
         if (running_mean) running_mean[c] = P((1 - momentum) * double(running_mean[c]) + momentum * mu);
         if (running_var) running_var[c] = P((1 - momentum) * double(running_var[c]) + momentum * v * unbias);
     }
@@ -134,6 +135,14 @@ template <class T>
 void forward_train(const T* x, Shape shape, const param_t<T>* weight, const param_t<T>* bias,
                    param_t<T>* running_mean, param_t<T>* running_var, double momentum, double eps, T* y,
                    param_t<T>* save_mean, param_t<T>* save_invstd, stream_t stream) {
+    forward_train(x, shape, weight, bias, running_mean, running_var, momentum, eps, y, save_mean, save_invstd, true,
+                  stream);
+}
+
+template <class T>
+void forward_train(const T* x, Shape shape, const param_t<T>* weight, const param_t<T>* bias,
+                   param_t<T>* running_mean, param_t<T>* running_var, double momentum, double eps, T* y,
+                   param_t<T>* save_mean, param_t<T>* save_invstd, bool unbiased_running_var, stream_t stream) {
     using namespace detail;
     using P = param_t<T>;
     const char* op = "forward_train";
@@ -178,6 +187,7 @@ void forward_train(const T* x, Shape shape, const param_t<T>* weight, const para
     stats.running_var = running_var;
     stats.momentum = momentum;
     stats.eps = eps;
+    stats.unbiased_running_var = unbiased_running_var;
     launch_reduce(plan, x, static_cast<const T*>(nullptr), stats, stream);
 
     EwCoefs<P> k;
@@ -214,6 +224,9 @@ void forward_infer(const T* x, Shape shape, const param_t<T>* running_mean, cons
                                const param_t<T>*, T*, stream_t);                                           \
     template void forward_train<T>(const T*, Shape, const param_t<T>*, const param_t<T>*, param_t<T>*,     \
                                    param_t<T>*, double, double, T*, param_t<T>*, param_t<T>*, stream_t);   \
+    template void forward_train<T>(const T*, Shape, const param_t<T>*, const param_t<T>*, param_t<T>*,     \
+                                   param_t<T>*, double, double, T*, param_t<T>*, param_t<T>*, bool,        \
+                                   stream_t);                                                              \
     template void forward_infer<T>(const T*, Shape, const param_t<T>*, const param_t<T>*,                  \
                                    const param_t<T>*, const param_t<T>*, double, T*, stream_t);
 BNORM_CUDA_INSTANTIATE_FORWARD(float)

@@ -86,7 +86,7 @@ for name in bnorm.__all__:
                               f"package {p.default!r}")
 
 # 2. the pages' ```python examples run
-pages = ["docs/index.md", "docs/getting-started.md", "docs/faq.md"]
+pages = ["docs/index.md", "docs/getting-started.md", "docs/faq.md", "docs/variants.md"]
 # the framework page's examples need PyTorch, JAX and bnorm's JAX handlers (CI has all three)
 if all(importlib.util.find_spec(m) for m in ("torch", "jax")) and hasattr(bnorm._core, "jax_ffi_targets"):
     pages.append("docs/frameworks.md")

@@ -176,7 +176,8 @@ void normalize(const T* x, Shape shape, const param_t<T>* mean, const param_t<T>
 template <class T>
 void forward_train(const T* x, Shape shape, const param_t<T>* weight, const param_t<T>* bias,
                    param_t<T>* running_mean, param_t<T>* running_var, double momentum,
-                   double eps, T* y, param_t<T>* save_mean, param_t<T>* save_invstd) {
+                   double eps, T* y, param_t<T>* save_mean, param_t<T>* save_invstd,
+                   bool unbiased_running_var) {
     using P = param_t<T>;
     const char* op = "forward_train";
     check_shape(op, shape);
@@ -201,7 +202,7 @@ void forward_train(const T* x, Shape shape, const param_t<T>* weight, const para
     kernels::forward_train(x, shape, threads(shape), eps, weight, bias, y, mean.data(), var.data(), invstd.data());
     // Written last, so that running buffers may alias weight or bias. One loop per output,
     // so that each vectorizes.
-    const double unbias = double(shape.count()) / double(shape.count() - 1);
+    const double unbias = unbiased_running_var ? double(shape.count()) / double(shape.count() - 1) : 1.0;
     for (int64_t c = 0; c < C; ++c) save_mean[c] = P(mean[c]);
     std::copy(invstd.begin(), invstd.end(), save_invstd);
     if (running_mean)
@@ -295,7 +296,7 @@ void backward(const T* dy, const T* x, Shape shape, const param_t<T>* mean,
                                const param_t<T>*, const param_t<T>*, T*);                      \
     template void forward_train<T>(const T*, Shape, const param_t<T>*, const param_t<T>*,      \
                                    param_t<T>*, param_t<T>*, double, double, T*, param_t<T>*,  \
-                                   param_t<T>*);                                               \
+                                   param_t<T>*, bool);                                         \
     template void forward_infer<T>(const T*, Shape, const param_t<T>*, const param_t<T>*,      \
                                    const param_t<T>*, const param_t<T>*, double, T*);          \
     template void backward_reduce<T>(const T*, const T*, Shape, const param_t<T>*,             \
@@ -308,6 +309,7 @@ void backward(const T* dy, const T* x, Shape shape, const param_t<T>* mean,
 BNORM_INSTANTIATE(float)
 BNORM_INSTANTIATE(double)
 BNORM_INSTANTIATE(half)
+BNORM_INSTANTIATE(bfloat16)
 #undef BNORM_INSTANTIATE
 
 template void merge_stats<float>(int64_t, int64_t, const double*, const float*, const float*,

@@ -106,6 +106,7 @@ void backward_train(const T* dy, const T* x, Shape s, int threads, const param_t
 BNORM_INSTANTIATE(float)
 BNORM_INSTANTIATE(double)
 BNORM_INSTANTIATE(half)
+BNORM_INSTANTIATE(bfloat16)
 #undef BNORM_INSTANTIATE
 
 }  // namespace bnorm::kernels

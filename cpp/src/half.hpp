@@ -1,4 +1,5 @@
-// IEEE binary16 <-> float32 conversion for the CPU backend (portable: no F16C needed).
+// IEEE binary16 and bfloat16 <-> float32 conversion for the CPU backend (portable: no F16C
+// or AVX-512 BF16 needed).
 #pragma once
 
 #include <cstdint>
@@ -50,6 +51,19 @@ inline half float_to_half(float f) {
         out = uint16_t(u >> 13);  // a carry into the exponent turns 65520+ into inf
     }
     return half{uint16_t(out | (sign >> 16))};
+}
+
+// bfloat16 is the top half of a float32: widening is exact.
+inline float bfloat16_to_float(bfloat16 b) { return bits_float(uint32_t(b.bits) << 16); }
+
+// Round to nearest even (ml_dtypes', PyTorch's and CUDA's rounding); overflow gives inf
+// (the carry runs into the exponent). A NaN stays a NaN: its top half with the quiet bit
+// set (sign and leading payload kept; ml_dtypes gives 0x7fc0 with the sign, one operation
+// more per vector). Simd<bfloat16> in simd.hpp is the same on vectors.
+inline bfloat16 float_to_bfloat16(float f) {
+    const uint32_t u = float_bits(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return bfloat16{uint16_t((u >> 16) | 0x40u)};
+    return bfloat16{uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16)};
 }
 
 }  // namespace bnorm::detail

@@ -19,10 +19,13 @@ from ._functional import (
     normalize,
     set_num_threads,
 )
+from ._fold import fold
 from ._layer import BatchNorm
+from ._renorm import BatchRenorm
 
 __all__ = [
     "BatchNorm",
+    "BatchRenorm",
     "__version__",
     "backward",
     "backward_elemt",
@@ -31,6 +34,7 @@ __all__ = [
     "built_with_cuda",
     "cpu_isa",
     "cuda_available",
+    "fold",
     "forward_infer",
     "forward_train",
     "get_num_threads",

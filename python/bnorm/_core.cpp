@@ -39,6 +39,15 @@ using ShapeTuple = std::tuple<int64_t, int64_t, int64_t>;
 const nb::dlpack::dtype kHalf{uint8_t(nb::dlpack::dtype_code::Float), 16, 1};
 const nb::dlpack::dtype kBfloat16{uint8_t(nb::dlpack::dtype_code::Bfloat), 16, 1};
 
+// NumPy exports no buffer nor DLPack capsule for ml_dtypes.bfloat16 arrays: the Python
+// layer passes them as uint16 views of the same memory, so on the CPU uint16 data is
+// bfloat16 (_core is private; _functional.py checks every dtype first).
+const nb::dlpack::dtype kUint16 = nb::dtype<uint16_t>();
+
+bool is_bfloat16(const nb::dlpack::dtype& dt, int32_t device_type) {
+    return dt == kBfloat16 || (dt == kUint16 && device_type == nb::device::cpu::value);
+}
+
 template <class T> nb::dlpack::dtype dtype_of() {
     if constexpr (std::is_same_v<T, bnorm::half>) return kHalf;
     else if constexpr (std::is_same_v<T, bnorm::bfloat16>) return kBfloat16;
@@ -72,7 +81,8 @@ public:
     auto get(const A& a, const char* name, size_t size) const {
         if (a.device_type() != device_type_ || a.device_id() != device_id_)
             throw bnorm::ValueError(std::string("bnorm: ") + name + " is not on x's device");
-        if (a.dtype() != dtype_of<T>())
+        const bool bf16_view = std::is_same_v<T, bnorm::bfloat16> && is_bfloat16(a.dtype(), device_type_);
+        if (a.dtype() != dtype_of<T>() && !bf16_view)
             throw bnorm::TypeError(std::string("bnorm: ") + name + " has the wrong dtype");
         if (a.size() != size)
             throw bnorm::ValueError(std::string("bnorm: ") + name + " has " + std::to_string(a.size()) +
@@ -98,10 +108,8 @@ void dispatch(const In& x, Fn&& fn) {
     if (dt == nb::dtype<float>()) fn(float{});
     else if (dt == nb::dtype<double>()) fn(double{});
     else if (dt == kHalf) fn(bnorm::half{});
-#if BNORM_HAS_CUDA
-    else if (dt == kBfloat16 && x.device_type() == nb::device::cuda::value) fn(bnorm::bfloat16{});
-#endif
-    else throw bnorm::TypeError("bnorm: x must be float16, float32 or float64 (bfloat16 on CUDA)");
+    else if (is_bfloat16(dt, x.device_type())) fn(bnorm::bfloat16{});
+    else throw bnorm::TypeError("bnorm: x must be float16, bfloat16, float32 or float64");
 }
 
 // Runs bnorm::op (CPU) or bnorm::cuda::op (with the call's stream) on T.
@@ -109,7 +117,7 @@ void dispatch(const In& x, Fn&& fn) {
 #define BNORM_RUN(ctx, op, T, ...)                                                        \
     do {                                                                                  \
         if ((ctx).cuda()) bnorm::cuda::op<T>(__VA_ARGS__, (ctx).stream());                \
-        else if constexpr (!std::is_same_v<T, bnorm::bfloat16>) bnorm::op<T>(__VA_ARGS__); \
+        else bnorm::op<T>(__VA_ARGS__);                                                   \
     } while (0)
 #else
 #define BNORM_RUN(ctx, op, T, ...) bnorm::op<T>(__VA_ARGS__)
@@ -174,7 +182,8 @@ void normalize(const In& x, ShapeTuple shape_, const In& mean, const In& invstd,
 
 void forward_train(const In& x, ShapeTuple shape_, const OptIn& weight, const OptIn& bias,
                    const OptOut& running_mean, const OptOut& running_var, double momentum, double eps,
-                   const Out& y, const Out& save_mean, const Out& save_invstd, uintptr_t stream) {
+                   const Out& y, const Out& save_mean, const Out& save_invstd, uintptr_t stream,
+                   bool unbiased_running_var) {
     const Context ctx(x, stream);
     const bnorm::Shape s = to_shape(shape_);
     const size_t C = size_t(s.channels), N = elements(s);
@@ -184,7 +193,8 @@ void forward_train(const In& x, ShapeTuple shape_, const OptIn& weight, const Op
         BNORM_RUN(ctx, forward_train, T, ctx.get<T>(x, "x", N), s, ctx.get<P>(weight, "weight", C),
                   ctx.get<P>(bias, "bias", C), ctx.get<P>(running_mean, "running_mean", C),
                   ctx.get<P>(running_var, "running_var", C), momentum, eps, ctx.get<T>(y, "out", N),
-                  ctx.get<P>(save_mean, "save_mean", C), ctx.get<P>(save_invstd, "save_invstd", C));
+                  ctx.get<P>(save_mean, "save_mean", C), ctx.get<P>(save_invstd, "save_invstd", C),
+                  unbiased_running_var);
     });
 }
 
@@ -247,6 +257,22 @@ void backward(const In& dy, const In& x, ShapeTuple shape_, const In& mean, cons
     });
 }
 
+void fold(const In& weight, const OptIn& bias, ShapeTuple shape_, const In& running_mean, const In& running_var,
+          const OptIn& bn_weight, const OptIn& bn_bias, double eps, const Out& weight_out, const Out& bias_out) {
+    const Context ctx(weight, 0);
+    if (ctx.cuda()) throw bnorm::ValueError("bnorm: fold takes CPU (NumPy) arrays");
+    const bnorm::Shape s = to_shape(shape_);
+    const size_t C = size_t(s.channels), N = elements(s);
+    dispatch(weight, [&](auto tag) {
+        using T = decltype(tag);
+        using P = bnorm::param_t<T>;
+        bnorm::fold<T>(ctx.get<T>(weight, "weight", N), ctx.get<T>(bias, "bias", C), s,
+                       ctx.get<P>(running_mean, "running_mean", C), ctx.get<P>(running_var, "running_var", C),
+                       ctx.get<P>(bn_weight, "bn_weight", C), ctx.get<P>(bn_bias, "bn_bias", C), eps,
+                       ctx.get<T>(weight_out, "weight_out", N), ctx.get<T>(bias_out, "bias_out", C));
+    });
+}
+
 #if BNORM_HAS_CUDA
 // A fresh device buffer owned by Python (freed with the last reference), exported through
 // DLPack: the outputs of frameworks whose arrays are immutable (JAX).
@@ -298,7 +324,7 @@ NB_MODULE(_core, m) {
           "y"_a, "stream"_a = 0, release);
     m.def("forward_train", &forward_train, "x"_a, "shape"_a, "weight"_a.none(), "bias"_a.none(),
           "running_mean"_a.none(), "running_var"_a.none(), "momentum"_a, "eps"_a, "y"_a, "save_mean"_a,
-          "save_invstd"_a, "stream"_a = 0, release);
+          "save_invstd"_a, "stream"_a = 0, "unbiased_running_var"_a = true, release);
     m.def("forward_infer", &forward_infer, "x"_a, "shape"_a, "running_mean"_a, "running_var"_a,
           "weight"_a.none(), "bias"_a.none(), "eps"_a, "y"_a, "stream"_a = 0, release);
     m.def("backward_reduce", &backward_reduce, "dy"_a, "x"_a, "shape"_a, "mean"_a, "invstd"_a, "sum_dy"_a,
@@ -307,6 +333,8 @@ NB_MODULE(_core, m) {
           "sum_dy"_a, "sum_dy_xhat"_a, "count"_a, "dx"_a, "stream"_a = 0, release);
     m.def("backward", &backward, "dy"_a, "x"_a, "shape"_a, "mean"_a, "invstd"_a, "weight"_a.none(),
           "batch_stats"_a, "dx"_a, "dweight"_a, "dbias"_a, "stream"_a = 0, release);
+    m.def("fold", &fold, "weight"_a, "bias"_a.none(), "shape"_a, "running_mean"_a, "running_var"_a,
+          "bn_weight"_a.none(), "bn_bias"_a.none(), "eps"_a, "weight_out"_a, "bias_out"_a, release);
     m.def("set_num_threads", &bnorm::set_num_threads, "n"_a);
     m.def("get_num_threads", &bnorm::get_num_threads);
     m.def("max_num_threads", &bnorm::max_num_threads);

@@ -33,8 +33,27 @@ __all__ = [
 #: A NumPy array, or a CUDA array of PyTorch, CuPy or JAX (anything with __dlpack__).
 Array = Any
 
-_CPU_DTYPES = ("float16", "float32", "float64")
-_DTYPE_NAMES = {np.dtype(name): name for name in _CPU_DTYPES}  # dtype.name is slow to compute
+_CPU_DTYPES = ("float16", "bfloat16", "float32", "float64")
+_DTYPE_NAMES = {np.dtype(name): name for name in ("float16", "float32", "float64")}  # dtype.name is slow to compute
+
+
+def _is_bfloat16(dtype: np.dtype) -> bool:
+    """Whether dtype is ml_dtypes' bfloat16 (an array of it means ml_dtypes is imported;
+    bnorm itself imports ml_dtypes only to allocate bfloat16 arrays)."""
+    return dtype.kind == "V" and dtype.itemsize == 2 and dtype.name == "bfloat16"
+
+
+def _bfloat16() -> np.dtype:
+    """NumPy's bfloat16 dtype, from ml_dtypes (an optional dependency: bfloat16 needs it)."""
+    try:
+        import ml_dtypes
+    except ImportError:
+        raise ImportError("bnorm: bfloat16 on the CPU needs the ml_dtypes package (pip install ml_dtypes)") from None
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+def _numpy_dtype(name: str) -> np.dtype:
+    return _bfloat16() if name == "bfloat16" else np.dtype(name)
 
 
 class _NumPy:
@@ -54,8 +73,12 @@ class _NumPy:
             name = a.dtype.name if a.dtype.isnative else f"{a.dtype.name} of non-native byte order ({a.dtype.str})"
         return name
 
+    # bfloat16 arrays reach _core as uint16 views of their memory (NumPy exports no buffer
+    # or DLPack capsule for them): empty() allocates them so, wrap() views them back.
     @staticmethod
     def empty(shape, dtype_name: str):
+        if dtype_name == "bfloat16":
+            return np.empty(shape, dtype=_bfloat16()).view(np.uint16)
         return np.empty(shape, dtype=dtype_name)
 
     @staticmethod
@@ -97,16 +120,17 @@ class _NumPy:
     @staticmethod
     def export(a):
         """The object handed to _core for array a."""
-        return a
+        # bfloat16 (its dtype checked by the caller); itemsize first: it is the cheaper test
+        return a if a.itemsize != 2 or a.dtype.kind != "V" else a.view(np.uint16)
 
     @staticmethod
     def wrap(a):
         """The array returned to the user for an output _core wrote."""
-        return a
+        return a if a.itemsize != 2 or a.dtype.kind != "u" else a.view(_bfloat16())
 
     @staticmethod
     def copy_into(dst, src) -> None:
-        np.copyto(dst, src)
+        np.copyto(dst, src if src.dtype.kind != "u" else src.view(dst.dtype))
 
     @staticmethod
     def counts_table(counts, parts: int, channels: int):
@@ -163,6 +187,13 @@ def _real(value, name: str) -> float:
         return float(value)
     except OverflowError:
         raise ValueError(f"bnorm: {name} is too large for a float (an integer of {len(str(value))} digits)") from None
+
+
+def _flag(value, name: str) -> bool:
+    """A boolean keyword (True/False, NumPy bools, 0-d boolean arrays), or TypeError naming it."""
+    if isinstance(value, (bool, np.bool_)) or (tuple(getattr(value, "shape", (1,))) == () and _kind(value) == "b"):
+        return bool(value)
+    raise TypeError(f"bnorm: {name} must be True or False, got {value!r}")
 
 
 def _count_of(count, channels: int) -> float:
@@ -333,7 +364,7 @@ class _Output:
 def forward_train(
     x: Array, weight: Optional[Array] = None, bias: Optional[Array] = None, running_mean: Optional[Array] = None,
     running_var: Optional[Array] = None, *, axis: int = 1, momentum: float = 0.1, eps: float = 1e-5,
-    out: Optional[Array] = None, stream: Optional[int] = None,
+    out: Optional[Array] = None, stream: Optional[int] = None, unbiased_running_var: bool = True,
 ) -> Tuple[Array, Array, Array]:
     """Batch normalization in training mode.
 
@@ -341,7 +372,8 @@ def forward_train(
     statistics over every other axis): y = (x - mean) / sqrt(var + eps) * weight + bias.
 
     Args:
-        x: float16, float32 or float64 array, ndim >= 2 (bfloat16 too on CUDA).
+        x: float16, bfloat16, float32 or float64 array, ndim >= 2 (bfloat16 on the CPU:
+            ml_dtypes.bfloat16, what JAX and NumPy users hold).
         weight, bias: per-channel scale and shift of shape (C,), or None (1 and 0).
             Parameter dtype: float32 for 16-bit x, else x's dtype.
         running_mean, running_var: per-channel buffers updated in place when given:
@@ -352,6 +384,9 @@ def forward_train(
         eps: > 0, added to the variance.
         out: optional preallocated output of x's shape and dtype (may be x itself).
         stream: CUDA stream handle (int) for CUDA arrays; None is the legacy default stream.
+        unbiased_running_var: False updates running_var with the biased variance var
+            instead of var * M / (M - 1): the convention of Keras 3, Flax and ONNX
+            (docs/variants.md); True (default) is PyTorch's and cuDNN's.
 
     Returns:
         (y, save_mean, save_invstd): the output and the batch mean and 1/sqrt(var + eps)
@@ -374,6 +409,7 @@ def forward_train(
     _core.forward_train(
         call.x, call.shape, weight, bias, running_mean, running_var, _real(momentum, "momentum"), _real(eps, "eps"),
         y.target, save_mean, save_invstd, call.xp.stream,
+        unbiased_running_var=_flag(unbiased_running_var, "unbiased_running_var"),
     )
     return y.done(), call.result(save_mean), call.result(save_invstd)
 

@@ -7,11 +7,12 @@ import numbers
 
 import numpy as np
 
-from ._functional import _DTYPE_NAMES, _NumPy, _as_numpy, _backend, _param_dtype, _real, backward, forward_infer, forward_train
+from . import _ghost
+from ._functional import _DTYPE_NAMES, _NumPy, _as_numpy, _backend, _bfloat16, _flag, _is_bfloat16, _param_dtype, _real, backward, forward_infer, forward_train
 
 __all__ = ["BatchNorm"]
 
-_DTYPES = ("float16", "float32", "float64")
+_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 
 class BatchNorm:
@@ -28,9 +29,20 @@ class BatchNorm:
         track_running_stats: keep running_mean / running_var (initialized to 0 / 1)
             and use them in eval mode; when False, batch statistics are always used.
         axis: the channel axis.
-        dtype: float16, float32 or float64. Parameters and running statistics are
-            float32 for float16, else this dtype; x may have any dtype with those
-            parameters (float16 or float32 x for a float16 or float32 layer).
+        dtype: float16, bfloat16 (ml_dtypes.bfloat16, or the string "bfloat16" with
+            ml_dtypes installed), float32 or float64. Parameters and running statistics
+            are float32 for 16-bit dtypes, else this dtype; x may have any dtype with
+            those parameters (float16, bfloat16 or float32 x for a 16-bit or float32 layer).
+        unbiased_running_var: False updates running_var with the biased batch variance
+            (Keras 3, Flax, ONNX); True (default) with the unbiased one (PyTorch).
+        virtual_batch_size: None, or v > 0 for ghost batch normalization: wherever batch
+            statistics are used, each consecutive group of v samples along axis 0 is
+            normalized with its own statistics (x.shape[0] must be a multiple of v, and
+            the channel axis must not be 0). The running statistics are updated once per
+            call with the statistics of the whole batch (the groups' merged with Chan's
+            formula): what eval mode will see is the population of all groups, as without
+            groups. (Keras averages the groups' means and variances instead, which leaves
+            out the spread between the groups' means.)
 
     Attributes:
         weight, bias: the affine parameters (None when affine is False).
@@ -41,7 +53,7 @@ class BatchNorm:
     """
 
     def __init__(self, num_features, *, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, axis=1,
-                 dtype=np.float32):
+                 dtype=np.float32, unbiased_running_var=True, virtual_batch_size=None):
         if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral):
             raise TypeError(f"bnorm: num_features must be an integer, got {num_features!r}")
         if num_features <= 0:
@@ -50,12 +62,19 @@ class BatchNorm:
             raise ValueError(f"bnorm: eps must be positive and finite, got {eps!r}")
         if momentum is not None and not 0 <= _real(momentum, "momentum") <= 1:
             raise ValueError(f"bnorm: momentum must be in [0, 1] or None, got {momentum!r}")
-        dtype = np.dtype(np.float32 if dtype is None else dtype)  # None: the default, as in PyTorch
-        if dtype not in _DTYPE_NAMES:  # native float16, float32, float64 only
+        dtype = np.dtype(np.float32 if dtype is None else _bfloat16() if dtype == "bfloat16" else dtype)  # None: the default, as in PyTorch
+        if dtype not in _DTYPE_NAMES and not _is_bfloat16(dtype):  # native float16, float32, float64, bfloat16 only
             got = dtype.name if dtype.isnative else f"{dtype.name} of non-native byte order ({dtype.str})"
             raise TypeError(f"bnorm: dtype must be one of {', '.join(_DTYPES)}, got {got}")
         if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
             raise TypeError(f"bnorm: axis must be an integer, got {axis!r}")
+        if virtual_batch_size is not None:
+            if isinstance(virtual_batch_size, bool) or not isinstance(virtual_batch_size, numbers.Integral):
+                raise TypeError(f"bnorm: virtual_batch_size must be an integer or None, got {virtual_batch_size!r}")
+            if virtual_batch_size <= 0:
+                raise ValueError(f"bnorm: virtual_batch_size must be positive, got {virtual_batch_size}")
+        self.unbiased_running_var = _flag(unbiased_running_var, "unbiased_running_var")
+        self.virtual_batch_size = None if virtual_batch_size is None else int(virtual_batch_size)
         self.num_features = int(num_features)
         self.eps = float(eps)
         self.momentum = None if momentum is None else float(momentum)
@@ -63,7 +82,7 @@ class BatchNorm:
         self.track_running_stats = bool(track_running_stats)
         self.axis = int(axis)
         self.dtype = dtype
-        self.param_dtype = np.dtype(_param_dtype(_DTYPE_NAMES[dtype]))
+        self.param_dtype = np.dtype(_param_dtype(_DTYPE_NAMES.get(dtype, "bfloat16")))
         c, p = self.num_features, self.param_dtype
         self.weight = np.ones(c, p) if self.affine else None
         self.bias = np.zeros(c, p) if self.affine else None
@@ -74,6 +93,7 @@ class BatchNorm:
         self.grad_weight = None
         self.grad_bias = None
         self._saved = None  # (x, mean, invstd, batch_stats) of the last call, for backward
+        self._saved_groups = None  # (x, means, invstds) of the last ghost call, for backward
 
     def train(self, mode: bool = True) -> "BatchNorm":
         """Training mode (batch statistics, running statistics updated); returns self."""
@@ -88,6 +108,9 @@ class BatchNorm:
         """Normalize x: batch statistics when training or not tracking running
         statistics, else the running ones. Remembers x for ``backward``."""
         x = self._input(x)
+        self._saved_groups = None
+        if self.virtual_batch_size is not None and (self.training or not self.track_running_stats):
+            return self._ghost_call(x)
         if self.training or not self.track_running_stats:
             update = self.training and self.track_running_stats
             batches = self.num_batches_tracked + 1 if update else None
@@ -97,7 +120,7 @@ class BatchNorm:
             y, mean, invstd = forward_train(
                 x, self.weight, self.bias,
                 self.running_mean if update else None, self.running_var if update else None,
-                axis=self.axis, momentum=factor, eps=self.eps,
+                axis=self.axis, momentum=factor, eps=self.eps, unbiased_running_var=self.unbiased_running_var,
             )
             if update and math.prod(x.shape) > 0:
                 self.num_batches_tracked = batches
@@ -110,6 +133,32 @@ class BatchNorm:
         return y
 
     forward = __call__
+
+    def _ghost_call(self, x):
+        """Ghost batch normalization (virtual_batch_size): groups normalized one by one, then
+        the running statistics updated once from the whole batch's merged statistics."""
+        if not isinstance(x, np.ndarray):
+            raise TypeError(f"bnorm: virtual_batch_size takes NumPy arrays, got {type(x).__module__}.{type(x).__name__}")
+        _ghost.check_groups(x, self.virtual_batch_size, self.axis)
+        if x.size == 0:  # nothing to learn from: as BatchNorm, no buffer changes
+            y, mean, invstd = forward_train(x, self.weight, self.bias, axis=self.axis, eps=self.eps)
+            self._saved = (x, mean, invstd, True)
+            return y
+        y, means, invstds, vars_ = _ghost.forward(x, self.virtual_batch_size, self.weight, self.bias,
+                                                  axis=self.axis, eps=self.eps)
+        if self.training and self.track_running_stats:
+            count, mean, var = _ghost.merged_stats(x, self.axis, means, vars_)
+            batches = self.num_batches_tracked + 1
+            factor = 1.0 / batches if self.momentum is None else self.momentum
+            unbias = count / (count - 1) if self.unbiased_running_var else 1.0
+            new_mean = (1 - factor) * self.running_mean.astype(np.float64) + factor * mean
+            new_var = (1 - factor) * self.running_var.astype(np.float64) + factor * var * unbias
+            self.running_mean[...] = new_mean
+            self.running_var[...] = new_var
+            self.num_batches_tracked = batches
+        self._saved = None
+        self._saved_groups = (np.ascontiguousarray(x), means, invstds)
+        return y
 
     def _input(self, x):
         """x as a NumPy array (CPU arrays of other frameworks and lists converted, a float
@@ -142,16 +191,25 @@ class BatchNorm:
         """TypeError for a float x whose parameter dtype is not this layer's (where the
         layer has parameters or buffers); other dtypes are left to the functions' checks."""
         name = _DTYPE_NAMES.get(dtype)  # (None: not a native float dtype, for the functions to refuse)
+        if name is None and _is_bfloat16(dtype):
+            name = "bfloat16"
         if name is None or not (self.affine or self.track_running_stats):
             return
         if _param_dtype(name) != _DTYPE_NAMES[self.param_dtype]:
             param = _DTYPE_NAMES[self.param_dtype]
-            takes = "float16 or float32" if param == "float32" else param
+            takes = "float16, bfloat16 or float32" if param == "float32" else param
             raise TypeError(f"bnorm: this layer's parameters are {param}, which takes x of dtype {takes}, got {name}")
 
     def backward(self, dy):
         """Gradient of the loss with respect to the last call's input, given dy (shaped like
         its output). Sets grad_weight and grad_bias (when affine); returns dx."""
+        if self._saved_groups is not None:
+            x, means, invstds = self._saved_groups
+            dx, dweight, dbias = _ghost.backward_groups(dy, x, self.virtual_batch_size, means, invstds, self.weight,
+                                                        axis=self.axis)
+            if self.affine:
+                self.grad_weight, self.grad_bias = dweight, dbias
+            return dx
         if self._saved is None:
             raise RuntimeError("bnorm: BatchNorm.backward called before a forward call")
         x, mean, invstd, batch_stats = self._saved
@@ -204,4 +262,6 @@ class BatchNorm:
 
     def __repr__(self) -> str:
         return (f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
-                f"track_running_stats={self.track_running_stats}, axis={self.axis}, dtype={self.dtype.name})")
+                f"track_running_stats={self.track_running_stats}, axis={self.axis}, dtype={self.dtype.name}"
+                + ("" if self.unbiased_running_var else ", unbiased_running_var=False")
+                + ("" if self.virtual_batch_size is None else f", virtual_batch_size={self.virtual_batch_size}") + ")")

@@ -34,6 +34,7 @@ import time
 import numpy as np
 
 import bnorm
+from bnorm._functional import _numpy_dtype
 
 __all__ = ["main", "parse_shapes", "run_table", "run_sweep", "plot_sweep", "machine_info"]
 
@@ -55,10 +56,10 @@ _OP_CALL = {"train": "forward_train", "infer": "forward_infer", "backward": "bac
 TRAFFIC = {"train": 2, "infer": 2, "backward": 3, "copy": 2}
 # issue 3's targets for float32: bnorm time / copy time, and PyTorch time / bnorm time
 COPY_TARGET = {"infer": 1.0, "train": 1.2, "backward": 1.9}
-OTHER_DTYPE_SLACK = 1.3  # float64 / float16: copy ratio within 1.3x of float32's target
+OTHER_DTYPE_SLACK = 1.3  # float64 / 16-bit: copy ratio within 1.3x of float32's target
 EPS = 1e-5
 MOMENTUM = 0.1
-_TOL = {"float64": 1e-9, "float32": 1e-3, "float16": 2e-2}
+_TOL = {"float64": 1e-9, "float32": 1e-3, "float16": 2e-2, "bfloat16": 2e-2}
 _DEFAULT_BUDGET = 4.0  # seconds of timed rounds per table row, when --repeat is not given
 _MAX_ROUNDS = 30
 _MIN_ROUNDS = 5
@@ -275,9 +276,12 @@ def _parse_dtypes(text: str):
     out = []
     for item in text.replace(" ", "").split(","):
         if item:
-            dt = np.dtype(item).name
-            if dt not in ("float16", "float32", "float64"):
-                raise argparse.ArgumentTypeError(f"dtype must be float16, float32 or float64, got {item}")
+            try:
+                dt = _numpy_dtype(item).name  # bfloat16 needs ml_dtypes
+            except (TypeError, ImportError) as e:
+                raise argparse.ArgumentTypeError(str(e)) from None
+            if dt not in ("float16", "bfloat16", "float32", "float64"):
+                raise argparse.ArgumentTypeError(f"dtype must be float16, bfloat16, float32 or float64, got {item}")
             out.append(dt)
     return out
 
@@ -294,14 +298,14 @@ class _Case:
     def __init__(self, shape, axis, dtype, torch=None, seed=0):
         rng = np.random.default_rng(seed)
         nd = len(shape)
-        self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+        self.shape, self.dtype = tuple(shape), _numpy_dtype(str(dtype))
         self.ax = axis % nd
         self.axis = axis
         self.C = shape[self.ax]
         self.M = math.prod(shape) // self.C
         self.red = tuple(i for i in range(nd) if i != self.ax)
         self.bshape = tuple(self.C if i == self.ax else 1 for i in range(nd))
-        sdt = np.float32 if self.dtype == np.float16 else self.dtype
+        sdt = np.float32 if self.dtype.itemsize == 2 else self.dtype  # float16, bfloat16
         self.sdt = np.dtype(sdt)
         gen_dt = np.float64 if self.dtype == np.float64 else np.float32
 
@@ -334,7 +338,11 @@ class _Case:
         others = [i for i in range(nd) if i != self.ax]
         self.perm = [others[0], self.ax] + others[1:]
         self.iperm = [self.perm.index(i) for i in range(nd)]
-        t = lambda a: torch.from_numpy(a)  # noqa: E731
+        def t(a):  # a tensor on a's memory (bfloat16: through an int16 view, NumPy has none)
+            if a.dtype.name == "bfloat16":
+                return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+            return torch.from_numpy(a)
+
         self.X = t(self.x).permute(self.perm)
         self.DY = t(self.dy).permute(self.perm)
         self.W, self.B = t(self.w), t(self.b)
@@ -363,7 +371,7 @@ class _Case:
 
     def torch_result(self, op):
         out = self.torch_fn(op)()
-        return out[0].permute(self.iperm).numpy()
+        return out[0].permute(self.iperm).float().numpy()
 
     # -- bnorm, into preallocated outputs
     def bnorm_fn(self, op):
@@ -384,6 +392,8 @@ class _Case:
     # -- the straightforward NumPy implementation
     def numpy_fn(self, op):
         x, dy, red, bs, dt, sdt = self.x, self.dy, self.red, self.bshape, self.dtype, self.sdt
+        if dt.name == "bfloat16":  # (NumPy computes on bfloat16 through float32 only)
+            x, dy = x.astype(np.float32), dy.astype(np.float32)
         w, b = self.w.reshape(bs), self.b.reshape(bs)
         m = self.M
         if op == "train":
@@ -813,7 +823,7 @@ def build_parser():
         description="Time bnorm's CPU batch norm against a memory copy, PyTorch CPU and NumPy.")
     p.add_argument("--threads", type=int, default=None, help="bnorm (and torch) threads (default: bnorm's current)")
     p.add_argument("--dtype", type=_parse_dtypes, default=["float32"],
-                   help="float32 (default), float64, float16, or a comma list")
+                   help="float32 (default), float64, float16, bfloat16 (needs ml_dtypes), or a comma list")
     p.add_argument("--shapes", type=parse_shapes, default=DEFAULT_SHAPES,
                    help="comma list of NxCxHxW:axis (default: the five shapes of issue 3)")
     p.add_argument("--ops", type=_parse_ops, default=list(OPS), help="comma list of train, infer, backward")

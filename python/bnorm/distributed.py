@@ -478,7 +478,7 @@ class SyncBatchNorm(BatchNorm):
     """``bnorm.BatchNorm`` whose training statistics are those of the global batch.
 
     ``SyncBatchNorm(num_features, comm, *, eps=1e-5, momentum=0.1, affine=True,
-    track_running_stats=True, axis=1, dtype=numpy.float32)``
+    track_running_stats=True, axis=1, dtype=numpy.float32, unbiased_running_var=True)``
 
     ``comm``: an mpi4py communicator or a :class:`Communicator` (see
     :func:`as_communicator`). Same attributes and methods as BatchNorm (and, like it, a
@@ -489,8 +489,8 @@ class SyncBatchNorm(BatchNorm):
 
     - forward normalizes with the mean and biased variance of the global batch (one
       all-gather of 3C values) and updates the running statistics with the global mean and
-      unbiased variance (count/(count-1) of the global count): they stay bitwise identical
-      on every rank;
+      unbiased variance (count/(count-1) of the global count; the biased one with
+      ``unbiased_running_var=False``): they stay bitwise identical on every rank;
     - backward all-reduces (sum dy, sum dy*xhat) (2C values) and returns this rank's slice
       of the gradient of the global batch. ``grad_weight`` and ``grad_bias`` are the sums
       over the global batch, identical on every rank: do not all-reduce them again.
@@ -507,6 +507,8 @@ class SyncBatchNorm(BatchNorm):
     """
 
     def __init__(self, num_features: int, comm: Any, **kwargs: Any) -> None:
+        if kwargs.get("virtual_batch_size") is not None:
+            raise ValueError("bnorm: SyncBatchNorm normalizes with the global batch's statistics: no virtual_batch_size")
         super().__init__(num_features, **kwargs)
         self.comm = as_communicator(comm)
         self._sync_saved: tuple | None = None
@@ -524,6 +526,7 @@ class SyncBatchNorm(BatchNorm):
             track_running_stats=bn.track_running_stats,
             axis=bn.axis,
             dtype=bn.dtype,
+            unbiased_running_var=bn.unbiased_running_var,
         )
         sbn.load_state_dict(bn.state_dict())
         sbn.train(bn.training)
@@ -587,7 +590,7 @@ class SyncBatchNorm(BatchNorm):
             return []
         nbt = int(self.num_batches_tracked) + 1
         factor = (1.0 / nbt) if self.momentum is None else float(self.momentum)
-        unbias = g.count / (g.count - 1)
+        unbias = g.count / (g.count - 1) if self.unbiased_running_var else 1.0
         ops, mean, var = g.ops, g.mean, g.var
         rm, rv = self.running_mean, self.running_var
         if isinstance(rm, np.ndarray) and ops.device:
@@ -623,5 +626,5 @@ class SyncBatchNorm(BatchNorm):
             f"SyncBatchNorm({self.num_features}, comm={self.comm!r}, eps={self.eps}, "
             f"momentum={self.momentum}, affine={self.affine}, "
             f"track_running_stats={self.track_running_stats}, axis={self.axis}, "
-            f"dtype={self.dtype.name})"
+            f"dtype={self.dtype.name}" + ("" if self.unbiased_running_var else ", unbiased_running_var=False") + ")"
         )

@@ -40,31 +40,16 @@ using bnorm::Shape;
         }                                                                                      \
     } while (0)
 
-// ---- host element conversions ---------------------------------------------------------------
-
-float bf16_to_float(bnorm::bfloat16 b) {
-    const uint32_t u = uint32_t(b.bits) << 16;
-    float f;
-    std::memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-bnorm::bfloat16 float_to_bf16(float f) {  // round to nearest even, NaN stays NaN
-    uint32_t u;
-    std::memcpy(&u, &f, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return bnorm::bfloat16{uint16_t((u >> 16) | 0x40)};
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return bnorm::bfloat16{uint16_t(u >> 16)};
-}
+// ---- host element conversions (the CPU backend's, cpp/src/half.hpp) ------------------------
 
 template <class T> T from_double(double v) {
     if constexpr (std::is_same_v<T, bnorm::half>) return bnorm::detail::float_to_half(float(v));
-    else if constexpr (std::is_same_v<T, bnorm::bfloat16>) return float_to_bf16(float(v));
+    else if constexpr (std::is_same_v<T, bnorm::bfloat16>) return bnorm::detail::float_to_bfloat16(float(v));
     else return T(v);
 }
 template <class T> double to_double(T v) {
     if constexpr (std::is_same_v<T, bnorm::half>) return bnorm::detail::half_to_float(v);
-    else if constexpr (std::is_same_v<T, bnorm::bfloat16>) return bf16_to_float(v);
+    else if constexpr (std::is_same_v<T, bnorm::bfloat16>) return bnorm::detail::bfloat16_to_float(v);
     else return double(v);
 }
 template <class T> const char* type_name() {
@@ -380,6 +365,12 @@ void test_numerics(cudaStream_t stream) {
         CHECK_CLOSE(1.0 / (isv * isv) - 1e-5, 1.25, 1e-12, 0);
         CHECK_CLOSE(rv.get()[0], 5.0 / 3.0, 1e-15, 0);
         CHECK_CLOSE(rm.get()[0], 2.5, 0, 0);
+        // unbiased_running_var = false (Keras 3, Flax, ONNX): the biased variance 1.25
+        Dev<double> rm2(std::vector<double>{0}), rv2(std::vector<double>{0});
+        bc::forward_train<double>(x4.p, Shape{4, 1, 1}, nullptr, nullptr, rm2.p, rv2.p, 1.0, 1e-5, y.p, m.p, is.p,
+                                  false, stream);
+        CHECK_CLOSE(rv2.get()[0], 1.25, 1e-15, 0);
+        CHECK_CLOSE(rm2.get()[0], 2.5, 0, 0);
     }
     // Empty batch: running statistics untouched, save_invstd = 1/sqrt(eps); null x/y allowed.
     {

@@ -268,6 +268,21 @@ def assert_close(got, ref, rtol, what=""):
                                err_msg=what)
 
 
+def numeric_grad(loss, arr, h=1e-6):
+    """Central differences of loss() with respect to every element of arr (changed in
+    place, restored)."""
+    grad = np.zeros(arr.shape)
+    for idx in np.ndindex(arr.shape):
+        orig = arr[idx]
+        arr[idx] = orig + h
+        lp = loss()
+        arr[idx] = orig - h
+        lm = loss()
+        arr[idx] = orig
+        grad[idx] = (lp - lm) / (2 * h)
+    return grad
+
+
 def assert_bitwise(a, b, what=""):
     a, b = np.asarray(a), np.asarray(b)
     assert a.dtype == b.dtype and a.shape == b.shape, what

@@ -246,7 +246,7 @@ def test_layer_takes_lists_like_arrays():
                          ids=["default", "noaffine", "untracked"])
 def test_layer_wrong_dtype_names_x_and_changes_nothing(config):
     bn = bnorm.BatchNorm(2, **config)  # float32 parameters: takes float32 and float16 x
-    with pytest.raises(TypeError, match="x of dtype float16 or float32, got float64"):
+    with pytest.raises(TypeError, match="x of dtype float16, bfloat16 or float32, got float64"):
         bn([[1.0, 2.0], [3.0, 5.0]])  # a float list is float64
     assert bn.num_batches_tracked in (0, None) and bn._saved is None
     assert bn(np.ones((3, 2), np.float16)).dtype == np.float16

@@ -1,7 +1,7 @@
 // bnorm: the CPU backend's public API.
 //
 // Every function works on raw pointers to C-contiguous data viewed as a Shape
-// (outer, channels, inner). T is float, double or bnorm::half; P = param_t<T> is the
+// (outer, channels, inner). T is float, double, bnorm::half or bnorm::bfloat16; P = param_t<T> is the
 // type of every per-channel vector (length shape.channels): statistics, weight, bias,
 // running buffers, gradients of weight and bias.
 //
@@ -50,10 +50,13 @@ void normalize(const T* x, Shape shape, const param_t<T>* mean, const param_t<T>
 /// or bias. Throws ValueError when M == 1 (and x has elements), eps is not positive and
 /// finite, or momentum is outside [0, 1]. With M == 0, nothing is computed and running
 /// buffers are left untouched (save_mean and save_invstd are set to 0 and 1/sqrt(eps)).
+/// unbiased_running_var = false updates running_var with the biased variance instead
+/// (the convention of Keras 3, Flax and ONNX; PyTorch and cuDNN use the unbiased one).
 template <class T>
 void forward_train(const T* x, Shape shape, const param_t<T>* weight, const param_t<T>* bias,
                    param_t<T>* running_mean, param_t<T>* running_var, double momentum,
-                   double eps, T* y, param_t<T>* save_mean, param_t<T>* save_invstd);
+                   double eps, T* y, param_t<T>* save_mean, param_t<T>* save_invstd,
+                   bool unbiased_running_var = true);
 
 /// Inference forward: y = (x - running_mean) / sqrt(running_var + eps) * weight + bias.
 /// weight and bias may be null (1 and 0); eps must be positive and finite.

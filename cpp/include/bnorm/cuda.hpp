@@ -69,6 +69,14 @@ void forward_train(const T* x, Shape shape, const param_t<T>* weight, const para
                    double eps, T* y, param_t<T>* save_mean, param_t<T>* save_invstd,
                    stream_t stream = nullptr);
 
+/// forward_train with unbiased_running_var = false: running_var is updated with the
+/// biased variance (Keras 3, Flax, ONNX), as the CPU API's flag of the same name.
+template <class T>
+void forward_train(const T* x, Shape shape, const param_t<T>* weight, const param_t<T>* bias,
+                   param_t<T>* running_mean, param_t<T>* running_var, double momentum,
+                   double eps, T* y, param_t<T>* save_mean, param_t<T>* save_invstd,
+                   bool unbiased_running_var, stream_t stream = nullptr);
+
 template <class T>
 void forward_infer(const T* x, Shape shape, const param_t<T>* running_mean,
                    const param_t<T>* running_var, const param_t<T>* weight,

@@ -50,7 +50,7 @@ struct half {
     uint16_t bits;
 };
 
-/// bfloat16, as stored (bit-compatible with CUDA's __nv_bfloat16). CUDA backend only.
+/// bfloat16, as stored (bit-compatible with CUDA's __nv_bfloat16 and ml_dtypes.bfloat16).
 struct bfloat16 {
     uint16_t bits;
 };
