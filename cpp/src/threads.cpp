@@ -95,17 +95,19 @@ std::atomic<int> g_threads{0};  // set_num_threads' value; 0: the default
 // Back-off from a busy machine. A parallel region ends when its last thread does, so a
 // team member preempted by another process holds the whole call for the rest of its time
 // slice (milliseconds), however little work it had left: with one of 2 cores busy, 2
-// threads made (256, 512) 100x slower than one. A region whose caller then waited much
-// longer than its own share took marks the machine busy, and calls run on one thread for a
-// while, doubling while regions keep waiting (kFirstBackoff .. kMaxBackoff): a busy machine
-// costs one slow call per back-off period, an idle one gets its threads back after one.
-// Only the default count backs off: set_num_threads(n) asks for n threads (tests and
-// benchmarks get what they measure).
+// threads made (256, 512) 100x slower than one. A region whose caller waited much longer
+// than its own share took marks the machine busy, and calls run on one thread for a while:
+// for kFirstBackoffNs and kFirstBackoffCalls calls (both: a caller of one call per 50 ms
+// would otherwise try again every call), doubling while the next tries keep waiting (up to
+// kMaxBackoffNs and kMaxBackoffCalls). A busy machine costs one slow call per back-off
+// period, an idle one gets its threads back at the first try. Only the default count backs
+// off: set_num_threads(n) asks for n threads (tests and benchmarks get what they measure).
 constexpr int64_t kWaitSlackNs = 100'000;  // a sleeping thread's wake-up, and one work chunk, take less
-constexpr int64_t kFirstBackoffNs = 10'000'000;
-constexpr int64_t kMaxBackoffNs = 1'000'000'000;
+constexpr int64_t kFirstBackoffNs = 10'000'000, kMaxBackoffNs = 1'000'000'000;
+constexpr int64_t kFirstBackoffCalls = 4, kMaxBackoffCalls = 256;
 std::atomic<int64_t> g_serial_until_ns{0};
-std::atomic<int64_t> g_backoff_ns{0};
+std::atomic<int64_t> g_serial_calls{0};  // calls still to run on one thread
+std::atomic<int64_t> g_backoff_ns{0}, g_backoff_calls{0};
 
 int64_t now_ns() {
     return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
@@ -130,8 +132,10 @@ void release_pool_before_fork() { g_pool_released.store(omp_pause_resource_all(o
 
 void after_fork_in_child() {
     if (!g_pool_released.load()) g_forked_single.store(true);
-    g_serial_until_ns.store(0);  // the child's clock of calls starts afresh
+    g_serial_until_ns.store(0);  // the child's machine is the parent's, its calls are its own
+    g_serial_calls.store(0);
     g_backoff_ns.store(0);
+    g_backoff_calls.store(0);
 }
 
 const int g_fork_handler = pthread_atfork(release_pool_before_fork, nullptr, after_fork_in_child);
@@ -156,21 +160,30 @@ bool forked_single_threaded() { return g_forked_single.load(std::memory_order_re
 
 int call_threads() {
     const int n = configured_threads();
-    if (n > 1 && g_threads.load(std::memory_order_relaxed) == 0 &&
-        g_serial_until_ns.load(std::memory_order_relaxed) > 0 && now_ns() < g_serial_until_ns.load(std::memory_order_relaxed))
+    if (n == 1 || g_threads.load(std::memory_order_relaxed) != 0) return n;
+    if (g_serial_calls.load(std::memory_order_relaxed) > 0) {
+        g_serial_calls.fetch_sub(1, std::memory_order_relaxed);
         return 1;
-    return n;
+    }
+    const int64_t until = g_serial_until_ns.load(std::memory_order_relaxed);
+    return until > 0 && now_ns() < until ? 1 : n;
 }
 
 void note_parallel_region(int64_t busy_ns, int64_t wait_ns) {
     if (wait_ns <= kWaitSlackNs + busy_ns / 4) {
-        if (g_backoff_ns.load(std::memory_order_relaxed) != 0) g_backoff_ns.store(0, std::memory_order_relaxed);
+        if (g_backoff_ns.load(std::memory_order_relaxed) != 0) {
+            g_backoff_ns.store(0, std::memory_order_relaxed);
+            g_backoff_calls.store(0, std::memory_order_relaxed);
+        }
         return;
     }
-    const int64_t backoff =
-        std::clamp(2 * g_backoff_ns.load(std::memory_order_relaxed), kFirstBackoffNs, kMaxBackoffNs);
-    g_backoff_ns.store(backoff, std::memory_order_relaxed);
-    g_serial_until_ns.store(now_ns() + backoff, std::memory_order_relaxed);
+    const int64_t ns = std::clamp(2 * g_backoff_ns.load(std::memory_order_relaxed), kFirstBackoffNs, kMaxBackoffNs);
+    const int64_t calls =
+        std::clamp(2 * g_backoff_calls.load(std::memory_order_relaxed), kFirstBackoffCalls, kMaxBackoffCalls);
+    g_backoff_ns.store(ns, std::memory_order_relaxed);
+    g_backoff_calls.store(calls, std::memory_order_relaxed);
+    g_serial_until_ns.store(now_ns() + ns, std::memory_order_relaxed);
+    g_serial_calls.store(calls, std::memory_order_relaxed);
 }
 
 }  // namespace bnorm::detail
