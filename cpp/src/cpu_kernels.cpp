@@ -22,9 +22,10 @@
 // rows), and short planes per strip of whole channels on their positions view. Large
 // outputs are written with non-temporal stores (no read-for-ownership of the output;
 // each thread fences its own, see parallel_writes). Channel-sized scratch comes from a
-// per-thread cache (scratch.hpp). Work is handed out dynamically: on a shared
-// machine a descheduled thread then delays a call by at most one work item (results do
-// not depend on who computes what).
+// per-thread cache (scratch.hpp). Work is handed out dynamically, in many more
+// chunks than threads (results do not depend on who computes what), by parallel_writes,
+// which also times how long each region waited for its team: see team_size and threads.hpp
+// for the thread policy.
 #include "cpu_kernels.hpp"
 
 #ifndef BNORM_KERNEL_ISA
