@@ -79,7 +79,7 @@ def _work_params():
 
 
 FORK_AFTER_OTHER_LIBRARY = """
-import os, numpy as np
+import os, signal, numpy as np
 {first}
 {work}
 {second}
@@ -88,6 +88,7 @@ x = np.random.default_rng(0).random((64, 64, 1024), dtype=np.float32)
 y0 = bnorm.forward_train(x)[0]
 pid = os.fork()
 if pid == 0:
+    signal.alarm(60)                     # a hung child dies (prints -14) instead of lingering
     y = bnorm.forward_train(x)[0]        # hung: libgomp's pool of the parent's threads
     ok = (y == y0).all() and bnorm.get_num_threads() == 2
     bnorm.set_num_threads(2)             # the child keeps its threads
@@ -114,13 +115,15 @@ def test_fork_after_another_library_ran_threads(work, bnorm_first):
 def test_fork_pool_after_torch():
     """The same through a fork-method multiprocessing Pool, the data-loader pattern."""
     code = """
-        import multiprocessing as mp, numpy as np, torch, bnorm
+        import multiprocessing as mp, signal, numpy as np, torch, bnorm
         with torch.no_grad():
             torch.nn.BatchNorm2d(256)(torch.randn(64, 256, 28, 28))
         x = np.random.default_rng(0).random((64, 64, 1024), dtype=np.float32)
         def mean_of(seed):
             return float(bnorm.forward_train(x + seed)[1].sum())
-        with mp.get_context("fork").Pool(2) as pool:
+        def die_if_hung():
+            signal.alarm(60)
+        with mp.get_context("fork").Pool(2, initializer=die_if_hung) as pool:
             got = pool.map(mean_of, range(4), chunksize=1)
         print(all(g == mean_of(s) for s, g in enumerate(got)))
     """

@@ -180,7 +180,7 @@ def test_huge_omp_num_threads_is_capped():
 
 
 FORK_CHILD = """
-import os, numpy as np, bnorm
+import os, signal, numpy as np, bnorm
 bnorm.set_num_threads(2)
 x = np.random.rand(64, 64, 1024).astype(np.float32)
 pid = os.fork()                         # before any parallel call
@@ -191,6 +191,7 @@ print(os.waitstatus_to_exitcode(status))
 y0 = bnorm.forward_train(x)[0]          # the parent's OpenMP threads are now running
 pid = os.fork()
 if pid == 0:
+    signal.alarm(60)                    # a hung child dies (prints -14) instead of lingering
     y = bnorm.forward_train(x)[0]       # hung in libgomp before any fork handler
     bnorm.set_num_threads(2)
     os._exit(0 if bnorm.get_num_threads() == 2 and (y == y0).all() else 3)
