@@ -4,13 +4,7 @@
 // exactly backward_reduce then backward_elemt; forward_train is batch_stats then normalize,
 // except that it centers x on the double-precision mean (as a hi + lo pair of P), which
 // keeps float32 outputs accurate when |mean| >> std.
-#include <omp.h>
-#if defined(__unix__) || defined(__APPLE__)
-#include <pthread.h>
-#endif
-
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <string>
 
@@ -19,49 +13,14 @@
 #include "coefficients.hpp"
 #include "cpu_kernels.hpp"
 #include "scratch.hpp"
+#include "threads.hpp"
 
 namespace bnorm {
 namespace {
 
-std::atomic<int> g_threads{0};  // 0: not set, use OpenMP's default
-constexpr int kMaxThreads = 1024;  // the bound on threads, or the processor count if larger
-
-// libgomp crashes or aborts on teams of tens of thousands of threads, and each thread gets
-// its own workspace: set_num_threads refuses more, and OpenMP's default (OMP_NUM_THREADS)
-// is capped at the same bound.
-int thread_limit() {
-    static const int limit = std::max(kMaxThreads, omp_get_num_procs());  // a syscall: once (0.35 us a call)
-    return limit;
-}
-
-// A process forked after bnorm ran OpenMP threads cannot use them: libgomp's thread pool
-// does not survive fork(), and the child's first parallel region hangs (multiprocessing
-// workers, data loaders). Such a child runs single-threaded, as PyTorch's does, and refuses
-// more threads.
-std::atomic<bool> g_threads_ran{false};   // a call here asked OpenMP for more than one thread
-std::atomic<bool> g_forked_after{false};  // this process was forked after that
-
-int configured_threads() {
-    const int set = g_threads.load(std::memory_order_relaxed);
-    return set > 0 ? set : std::min(omp_get_max_threads(), thread_limit());
-}
-
-// The threads for a call on `shape`, noting when OpenMP will start threads for it.
-int threads(Shape shape) {
-    const int n = configured_threads();
-    if (n > 1 && shape.size() >= kernels::kSerialBelow && !g_threads_ran.load(std::memory_order_relaxed))
-        g_threads_ran.store(true, std::memory_order_relaxed);
-    return n;
-}
-
-#if defined(__unix__) || defined(__APPLE__)
-void single_threaded_after_fork() {
-    if (!g_threads_ran.load(std::memory_order_relaxed)) return;
-    g_forked_after.store(true, std::memory_order_relaxed);
-    g_threads.store(1, std::memory_order_relaxed);
-}
-const int g_fork_handler = pthread_atfork(nullptr, nullptr, single_threaded_after_fork);
-#endif
+// The threads for a call: bnorm's own count (threads.hpp), or 1 on a busy machine; the
+// kernels then use fewer where the work is too small to pay for more.
+int threads(Shape) { return detail::call_threads(); }
 
 using detail::check_batch;
 using detail::check_eps;
@@ -89,21 +48,21 @@ using detail::invstd_of;
 #pragma GCC visibility push(default)
 #endif
 
-int max_num_threads() { return thread_limit(); }
+int max_num_threads() { return detail::thread_limit(); }
 
 void set_num_threads(int n) {
-    const int limit = thread_limit();
+    const int limit = detail::thread_limit();
     if (n < 1 || n > limit)
         throw ValueError("bnorm: the number of threads must be in [1, " + std::to_string(limit) + "], got " +
                          std::to_string(n));
-    if (n > 1 && g_forked_after.load(std::memory_order_relaxed))
-        throw ValueError("bnorm: this process was forked after bnorm ran OpenMP threads, which do not survive "
-                         "fork(): it runs single-threaded (start workers with the spawn or forkserver method "
-                         "to use threads in them)");
-    g_threads.store(n, std::memory_order_relaxed);
+    if (n > 1 && detail::forked_single_threaded())
+        throw ValueError("bnorm: this process was forked from inside an OpenMP parallel region, whose threads "
+                         "do not survive fork(): it runs single-threaded (start workers with the spawn or "
+                         "forkserver method to use threads in them)");
+    detail::configure_threads(n);
 }
 
-int get_num_threads() { return configured_threads(); }
+int get_num_threads() { return detail::configured_threads(); }
 
 const char* cpu_isa() { return kernels::isa_name(kernels::isa()); }
 

@@ -22,9 +22,10 @@
 // rows), and short planes per strip of whole channels on their positions view. Large
 // outputs are written with non-temporal stores (no read-for-ownership of the output;
 // each thread fences its own, see parallel_writes). Channel-sized scratch comes from a
-// per-thread cache (scratch.hpp). Work is handed out dynamically: on a shared
-// machine a descheduled thread then delays a call by at most one work item (results do
-// not depend on who computes what).
+// per-thread cache (scratch.hpp). Work is handed out dynamically, in many more
+// chunks than threads (results do not depend on who computes what), by parallel_writes,
+// which also times how long each region waited for its team: see team_size and threads.hpp
+// for the thread policy.
 #include "cpu_kernels.hpp"
 
 #ifndef BNORM_KERNEL_ISA
@@ -34,12 +35,14 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdint>
 #include <type_traits>
 
 #include "coefficients.hpp"
 #include "scratch.hpp"
 #include "simd.hpp"
+#include "threads.hpp"
 
 namespace bnorm::kernels::BNORM_KERNEL_ISA {
 namespace {
@@ -55,7 +58,50 @@ constexpr int64_t kStreamBytes = 4 << 20;   // outputs larger than this skip the
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-int team_size(Shape s, int threads) { return s.size() < kSerialBelow ? 1 : threads; }
+// The thread policy: a parallel region costs its caller the wake-up and the join of the
+// team (a few microseconds on idle cores, a time slice of milliseconds when another process
+// holds a team member's core), so each thread beyond the first needs kElemsPerThread
+// elements of work to pay for itself, and calls smaller than that run on one thread, with
+// no parallel region at all.
+constexpr int64_t kElemsPerThread = 1 << 15;
+
+int team_size(Shape s, int threads) {
+    return int(std::clamp<int64_t>(s.size() / kElemsPerThread, 1, std::max(threads, 1)));
+}
+
+int64_t ns_since(std::chrono::steady_clock::time_point start) {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - start).count();
+}
+
+// body(i, thread) for i in [0, n) on the team, `chunk` at a time, thread = the caller's
+// index in the team. Chunks are handed out dynamically, many more than threads (every
+// caller cuts its work so), so a thread that starts late finds its share taken; which
+// thread computes what never changes a result (partials are merged in a fixed order). The
+// caller reports how long it worked and how long it waited for the team, at the start
+// (libgomp's master waits until every pooled thread is back from the previous region) and
+// at the end: threads.hpp backs off from a busy machine. With `stream` each thread then
+// fences its own non-temporal stores: an sfence orders only the stores of the thread that
+// runs it.
+template <class Body>
+void parallel_writes(int team, int64_t n, int64_t chunk, bool stream, const Body& body) {
+    if (team <= 1 || n <= 1) {
+        for (int64_t i = 0; i < n; ++i) body(i, 0);
+        stream_fence(stream);
+        return;
+    }
+    const auto start = std::chrono::steady_clock::now();
+    int64_t started_ns = 0, done_ns = 0;
+#pragma omp parallel num_threads(team)
+    {
+        const int thread = omp_get_thread_num();
+        if (thread == 0) started_ns = ns_since(start);
+#pragma omp for schedule(dynamic, chunk) nowait
+        for (int64_t i = 0; i < n; ++i) body(i, thread);
+        stream_fence(stream);
+        if (thread == 0) done_ns = ns_since(start);
+    }
+    detail::note_parallel_region(done_ns - started_ns, started_ns + (ns_since(start) - done_ns));
+}
 
 // Partial statistics of one channel: count, mean and sum of squared deviations.
 struct Moments {
@@ -222,9 +268,9 @@ void reduce(Shape s, int threads, const Op& op, Partial* result) {
         const int64_t splits = plan.splits;
         Scratch<Partial> part(splits == 1 ? 0 : C * splits);
         Partial* out = splits == 1 ? result : part.data();
-#pragma omp parallel for num_threads(team) schedule(dynamic)
-        for (int64_t item = 0; item < C * splits; ++item)
+        parallel_writes(team, C * splits, 1, false, [&](int64_t item, int) {
             out[item] = plan.split_partial<Partial>(s, op, item / splits, item % splits);
+        });
         if (splits > 1)
             for (int64_t c = 0; c < C; ++c)
                 for (int64_t split = 0; split < splits; ++split) merge(result[c], part[c * splits + split]);
@@ -232,12 +278,11 @@ void reduce(Shape s, int threads, const Op& op, Partial* result) {
         const RowSplits plan(s);
         Scratch<Partial> part(plan.splits == 1 ? 0 : plan.splits * C, Partial{});
         Partial* out = plan.splits == 1 ? result : part.data();
-#pragma omp parallel for num_threads(team) schedule(dynamic)
-        for (int64_t item = 0; item < plan.blocks * plan.splits; ++item) {
+        parallel_writes(team, plan.blocks * plan.splits, 1, false, [&](int64_t item, int) {
             const int64_t block = item / plan.splits, split = item % plan.splits;
             const int64_t c0 = block * plan.width;
             plan.split_tiles(s, op, c0, std::min(C, c0 + plan.width), split, out + split * C + c0);
-        }
+        });
         if (plan.splits > 1)
             for (int64_t split = 0; split < plan.splits; ++split)
                 for (int64_t c = 0; c < C; ++c) merge(result[c], part[split * C + c]);
@@ -411,20 +456,6 @@ int64_t short_plane_strip(Shape s, int team, int64_t bytes_per_element) {
     const int64_t width = std::min(fits, shared);
     if (width * s.inner < std::min(kMinShortPlaneStrip, pos.view.channels)) return 0;
     return ceil_div(s.channels, width) >= team ? width : 0;
-}
-
-// body(i, thread) for i in [0, n) on the team, `chunk` at a time, thread = the caller's
-// index in the team. With `stream` each thread then fences its own non-temporal stores:
-// an sfence orders only the stores of the thread that runs it.
-template <class Body>
-void parallel_writes(int team, int64_t n, int64_t chunk, bool stream, const Body& body) {
-#pragma omp parallel num_threads(team)
-    {
-        const int thread = omp_get_thread_num();
-#pragma omp for schedule(dynamic, chunk) nowait
-        for (int64_t i = 0; i < n; ++i) body(i, thread);
-        stream_fence(stream);
-    }
 }
 
 // body(c0, c1, work) for each strip of `width` channels, in parallel, work being the

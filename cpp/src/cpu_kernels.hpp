@@ -21,10 +21,6 @@ enum class Isa { baseline, avx2, avx512 };
 Isa isa();
 const char* isa_name(Isa isa);
 
-/// Calls on fewer elements than this run on one thread (it is faster), whatever the number
-/// of threads they are given.
-constexpr int64_t kSerialBelow = 1 << 15;
-
 namespace baseline {
 #include "cpu_kernels.inc"
 }

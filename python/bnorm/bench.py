@@ -11,7 +11,8 @@ and each shape, it times bnorm against
   ``(x - mean) * invstd * w + b``; the backward likewise vectorized);
 
 all in one process, interleaved round by round so that every contender sees the same
-machine state. ``--sweep`` instead measures ns per element over a sweep of N, C and
+machine state. ``--busy`` runs bnorm, bnorm on one thread and PyTorch on an idle machine
+and then with one core kept busy by another process. ``--sweep`` instead measures ns per element over a sweep of N, C and
 spatial size at a fixed total size, and flags "cliffs" (over 2x between neighbours).
 Run ``python -m bnorm.bench --help`` for the options. PyTorch and matplotlib are optional.
 """
@@ -835,6 +836,9 @@ def build_parser():
                         "0.25 per sweep point)")
     p.add_argument("--sweep", action="store_true",
                    help="run the size sweep (ns/element over N, C, spatial size; cliff check) instead of the table")
+    p.add_argument("--busy", action="store_true",
+                   help="time bnorm (default threads), bnorm on 1 thread and PyTorch on an idle machine, then with "
+                        "a process spinning on one core (issue 12's targets)")
     p.add_argument("--sweep-size", type=int, default=1 << 22, help="elements per sweep point (default 2**22)")
     p.add_argument("--plot", metavar="PATH", default=None, help="write the sweep chart PNG (implies --sweep)")
     p.add_argument("--json", metavar="PATH", default=None, help="write machine-readable results")
@@ -877,6 +881,11 @@ def main(argv=None) -> dict:
                      f"{threads} threads, {info['cpu_model']}")
             if plot_sweep(sw, args.plot, title):
                 print(f"\nwrote {args.plot}")
+    elif args.busy:
+        from bnorm._bench_busy import run_busy
+
+        results["busy"] = run_busy(args.shapes, args.ops, torch=torch, rounds=args.repeat or 15,
+                                   budget=args.budget if args.budget is not None else 1.0)
     else:
         rows = run_table(args.shapes, args.dtype, args.ops, torch=torch, numpy_ref=not args.no_numpy,
                          rounds=args.repeat, warmup=args.warmup,

@@ -13,6 +13,7 @@
 #endif
 #include <vector>
 
+#include "../../cpp/src/cpu_limits.hpp"
 #include "../../cpp/src/half.hpp"
 #include "check.hpp"
 
@@ -462,6 +463,51 @@ void test_small_thread_stack() {
 #endif
 }
 
+// The default thread count's inputs, parsed from the contents of the files that hold them:
+// containers' settings, not this machine's.
+void test_cpu_limits() {
+    using namespace bnorm::detail;
+    CHECK(cgroup_v2_cpus("max 100000\n") == std::nullopt);
+    CHECK(cgroup_v2_cpus("150000 100000\n") == 1.5);
+    CHECK(cgroup_v2_cpus("200000 100000") == 2.0);
+    CHECK(cgroup_v2_cpus("50000 100000\n") == 0.5);
+    CHECK(cgroup_v2_cpus("") == std::nullopt);
+    CHECK(cgroup_v2_cpus("0 100000") == std::nullopt);
+    CHECK(cgroup_v2_cpus("100000 0") == std::nullopt);
+    CHECK(cgroup_v2_cpus("garbage") == std::nullopt);
+    CHECK(cgroup_v1_cpus("-1\n", "100000\n") == std::nullopt);
+    CHECK(cgroup_v1_cpus("300000\n", "100000\n") == 3.0);
+    CHECK(cgroup_v1_cpus("", "") == std::nullopt);
+
+    CHECK(cgroup_path("0::/user.slice/job-1\n", true) == std::optional<std::string>("/user.slice/job-1"));
+    CHECK(cgroup_path("0::/\n", true) == std::optional<std::string>("/"));
+    const char* v1 = "12:pids:/docker/abc\n4:cpu,cpuacct:/docker/abc\n2:cpuset:/docker/abc\n1:name=systemd:/x\n";
+    CHECK(cgroup_path(v1, false) == std::optional<std::string>("/docker/abc"));
+    CHECK(cgroup_path(v1, true) == std::nullopt);
+    CHECK(cgroup_path("3:cpuacct:/a\n5:cpu:/b\n", false) == std::optional<std::string>("/b"));  // not cpuacct
+    CHECK(cgroup_path("", true) == std::nullopt);
+    CHECK(cgroup_parent("/a/b") == "/a");
+    CHECK(cgroup_parent("/a") == "/");
+    CHECK(cgroup_parent("/").empty());
+
+    CHECK(omp_num_threads_value(nullptr) == 0);
+    CHECK(omp_num_threads_value("4") == 4);
+    CHECK(omp_num_threads_value(" 3") == 3);
+    CHECK(omp_num_threads_value("4,2") == 4);
+    CHECK(omp_num_threads_value("0") == 0);
+    CHECK(omp_num_threads_value("-2") == 0);
+    CHECK(omp_num_threads_value("two") == 0);
+    CHECK(omp_num_threads_value("2x") == 0);
+    CHECK(omp_num_threads_value("") == 0);
+    CHECK(omp_num_threads_value("99999999999999999999") == 0);
+
+    CHECK(default_threads(8, std::nullopt) == 8);   // the affinity mask alone
+    CHECK(default_threads(8, 1.5) == 2);            // a quota of 1.5 CPUs: 2 threads
+    CHECK(default_threads(8, 0.5) == 1);
+    CHECK(default_threads(2, 16.0) == 2);           // a quota above the mask: the mask
+    CHECK(default_threads(0, std::nullopt) == 1);
+}
+
 }  // namespace
 
 int main() {
@@ -508,6 +554,13 @@ int main() {
     test_thread_determinism<float>({3000, 3, 196});    // channels too large to fuse: unfused with C >= threads
     test_thread_determinism<double>({96, 5000, 1});    // column strips, several splits
     test_thread_determinism<bnorm::half>({196, 2048, 1});
+    // Around the thread policy's steps (a thread per 2^15 elements): 1, 2 and 3 threads.
+    test_thread_determinism<float>({2, 3, 5461});      // 32766 elements: one thread
+    test_thread_determinism<float>({2, 4, 4096});      // 32768
+    test_thread_determinism<float>({3, 5, 4369});      // 65535
+    test_thread_determinism<float>({4096, 16, 1});     // 65536, rows
+    test_thread_determinism<double>({1, 1, 98305});    // 3 threads, one channel
+    test_thread_determinism<float>({2048, 3, 16});     // 98304, short planes
     test_streaming_alignment<float>({16, 4, 20001});
     test_streaming_alignment<float>({70001, 17, 1});
     test_streaming_alignment<double>({8, 3, 30001});
@@ -515,6 +568,7 @@ int main() {
     test_streaming_alignment<bnorm::half>({150001, 17, 1});
     test_streaming_alignment<float>({3, 600001, 1});   // column strips
     test_streaming_alignment<float>({48, 512, 49});    // short-plane strips
+    test_cpu_limits();
     test_errors_leave_buffers_untouched();
     test_argument_messages();
     test_calls_after_thread_exit_began();

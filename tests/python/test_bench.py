@@ -51,6 +51,20 @@ def test_table_is_printed(tmp_path):
         assert data["rows"][3]["torch_layout"] == "channels_last"
 
 
+def test_busy_tables(tmp_path):
+    """--busy: an idle and a busy table, bnorm against bnorm on one thread (in a worker)."""
+    jpath = tmp_path / "busy.json"
+    out = _run(["--busy", "--shapes", "4x3x5x5:1", "--ops", "train", "--repeat", "2", "--budget", "0",
+                "--no-torch", "--json", str(jpath)], tmp_path)
+    assert "### idle" in out and "### busy: a process spinning on one core" in out
+    rows = [line for line in out.splitlines() if line.startswith("| train")]
+    assert len(rows) == 6  # 2 phases x (the shape + the 2 small shapes --busy adds)
+    data = json.loads(jpath.read_text())
+    assert [r["phase"] for r in data["busy"]] == ["idle"] * 3 + ["busy"] * 3
+    assert all(r["bnorm_ms"] > 0 and r["one_thread_ms"] > 0 for r in data["busy"])
+    assert "busy targets:" in out
+
+
 @pytest.mark.parametrize("dtype", ["float64", "float16"])
 def test_other_dtypes(tmp_path, dtype):
     out = _run(["--shapes", "5x4x3x3:1", "--dtype", dtype, "--repeat", "1", "--warmup", "1",

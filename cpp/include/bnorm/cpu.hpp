@@ -89,11 +89,16 @@ void backward(const T* dy, const T* x, Shape shape, const param_t<T>* mean,
               const param_t<T>* invstd, const param_t<T>* weight, bool batch_stats, T* dx,
               param_t<T>* dweight, param_t<T>* dbias);
 
-/// Threads used by CPU calls (default: OpenMP's maximum, which honours OMP_NUM_THREADS,
-/// capped at max_num_threads()). n must be in [1, max_num_threads()]: OpenMP runtimes crash
-/// on far larger teams. Results do not depend on it. A process forked (POSIX fork()) after
-/// a call here ran more than one thread runs single-threaded, as OpenMP's threads do not
-/// survive fork(), and set_num_threads(n > 1) throws ValueError there.
+/// Threads used by CPU calls: bnorm's own count, which other libraries' settings
+/// (omp_set_num_threads, torch.set_num_threads) do not change, nor does it change theirs.
+/// The default is OMP_NUM_THREADS, else the CPUs the affinity mask and a cgroup CPU quota
+/// allow, capped at max_num_threads(); with it, calls run on one thread for a while after a
+/// parallel call waited for a preempted thread (a busy machine). set_num_threads(n) fixes the
+/// count at n. Calls too small to gain from threads run on fewer, down to one. n must be in
+/// [1, max_num_threads()]: OpenMP runtimes crash on far larger teams. Results do not depend
+/// on it. A process forked (POSIX fork()) keeps its threads (bnorm releases OpenMP's thread
+/// pool before fork()); only one forked from inside an OpenMP parallel region runs
+/// single-threaded, and set_num_threads(n > 1) throws ValueError there.
 void set_num_threads(int n);
 int get_num_threads();
 /// max(1024, the number of processors): the largest n set_num_threads accepts.

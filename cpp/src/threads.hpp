@@ -1,0 +1,36 @@
+// bnorm's own thread count and the CPU backend's per-call thread policy.
+//
+// The count is bnorm's alone: set_num_threads' value, else a default read once
+// (OMP_NUM_THREADS, else the CPUs the affinity mask and a cgroup CPU quota allow). It is
+// never OpenMP's nthreads setting, which every library sharing the OpenMP runtime changes
+// (torch.set_num_threads calls omp_set_num_threads), and bnorm never changes that setting:
+// its parallel regions name their team size.
+#pragma once
+
+#include <cstdint>
+
+namespace bnorm::detail {
+
+/// The bound on set_num_threads and on the default: max(1024, processors).
+int thread_limit();
+
+/// The threads bnorm uses (bnorm::get_num_threads()).
+int configured_threads();
+
+/// Sets them (bnorm::set_num_threads checks n first).
+void configure_threads(int n);
+
+/// Whether this process was forked where OpenMP's threads could not be released first (see
+/// threads.cpp): it then runs single-threaded and refuses more threads.
+bool forked_single_threaded();
+
+/// The threads a call may use now: configured_threads(), or, with the default count, 1
+/// while backing off after a parallel region waited for a preempted thread (a busy machine).
+int call_threads();
+
+/// The kernels report each parallel region of more than one thread: how long the calling
+/// thread worked on its share (busy_ns) and how long it waited for the others, to start and
+/// to finish (wait_ns).
+void note_parallel_region(int64_t busy_ns, int64_t wait_ns);
+
+}  // namespace bnorm::detail
