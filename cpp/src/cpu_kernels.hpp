@@ -25,6 +25,17 @@ const char* isa_name(Isa isa);
 /// of threads they are given.
 constexpr int64_t kSerialBelow = 1 << 15;
 
+// The forward write passes take bnorm::Epilogue (types.hpp): y = act(value + residual).
+
+/// ReLU's gradient in the backward passes: with y (the fused forward's output; null: no
+/// mask) they use g = y > 0 ? dy : 0 in place of dy; the write passes also store g to
+/// dsum when it is not null (dsum may be dy; it must not overlap x, y or dx otherwise).
+template <class T>
+struct ReluGrad {
+    const T* y = nullptr;
+    T* dsum = nullptr;
+};
+
 namespace baseline {
 #include "cpu_kernels.inc"
 }

@@ -8,6 +8,7 @@ import numbers
 import numpy as np
 
 from ._functional import _DTYPE_NAMES, _NumPy, _as_numpy, _backend, _param_dtype, _real, backward, forward_infer, forward_train
+from ._functional import _relu
 
 __all__ = ["BatchNorm"]
 
@@ -31,6 +32,10 @@ class BatchNorm:
         dtype: float16, float32 or float64. Parameters and running statistics are
             float32 for float16, else this dtype; x may have any dtype with those
             parameters (float16 or float32 x for a float16 or float32 layer).
+        activation: None or "relu": the layer computes activation(BN(x) + residual) in
+            one pass (fused epilogue; ``bn(x, residual=z)`` adds z, of x's shape and dtype).
+            With ReLU the layer keeps a reference to its output for backward's mask: do not
+            modify the output in place before ``backward``.
 
     Attributes:
         weight, bias: the affine parameters (None when affine is False).
@@ -41,7 +46,7 @@ class BatchNorm:
     """
 
     def __init__(self, num_features, *, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, axis=1,
-                 dtype=np.float32):
+                 dtype=np.float32, activation=None):
         if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral):
             raise TypeError(f"bnorm: num_features must be an integer, got {num_features!r}")
         if num_features <= 0:
@@ -56,6 +61,8 @@ class BatchNorm:
             raise TypeError(f"bnorm: dtype must be one of {', '.join(_DTYPES)}, got {got}")
         if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
             raise TypeError(f"bnorm: axis must be an integer, got {axis!r}")
+        _relu(activation)  # ValueError unless None or "relu"
+        self.activation = activation
         self.num_features = int(num_features)
         self.eps = float(eps)
         self.momentum = None if momentum is None else float(momentum)
@@ -74,6 +81,7 @@ class BatchNorm:
         self.grad_weight = None
         self.grad_bias = None
         self._saved = None  # (x, mean, invstd, batch_stats) of the last call, for backward
+        self._fused = (None, False)  # (y for ReLU's mask or None, whether it had a residual)
 
     def train(self, mode: bool = True) -> "BatchNorm":
         """Training mode (batch statistics, running statistics updated); returns self."""
@@ -84,10 +92,13 @@ class BatchNorm:
         """Evaluation mode (running statistics, when tracked); returns self."""
         return self.train(False)
 
-    def __call__(self, x):
+    def __call__(self, x, residual=None):
         """Normalize x: batch statistics when training or not tracking running
-        statistics, else the running ones. Remembers x for ``backward``."""
+        statistics, else the running ones; then add residual (None, or an array of x's
+        shape and dtype) and apply the layer's activation, fused. Remembers x for
+        ``backward``."""
         x = self._input(x)
+        fused = {"residual": residual, "activation": self.activation}
         if self.training or not self.track_running_stats:
             update = self.training and self.track_running_stats
             batches = self.num_batches_tracked + 1 if update else None
@@ -97,16 +108,17 @@ class BatchNorm:
             y, mean, invstd = forward_train(
                 x, self.weight, self.bias,
                 self.running_mean if update else None, self.running_var if update else None,
-                axis=self.axis, momentum=factor, eps=self.eps,
+                axis=self.axis, momentum=factor, eps=self.eps, **fused,
             )
             if update and math.prod(x.shape) > 0:
                 self.num_batches_tracked = batches
             self._saved = (x, mean, invstd, True)
         else:
             y = forward_infer(x, self.running_mean, self.running_var, self.weight, self.bias, axis=self.axis,
-                              eps=self.eps)
+                              eps=self.eps, **fused)
             invstd = (1.0 / np.sqrt(self.running_var.astype(np.float64) + self.eps)).astype(self.param_dtype)
             self._saved = (x, self.running_mean.copy(), invstd, False)
+        self._fused = (y if self.activation == "relu" else None, residual is not None)
         return y
 
     forward = __call__
@@ -151,14 +163,24 @@ class BatchNorm:
 
     def backward(self, dy):
         """Gradient of the loss with respect to the last call's input, given dy (shaped like
-        its output). Sets grad_weight and grad_bias (when affine); returns dx."""
+        its output). Sets grad_weight and grad_bias (when affine); returns dx, or
+        (dx, dresidual) when the last call had a residual (dresidual = dy * (y > 0) with
+        ReLU, computed in the pass that computes dx; dy itself without an activation)."""
         if self._saved is None:
             raise RuntimeError("bnorm: BatchNorm.backward called before a forward call")
         x, mean, invstd, batch_stats = self._saved
-        dx, dweight, dbias = backward(dy, x, mean, invstd, self.weight, axis=self.axis, batch_stats=batch_stats)
+        dx, dweight, dbias, dsum = self._backward(dy, x, mean, invstd, batch_stats)
         if self.affine:
             self.grad_weight, self.grad_bias = dweight, dbias
-        return dx
+        return (dx, dsum) if self._fused[1] else dx
+
+    def _backward(self, dy, x, mean, invstd, batch_stats):
+        """(dx, dweight, dbias, dsum) of the last call, dsum being dy without an activation."""
+        mask = self._fused[0]
+        if mask is not None:
+            return backward(dy, x, mean, invstd, self.weight, axis=self.axis, batch_stats=batch_stats,
+                            activation="relu", y=mask)
+        return (*backward(dy, x, mean, invstd, self.weight, axis=self.axis, batch_stats=batch_stats), dy)
 
     def state_dict(self) -> dict:
         """Copies of the parameters and buffers, under PyTorch's keys."""
@@ -204,4 +226,10 @@ class BatchNorm:
 
     def __repr__(self) -> str:
         return (f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
-                f"track_running_stats={self.track_running_stats}, axis={self.axis}, dtype={self.dtype.name})")
+                f"track_running_stats={self.track_running_stats}, axis={self.axis}, dtype={self.dtype.name}"
+                f"{_activation_repr(self.activation)})")
+
+
+def _activation_repr(activation) -> str:
+    """The activation= part of a layer's repr (none for no activation, as before it existed)."""
+    return "" if activation is None else f", activation={activation!r}"

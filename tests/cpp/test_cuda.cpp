@@ -639,6 +639,36 @@ void test_huge() {
     CUDA_OK(cudaFree(x));
 }
 
+// The fused-epilogue overloads: an empty epilogue is the plain op; any other is refused
+// with ValueError (the CUDA kernels do not implement it yet), nothing written.
+void test_fused_epilogue(cudaStream_t stream) {
+    namespace bc = bnorm::cuda;
+    using bnorm::Activation;
+    std::printf("  fused epilogue: empty = plain op, otherwise ValueError\n");
+    const Shape s{8, 3, 5};
+    const std::vector<float> host = random_data<float>(s, 1.0, 11);
+    Dev<float> x(host), y(std::vector<float>(host.size(), -7.0f)), plain(std::vector<float>(host.size(), -7.0f)),
+        mean(std::vector<float>(3, 0.0f)), invstd(std::vector<float>(3, 0.0f)), w(std::vector<float>(3, 1.5f)),
+        dweight(std::vector<float>(3, 0.0f)), dbias(std::vector<float>(3, 0.0f));
+    bc::forward_train<float>(x.p, s, w.p, nullptr, nullptr, nullptr, 0.1, 1e-5, plain.p, mean.p, invstd.p, stream);
+    bc::forward_train<float>(x.p, s, w.p, nullptr, nullptr, nullptr, 0.1, 1e-5, bnorm::Epilogue<float>{}, y.p, mean.p,
+                             invstd.p, stream);
+    CHECK(same_bits(y.get(), plain.get()));
+    Dev<float> untouched(std::vector<float>(host.size(), -7.0f));
+    CHECK_THROWS(bc::forward_train<float>(x.p, s, w.p, nullptr, nullptr, nullptr, 0.1, 1e-5,
+                                          bnorm::Epilogue<float>{x.p, Activation::relu}, untouched.p, mean.p,
+                                          invstd.p, stream),
+                 bnorm::ValueError);
+    CHECK_THROWS(bc::normalize<float>(x.p, s, mean.p, invstd.p, nullptr, nullptr,
+                                      bnorm::Epilogue<float>{nullptr, Activation::relu}, untouched.p, stream),
+                 bnorm::ValueError);
+    CHECK_THROWS(bc::backward<float>(x.p, x.p, s, mean.p, invstd.p, w.p, true,
+                                     bnorm::EpilogueGrad<float>{Activation::relu, y.p}, untouched.p, dweight.p,
+                                     dbias.p, nullptr, stream),
+                 bnorm::ValueError);
+    CHECK(same_bits(untouched.get(), std::vector<float>(host.size(), -7.0f)));
+}
+
 }  // namespace
 
 int main() {
@@ -690,6 +720,7 @@ int main() {
     test_numerics(stream);
     test_merge_stats(stream);
     test_errors(stream);
+    test_fused_epilogue(stream);
     test_streams_and_graphs();
     test_huge();
     CUDA_OK(cudaStreamDestroy(stream));

@@ -117,6 +117,25 @@ def test_torch_cuda_matches_cpu(dtype, shape, axis):
 
 
 @needs_torch_cuda
+def test_torch_cuda_fused_epilogue_is_refused_until_implemented():
+    """The CUDA kernels do not implement residual=/activation= yet: a clear ValueError,
+    nothing written; without them the calls are the plain ops."""
+    torch = torch_cuda
+    x = torch.randn(8, 3, 5, device="cuda")
+    z = torch.randn(8, 3, 5, device="cuda")
+    out = torch.full_like(x, 7.0)
+    with pytest.raises(ValueError, match="not implemented by the CUDA backend yet"):
+        bnorm.forward_train(x, residual=z, out=out)
+    with pytest.raises(ValueError, match="not implemented by the CUDA backend yet"):
+        bnorm.forward_infer(x, torch.zeros(3, device="cuda"), torch.ones(3, device="cuda"), activation="relu",
+                            out=out)
+    y, mean, invstd = bnorm.forward_train(x)
+    with pytest.raises(ValueError, match="not implemented by the CUDA backend yet"):
+        bnorm.backward(x, x, mean, invstd, activation="relu", y=y)
+    assert bool((out == 7).all())
+
+
+@needs_torch_cuda
 def test_torch_cuda_out_is_written_in_place_and_streams_are_used():
     torch = torch_cuda
     x = torch.randn(16, 8, 9, 9, device="cuda")
