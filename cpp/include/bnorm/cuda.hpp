@@ -90,10 +90,10 @@ void backward(const T* dy, const T* x, Shape shape, const param_t<T>* mean,
               const param_t<T>* invstd, const param_t<T>* weight, bool batch_stats, T* dx,
               param_t<T>* dweight, param_t<T>* dbias, stream_t stream = nullptr);
 
-/// The overloads with a fused epilogue (bnorm/types.hpp; semantics in bnorm/cpu.hpp). The
-/// CUDA kernels do not implement the epilogue yet: these take the plain path when the
-/// epilogue is empty (no residual, Activation::none, no dsum) and throw ValueError
-/// otherwise, before anything is enqueued.
+/// The overloads with a fused epilogue (bnorm/types.hpp; semantics and checks as in
+/// bnorm/cpu.hpp). The forward ones and backward_elemt apply it inside their elementwise
+/// pass; backward and backward_reduce with ReLU first write g = dy * (y > 0) (to dsum, or to
+/// scratch) in a pass of their own, then run the plain op on g.
 template <class T>
 void normalize(const T* x, Shape shape, const param_t<T>* mean, const param_t<T>* invstd,
                const param_t<T>* weight, const param_t<T>* bias, const Epilogue<T>& epilogue, T* y,
