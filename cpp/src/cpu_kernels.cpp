@@ -794,7 +794,7 @@ void backward_run(const T* dy, const T* x, T* dx, int64_t n, param_t<T> mean,
     if (!x) {
         write_run(dx, n, stream, [&](auto lanes, int64_t i) {
             const auto g = mask.load(lanes, dy, i);
-            mask.write(lanes, g, i);
+            mask.write(lanes, g, i, stream);
             return g * decltype(lanes)::set(k.scale);
         });
         return;
@@ -802,7 +802,7 @@ void backward_run(const T* dy, const T* x, T* dx, int64_t n, param_t<T> mean,
     write_run(dx, n, stream, [&](auto lanes, int64_t i) {
         using L = decltype(lanes);
         const auto g = mask.load(L{}, dy, i);
-        mask.write(L{}, g, i);
+        mask.write(L{}, g, i, stream);
         return (g - L::set(k.dy_mean) - (L::load(x + i) - L::set(mean)) * L::set(k.xmu_scale)) * L::set(k.scale);
     });
 }
@@ -816,7 +816,7 @@ void backward_row(const T* dy, const T* x, T* dx, int64_t n, const param_t<T>* m
             using L = decltype(lanes);
             using C = std::conditional_t<L::width == 1, Scalar<param_t<T>>, P>;
             const auto g = mask.load(L{}, dy, c);
-            mask.write(L{}, g, c);
+            mask.write(L{}, g, c, stream);
             return g * C::load(scale + c);
         });
         return;
@@ -826,7 +826,7 @@ void backward_row(const T* dy, const T* x, T* dx, int64_t n, const param_t<T>* m
         using C = std::conditional_t<L::width == 1, Scalar<param_t<T>>, P>;
         static_assert(C::width == L::width, "x and coefficient vectors have the same lanes");
         const auto g = mask.load(L{}, dy, c);
-        mask.write(L{}, g, c);
+        mask.write(L{}, g, c, stream);
         return (g - C::load(dy_mean + c) - (L::load(x + c) - C::load(mean + c)) * C::load(xmu_scale + c)) *
                C::load(scale + c);
     });

@@ -146,6 +146,29 @@ void test_thread_determinism(Shape s) {
     for (size_t i = 7; i < results.size(); ++i) CHECK(same_bits(results[i], results[i % 7]));
 }
 
+// Outputs large enough for non-temporal stores: dx and dsum at every relative alignment give
+// the same bits (dsum's vectors are streamed only where aligned, stored elsewhere).
+void test_streaming_alignment(Shape s) {
+    const int64_t C = s.channels;
+    const auto x = random_data<float>(s, 1.0, 31), dy = random_data<float>(s, 0.0, 32), y = random_data<float>(s, 0.0, 33);
+    std::vector<float> mean(C), invstd(C), dw(C), db(C), dx(x.size()), dsum(x.size());
+    std::vector<float> plain(x.size());
+    bnorm::forward_train(x.data(), s, (const float*)nullptr, nullptr, nullptr, nullptr, 0.1, 1e-5, plain.data(),
+                         mean.data(), invstd.data());
+    bnorm::backward(dy.data(), x.data(), s, mean.data(), invstd.data(), nullptr, true,
+                    EpilogueGrad<float>{Activation::relu, y.data()}, dx.data(), dw.data(), db.data(), dsum.data());
+    std::vector<float> shifted_dx(x.size() + 32), shifted_dsum(x.size() + 32);
+    for (int offset : {1, 3, 8, 16}) {
+        for (int dsum_offset : {0, 5, 16}) {
+            bnorm::backward(dy.data(), x.data(), s, mean.data(), invstd.data(), nullptr, true,
+                            EpilogueGrad<float>{Activation::relu, y.data()}, shifted_dx.data() + offset, dw.data(),
+                            db.data(), shifted_dsum.data() + dsum_offset);
+            CHECK(std::memcmp(dx.data(), shifted_dx.data() + offset, dx.size() * sizeof(float)) == 0);
+            CHECK(std::memcmp(dsum.data(), shifted_dsum.data() + dsum_offset, dsum.size() * sizeof(float)) == 0);
+        }
+    }
+}
+
 std::string message_of(const std::function<void()>& expr) {
     try {
         expr();
@@ -230,6 +253,8 @@ int main() {
     }
     for (const Shape s : {Shape{8, 64, 256}, Shape{4096, 96, 1}, Shape{32, 256, 25}, Shape{16, 2, 4096}})
         test_thread_determinism(s);
+    test_streaming_alignment({8, 16, 16384});    // planes, fused per channel
+    test_streaming_alignment({20000, 100, 1});   // rows
     test_checks();
     std::printf("test_fused: %d failure(s)\n", check::failures());
     return check::failures() == 0 ? 0 : 1;
