@@ -200,7 +200,12 @@ def _relu(activation) -> bool:
 def _residual(call, residual):
     """The residual of a fused forward, as exported (x's shape and dtype; a C-contiguous copy
     only when it is not C-contiguous, as x's), or None."""
-    return None if residual is None else call.input(residual, "residual")
+    if residual is None:
+        return None
+    if call.xp is _NumPy and not isinstance(residual, np.ndarray) and hasattr(residual, "__dlpack_device__"):
+        if residual.__dlpack_device__()[0] != 1:  # kDLCPU: other frameworks' CPU arrays convert
+            raise ValueError("bnorm: residual is on another device than x (a NumPy array)")
+    return call.input(residual, "residual")
 
 
 def _mask_source(call, relu: bool, y):

@@ -254,6 +254,7 @@ def _bad_setup(rng):
     (np.zeros((4, 3, 6), np.float32), ValueError, "residual must have x's shape"),
     (np.zeros((4, 3, 5), np.float64), TypeError, "residual must have x's dtype"),
     ("text", TypeError, "residual"),
+    (type("CudaArray", (), {"__dlpack_device__": lambda self: (2, 0)})(), ValueError, "residual is on another device"),
 ])
 def test_bad_residual(rng, residual, exc, match):
     x, w, b, rm, rv = _bad_setup(rng)
