@@ -5,7 +5,9 @@
     python benchmarks/bench_cpu.py --record [--label TEXT] [--wait-quiet S] [bench options]
 
 ``--record`` runs the default table for float32, float64 and float16 and the float32 size
-sweep, in one process, and writes
+sweep, in one process (``--only fused`` runs the fused-epilogue table of ``bnorm.bench
+--fused`` instead: ``python benchmarks/bench_cpu.py --record --only fused --threads 2``),
+and writes
 
 - ``benchmarks/results/<date>-cpu-<machine>.md``: machine details and every table verbatim;
 - ``benchmarks/results/<date>-cpu-<machine>.json``: all the numbers (``bnorm.bench --json``);
@@ -73,8 +75,8 @@ def record(args, bench) -> None:
         ("float16", ["--dtype", "float16"]),
         ("sweep", ["--sweep", "--plot", args.png]),
     ]
-    if args.only:
-        runs = [r for r in runs if r[0] in args.only.split(",")]
+    if args.only:  # the fused-epilogue table runs only when asked for
+        runs = [r for r in runs + [("fused", ["--fused"])] if r[0] in args.only.split(",")]
     outputs, results = {}, {}
     png_before = os.path.getmtime(args.png) if os.path.exists(args.png) else None
     for name, extra in runs:
@@ -86,7 +88,8 @@ def record(args, bench) -> None:
         outputs[name] = (argv, buf.getvalue())
 
     meta = next(iter(results.values()))["meta"]
-    stem = f"{date}-cpu-{_slug(meta['cpu_model'], meta['logical_cpus'])}"
+    fused_only = args.only == "fused"  # its own file: the default record of the day stays
+    stem = f"{date}-cpu-{'fused-' if fused_only else ''}{_slug(meta['cpu_model'], meta['logical_cpus'])}"
     os.makedirs(args.out_dir, exist_ok=True)
     jpath = os.path.join(args.out_dir, stem + ".json")
     mpath = os.path.join(args.out_dir, stem + ".md")
@@ -147,7 +150,7 @@ def main(argv=None):
     p.add_argument("--date", default=None, help="date in the file name (default today)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--wait-quiet", type=float, default=0.0)
-    p.add_argument("--only", default=None, help="comma list of float32,float64,float16,sweep")
+    p.add_argument("--only", default=None, help="comma list of float32,float64,float16,sweep,fused")
     p.add_argument("--out-dir", default=os.path.join(ROOT, "benchmarks", "results"))
     p.add_argument("--png", default=os.path.join(ROOT, "docs", "images", "bench_sweep.png"))
     args, extra = p.parse_known_args(argv)

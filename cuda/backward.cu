@@ -120,10 +120,13 @@ void backward_reduce(const T* dy, const T* x, Shape shape, const param_t<T>* mea
 template <class T>
 void backward_elemt(const T* dy, const T* x, Shape shape, const param_t<T>* mean, const param_t<T>* invstd,
                     const param_t<T>* weight, const param_t<T>* sum_dy, const param_t<T>* sum_dy_xhat,
-                    double count, T* dx, stream_t stream) {
+                    double count, const EpilogueGrad<T>& grad, T* dx, T* dsum, stream_t stream) {
     using namespace detail;
     using P = param_t<T>;
+    bnorm::detail::check_activation("backward_elemt", grad.activation);
     if (!bnorm::detail::check_backward_elemt(shape, count, dy, x, mean, invstd, sum_dy, sum_dy_xhat, dx)) return;
+    bnorm::detail::check_epilogue_grad("backward_elemt", shape, grad, dy, x, static_cast<const T*>(dx),
+                                       static_cast<const T*>(dsum));
     const int64_t C = shape.channels;
     Layout layout;
     const size_t at_dy_mean = layout.add<P>(C);
@@ -139,7 +142,12 @@ void backward_elemt(const T* dy, const T* x, Shape shape, const param_t<T>* mean
         C, invstd, weight, sum_dy, sum_dy_xhat, count, region<P>(ws.data(), at_dy_mean),
         region<P>(ws.data(), at_xmu_scale), region<P>(ws.data(), at_scale));
     BNORM_LAUNCH_CHECK("elemt_prep_kernel");
-    launch_elementwise<Ew::BackwardTrain>(dy, x, dx, shape, k, stream);
+    EwEpilogue<T> e;  // ReLU's gradient: g = dy * (y > 0) read in place of dy, stored to dsum
+    e.mask = grad.activation == Activation::relu ? grad.y : nullptr;
+    e.dsum = e.mask ? dsum : nullptr;
+    if (dsum && !e.mask)  // no activation: g is dy itself
+        BNORM_CUDA_CHECK(cudaMemcpyAsync(dsum, dy, size_t(shape.size()) * sizeof(T), cudaMemcpyDeviceToDevice, stream));
+    launch_elementwise<Ew::BackwardTrain>(dy, x, dx, shape, k, stream, e);
 }
 
 template <class T>
@@ -204,8 +212,8 @@ void backward(const T* dy, const T* x, Shape shape, const param_t<T>* mean, cons
     template void backward_reduce<T>(const T*, const T*, Shape, const param_t<T>*, const param_t<T>*,      \
                                      param_t<T>*, param_t<T>*, stream_t);                                   \
     template void backward_elemt<T>(const T*, const T*, Shape, const param_t<T>*, const param_t<T>*,       \
-                                    const param_t<T>*, const param_t<T>*, const param_t<T>*, double, T*,   \
-                                    stream_t);                                                              \
+                                    const param_t<T>*, const param_t<T>*, const param_t<T>*, double,       \
+                                    const EpilogueGrad<T>&, T*, T*, stream_t);                              \
     template void backward<T>(const T*, const T*, Shape, const param_t<T>*, const param_t<T>*,             \
                               const param_t<T>*, bool, T*, param_t<T>*, param_t<T>*, stream_t);
 BNORM_CUDA_INSTANTIATE_BACKWARD(float)

@@ -24,6 +24,9 @@
 //   Forward        y  = ((x - center) - center_lo) * (scale [* scale2]) + shift
 //   BackwardTrain  dx = (dy - dy_mean - (x - center) * xmu_scale) * scale
 //   BackwardEval   dx = dy * scale
+// with the fused epilogue (EwEpilogue): Forward adds the residual and applies ReLU to y;
+// Backward* read g = mask > 0 ? dy : 0 in place of dy (ReLU's gradient, the mask being the
+// fused forward's y) and store g to dsum, in the same pass.
 #pragma once
 
 #include <algorithm>
@@ -50,6 +53,59 @@ struct EwCoefs {
     const P* dy_mean = nullptr;
     const P* xmu_scale = nullptr;
 };
+
+/// The fused epilogue of one pass (null pointers: none). Forward: y = relu?(value + residual);
+/// Backward*: g = mask > 0 ? dy : 0 replaces dy, and dsum = g is stored when dsum is set.
+template <class T>
+struct EwEpilogue {
+    const T* residual = nullptr;
+    bool relu = false;
+    const T* mask = nullptr;
+    T* dsum = nullptr;
+
+    bool aligned() const { return aligned16(residual) && aligned16(mask) && aligned16(dsum); }
+};
+
+/// ReLU as the CPU kernels compute it (MAXPS's rule): NaN passes through, -0 stays -0.
+template <class A>
+__device__ __forceinline__ A relu(A v) {
+    return A(0) > v ? A(0) : v;
+}
+
+/// Backward*: the V gradients at element `at` masked with ReLU's gradient, stored to dsum.
+template <class T, int V>
+__device__ __forceinline__ void mask_gradient(const EwEpilogue<T>& e, int64_t at, acc_t<T>* g) {
+    if (!e.mask) return;
+    acc_t<T> m[V];
+    load_vec<T, V>(e.mask + at, m);
+#pragma unroll
+    for (int j = 0; j < V; ++j) g[j] = m[j] > acc_t<T>(0) ? g[j] : acc_t<T>(0);
+    if (e.dsum) store_vec<T, V>(e.dsum + at, g);
+}
+
+/// Forward: the V outputs at element `at` plus the residual, then ReLU.
+template <class T, int V>
+__device__ __forceinline__ void forward_epilogue(const EwEpilogue<T>& e, int64_t at, acc_t<T>* r) {
+    if (e.residual) {
+        acc_t<T> z[V];
+        load_vec<T, V>(e.residual + at, z);
+#pragma unroll
+        for (int j = 0; j < V; ++j) r[j] = r[j] + z[j];
+    }
+    if (e.relu) {
+#pragma unroll
+        for (int j = 0; j < V; ++j) r[j] = relu(r[j]);
+    }
+}
+
+/// The kernels' form of a public forward epilogue.
+template <class T>
+EwEpilogue<T> forward_epilogue_of(const Epilogue<T>& e) {
+    EwEpilogue<T> out;
+    out.residual = e.residual;
+    out.relu = e.activation == Activation::relu;
+    return out;
+}
 
 struct EwIndex {
     int64_t nvec;            // whole vectors
@@ -110,7 +166,7 @@ struct EwRows {
 
 template <class T, int V, bool kSameChannel, Ew MODE>
 __global__ void __launch_bounds__(kThreads)
-flat_elementwise_kernel(const T* a, const T* b, T* out, EwCoefs<acc_t<T>> k, EwIndex ix) {
+flat_elementwise_kernel(const T* a, const T* b, T* out, EwCoefs<acc_t<T>> k, EwIndex ix, EwEpilogue<T> ep) {
     using A = acc_t<T>;
     constexpr bool kTwo = MODE == Ew::BackwardTrain;
     int64_t base = int64_t(blockIdx.x) * (kThreads * kEwIlp) + threadIdx.x;  // slot 0's vector
@@ -136,6 +192,7 @@ flat_elementwise_kernel(const T* a, const T* b, T* out, EwCoefs<acc_t<T>> k, EwI
             if (v < ix.nvec) {
                 load_vec<T, V>(a + v * V, va[i]);
                 if constexpr (kTwo) load_vec<T, V>(b + v * V, vb[i]);
+                if constexpr (MODE != Ew::Forward) mask_gradient<T, V>(ep, v * V, va[i]);
             }
         }
 #pragma unroll
@@ -163,6 +220,7 @@ flat_elementwise_kernel(const T* a, const T* b, T* out, EwCoefs<acc_t<T>> k, EwI
                         }
                     }
                 }
+                if constexpr (MODE == Ew::Forward) forward_epilogue<T, V>(ep, v * V, r);
                 store_vec<T, V>(out + v * V, r);
             }
         }
@@ -173,15 +231,18 @@ flat_elementwise_kernel(const T* a, const T* b, T* out, EwCoefs<acc_t<T>> k, EwI
     if (blockIdx.x == 0 && int(threadIdx.x) < ix.tail) {
         const int64_t e = ix.nvec * V + threadIdx.x;
         const int64_t c = (e / ix.inner) % ix.channels;
-        const A va0 = to_acc(a[e]);
+        A va0 = to_acc(a[e]);
         const A vb0 = kTwo ? to_acc(b[e]) : A(0);
-        out[e] = from_acc<T>(apply<MODE>(va0, vb0, coef_of<MODE>(k, c)));
+        if constexpr (MODE != Ew::Forward) mask_gradient<T, 1>(ep, e, &va0);
+        A r0 = apply<MODE>(va0, vb0, coef_of<MODE>(k, c));
+        if constexpr (MODE == Ew::Forward) forward_epilogue<T, 1>(ep, e, &r0);
+        out[e] = from_acc<T>(r0);
     }
 }
 
 template <class T, int V, Ew MODE>
 __global__ void __launch_bounds__(kThreads)
-rows_elementwise_kernel(const T* a, const T* b, T* out, EwCoefs<acc_t<T>> k, EwRows p) {
+rows_elementwise_kernel(const T* a, const T* b, T* out, EwCoefs<acc_t<T>> k, EwRows p, EwEpilogue<T> e) {
     using A = acc_t<T>;
     constexpr bool kTwo = MODE == Ew::BackwardTrain;
     const int64_t cv = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -200,6 +261,7 @@ rows_elementwise_kernel(const T* a, const T* b, T* out, EwCoefs<acc_t<T>> k, EwR
             if (row < r1) {
                 load_vec<T, V>(a + row * C + c0, va[i]);
                 if constexpr (kTwo) load_vec<T, V>(b + row * C + c0, vb[i]);
+                if constexpr (MODE != Ew::Forward) mask_gradient<T, V>(e, row * C + c0, va[i]);
             }
         }
 #pragma unroll
@@ -209,20 +271,23 @@ rows_elementwise_kernel(const T* a, const T* b, T* out, EwCoefs<acc_t<T>> k, EwR
                 A res[V];
 #pragma unroll
                 for (int j = 0; j < V; ++j) res[j] = apply<MODE>(va[i][j], kTwo ? vb[i][j] : A(0), kc[j]);
+                if constexpr (MODE == Ew::Forward) forward_epilogue<T, V>(e, row * C + c0, res);
                 store_vec<T, V>(out + row * C + c0, res);
             }
         }
     }
 }
 
-/// Enqueues one elementwise pass over the whole array (nothing when it is empty).
+/// Enqueues one elementwise pass over the whole array (nothing when it is empty), with the
+/// fused epilogue e (none by default).
 template <Ew MODE, class T>
 void launch_elementwise(const T* a, const T* b, T* out, Shape s, const EwCoefs<acc_t<T>>& k,
-                        cudaStream_t stream) {
+                        cudaStream_t stream, const EwEpilogue<T>& e = {}) {
     constexpr int V = Elem<T>::kVec;
     const int64_t n = s.size();
     if (n == 0) return;
-    const bool aligned = aligned16(a) && aligned16(out) && (MODE != Ew::BackwardTrain || aligned16(b));
+    const bool aligned =
+        aligned16(a) && aligned16(out) && (MODE != Ew::BackwardTrain || aligned16(b)) && e.aligned();
     if (s.inner == 1) {
         const bool vec = aligned && s.channels % V == 0;
         const int v = vec ? V : 1;
@@ -238,9 +303,9 @@ void launch_elementwise(const T* a, const T* b, T* out, Shape s, const EwCoefs<a
         blocks = ceil_div(s.outer, p.rows_per_block);
         const dim3 g{unsigned(slices), unsigned(blocks), 1u}, blk{unsigned(tx), unsigned(ty), 1u};
         if (vec)
-            rows_elementwise_kernel<T, V, MODE><<<g, blk, 0, stream>>>(a, b, out, k, p);
+            rows_elementwise_kernel<T, V, MODE><<<g, blk, 0, stream>>>(a, b, out, k, p, e);
         else
-            rows_elementwise_kernel<T, 1, MODE><<<g, blk, 0, stream>>>(a, b, out, k, p);
+            rows_elementwise_kernel<T, 1, MODE><<<g, blk, 0, stream>>>(a, b, out, k, p, e);
         BNORM_LAUNCH_CHECK("rows_elementwise_kernel");
         return;
     }
@@ -262,11 +327,11 @@ void launch_elementwise(const T* a, const T* b, T* out, Shape s, const EwCoefs<a
     const dim3 g{unsigned(grid), 1u, 1u}, blk{unsigned(kThreads), 1u, 1u};
     if (vec) {
         if (s.inner % V == 0)
-            flat_elementwise_kernel<T, V, true, MODE><<<g, blk, 0, stream>>>(a, b, out, k, ix);
+            flat_elementwise_kernel<T, V, true, MODE><<<g, blk, 0, stream>>>(a, b, out, k, ix, e);
         else
-            flat_elementwise_kernel<T, V, false, MODE><<<g, blk, 0, stream>>>(a, b, out, k, ix);
+            flat_elementwise_kernel<T, V, false, MODE><<<g, blk, 0, stream>>>(a, b, out, k, ix, e);
     } else {
-        flat_elementwise_kernel<T, 1, true, MODE><<<g, blk, 0, stream>>>(a, b, out, k, ix);
+        flat_elementwise_kernel<T, 1, true, MODE><<<g, blk, 0, stream>>>(a, b, out, k, ix, e);
     }
     BNORM_LAUNCH_CHECK("flat_elementwise_kernel");
 }

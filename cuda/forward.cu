@@ -120,32 +120,29 @@ void batch_stats(const T* x, Shape shape, param_t<T>* mean, param_t<T>* var, str
 
 template <class T>
 void normalize(const T* x, Shape shape, const param_t<T>* mean, const param_t<T>* invstd,
-               const param_t<T>* weight, const param_t<T>* bias, T* y, stream_t stream) {
+               const param_t<T>* weight, const param_t<T>* bias, const Epilogue<T>& epilogue, T* y,
+               stream_t stream) {
     using namespace detail;
+    bnorm::detail::check_activation("normalize", epilogue.activation);
     if (!bnorm::detail::check_normalize(shape, x, mean, invstd, y)) return;
+    bnorm::detail::check_epilogue("normalize", shape, epilogue, y);
     EwCoefs<param_t<T>> k;
     k.center = mean;
     k.scale = invstd;
     k.scale2 = weight;
     k.shift = bias;
-    launch_elementwise<Ew::Forward>(x, static_cast<const T*>(nullptr), y, shape, k, stream);
+    launch_elementwise<Ew::Forward>(x, static_cast<const T*>(nullptr), y, shape, k, stream, forward_epilogue_of(epilogue));
 }
 
 template <class T>
 void forward_train(const T* x, Shape shape, const param_t<T>* weight, const param_t<T>* bias,
-                   param_t<T>* running_mean, param_t<T>* running_var, double momentum, double eps, T* y,
-                   param_t<T>* save_mean, param_t<T>* save_invstd, stream_t stream) {
-    forward_train(x, shape, weight, bias, running_mean, running_var, momentum, eps, y, save_mean, save_invstd, true,
-                  stream);
-}
-
-template <class T>
-void forward_train(const T* x, Shape shape, const param_t<T>* weight, const param_t<T>* bias,
-                   param_t<T>* running_mean, param_t<T>* running_var, double momentum, double eps, T* y,
-                   param_t<T>* save_mean, param_t<T>* save_invstd, bool unbiased_running_var, stream_t stream) {
+                   param_t<T>* running_mean, param_t<T>* running_var, double momentum, double eps,
+                   const Epilogue<T>& epilogue, T* y, param_t<T>* save_mean, param_t<T>* save_invstd,
+                   bool unbiased_running_var, stream_t stream) {
     using namespace detail;
     using P = param_t<T>;
     const char* op = "forward_train";
+    bnorm::detail::check_activation(op, epilogue.activation);
     check_shape(op, shape);
     check_eps(op, eps);
     check_momentum(op, momentum);
@@ -161,6 +158,7 @@ void forward_train(const T* x, Shape shape, const param_t<T>* weight, const para
     }
     check_pointer(op, x, "x");
     check_pointer(op, y, "y");
+    bnorm::detail::check_epilogue(op, shape, epilogue, y);
     ReducePlan plan = plan_reduce<T>(shape, aligned16(x));
 
     Layout layout;
@@ -195,15 +193,18 @@ void forward_train(const T* x, Shape shape, const param_t<T>* weight, const para
     k.center_lo = stats.center_lo;
     k.scale = stats.scale;
     k.shift = stats.shift;
-    launch_elementwise<Ew::Forward>(x, static_cast<const T*>(nullptr), y, shape, k, stream);
+    launch_elementwise<Ew::Forward>(x, static_cast<const T*>(nullptr), y, shape, k, stream, forward_epilogue_of(epilogue));
 }
 
 template <class T>
 void forward_infer(const T* x, Shape shape, const param_t<T>* running_mean, const param_t<T>* running_var,
-                   const param_t<T>* weight, const param_t<T>* bias, double eps, T* y, stream_t stream) {
+                   const param_t<T>* weight, const param_t<T>* bias, double eps, const Epilogue<T>& epilogue, T* y,
+                   stream_t stream) {
     using namespace detail;
     using P = param_t<T>;
+    bnorm::detail::check_activation("forward_infer", epilogue.activation);
     if (!bnorm::detail::check_forward_infer(shape, eps, x, running_mean, running_var, y)) return;
+    bnorm::detail::check_epilogue("forward_infer", shape, epilogue, y);
     const int64_t C = shape.channels;
     Layout layout;
     const size_t at_scale = layout.add<P>(C);
@@ -215,20 +216,19 @@ void forward_infer(const T* x, Shape shape, const param_t<T>* running_mean, cons
     k.center = running_mean;
     k.scale = scale;
     k.shift = bias;
-    launch_elementwise<Ew::Forward>(x, static_cast<const T*>(nullptr), y, shape, k, stream);
+    launch_elementwise<Ew::Forward>(x, static_cast<const T*>(nullptr), y, shape, k, stream, forward_epilogue_of(epilogue));
 }
 
 #define BNORM_CUDA_INSTANTIATE_FORWARD(T)                                                                  \
     template void batch_stats<T>(const T*, Shape, param_t<T>*, param_t<T>*, stream_t);                     \
     template void normalize<T>(const T*, Shape, const param_t<T>*, const param_t<T>*, const param_t<T>*,   \
-                               const param_t<T>*, T*, stream_t);                                           \
+                               const param_t<T>*, const Epilogue<T>&, T*, stream_t);                       \
     template void forward_train<T>(const T*, Shape, const param_t<T>*, const param_t<T>*, param_t<T>*,     \
-                                   param_t<T>*, double, double, T*, param_t<T>*, param_t<T>*, stream_t);   \
-    template void forward_train<T>(const T*, Shape, const param_t<T>*, const param_t<T>*, param_t<T>*,     \
-                                   param_t<T>*, double, double, T*, param_t<T>*, param_t<T>*, bool,        \
-                                   stream_t);                                                              \
+                                   param_t<T>*, double, double, const Epilogue<T>&, T*, param_t<T>*,       \
+                                   param_t<T>*, bool, stream_t);                                           \
     template void forward_infer<T>(const T*, Shape, const param_t<T>*, const param_t<T>*,                  \
-                                   const param_t<T>*, const param_t<T>*, double, T*, stream_t);
+                                   const param_t<T>*, const param_t<T>*, double, const Epilogue<T>&, T*,   \
+                                   stream_t);
 BNORM_CUDA_INSTANTIATE_FORWARD(float)
 BNORM_CUDA_INSTANTIATE_FORWARD(double)
 BNORM_CUDA_INSTANTIATE_FORWARD(half)

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <sstream>
 #include <string>
+#include <utility>
 
 #include "bnorm/types.hpp"
 
@@ -120,6 +121,47 @@ inline bool check_backward_elemt(Shape s, double count, const void* dy, const vo
     check_pointer(op, sum_dy_xhat, "sum_dy_xhat");
     check_pointer(op, dx, "dx");
     return true;
+}
+
+// The fused epilogue's checks (bnorm::Epilogue, bnorm::EpilogueGrad), after the op's own.
+inline void check_activation(const char* op, Activation activation) {
+    if (activation != Activation::none && activation != Activation::relu)
+        throw ValueError(std::string("bnorm: ") + op + ": activation must be Activation::none or Activation::relu, got " +
+                         std::to_string(int(activation)));
+}
+
+// Whether the n-element arrays at a and b share memory (address comparison: both point into
+// memory the caller owns, so comparing them as integers is the portable way).
+template <class T>
+bool overlap(const T* a, const T* b, int64_t n) {
+    const auto p = reinterpret_cast<uintptr_t>(a), q = reinterpret_cast<uintptr_t>(b);
+    const auto bytes = uintptr_t(n) * sizeof(T);
+    return a && b && p < q + bytes && q < p + bytes;
+}
+
+template <class T>
+void check_epilogue(const char* op, Shape s, const Epilogue<T>& e, const T* y) {
+    check_activation(op, e.activation);
+    if (s.size() > 0 && e.residual != y && overlap(e.residual, y, s.size()))
+        throw ValueError(std::string("bnorm: ") + op + ": y overlaps residual partly (it may be residual itself, or separate memory)");
+}
+
+// With ReLU, y is required. dsum (may be null) may be dy itself; it must not overlap x, y or
+// dx, which its loop reads (or writes) elsewhere than the element it stores.
+template <class T>
+void check_epilogue_grad(const char* op, Shape s, const EpilogueGrad<T>& g, const T* dy, const T* x, const T* dx,
+                         const T* dsum) {
+    check_activation(op, g.activation);
+    if (s.size() == 0) return;
+    if (g.activation == Activation::relu) check_pointer(op, g.y, "y (the fused forward's output, for ReLU's mask)");
+    const int64_t n = s.size();
+    if (dsum && dsum != dy && overlap(dsum, dy, n))
+        throw ValueError(std::string("bnorm: ") + op + ": dsum overlaps dy partly (it may be dy itself, or separate memory)");
+    const T* y = g.activation == Activation::relu ? g.y : nullptr;
+    const std::pair<const T*, const char*> others[] = {{x, "x"}, {y, "y"}, {dx, "dx"}};
+    for (const auto& [other, name] : others)
+        if (overlap(dsum, other, n))
+            throw ValueError(std::string("bnorm: ") + op + ": dsum overlaps " + name + " (it may only be dy itself)");
 }
 
 }  // namespace bnorm::detail

@@ -40,6 +40,12 @@ Scratch<P> scales(int64_t channels, const P* invstd, const P* weight) {
 
 using detail::invstd_of;
 
+// The kernels' ReLU gradient for grad, storing g to dsum (may be null).
+template <class T>
+kernels::ReluGrad<T> relu_grad(const EpilogueGrad<T>& grad, T* dsum) {
+    return {grad.activation == Activation::relu ? grad.y : nullptr, dsum};
+}
+
 }  // namespace
 
 // The public API (bnorm/cpu.hpp), exported from a shared libbnorm: GCC gives the explicit
@@ -124,21 +130,30 @@ void merge_stats(int64_t parts, int64_t channels, const double* counts, const P*
 
 template <class T>
 void normalize(const T* x, Shape shape, const param_t<T>* mean, const param_t<T>* invstd,
-               const param_t<T>* weight, const param_t<T>* bias, T* y) {
+               const param_t<T>* weight, const param_t<T>* bias, const Epilogue<T>& epilogue, T* y) {
     using P = param_t<T>;
+    detail::check_activation("normalize", epilogue.activation);
     if (!detail::check_normalize(shape, x, mean, invstd, y)) return;
+    detail::check_epilogue("normalize", shape, epilogue, y);
     const Scratch<P> scale = scales(shape.channels, invstd, weight);
     const Scratch<P> zero(shape.channels, P(0));
-    kernels::affine(x, shape, threads(shape), mean, zero.data(), scale.data(), bias ? bias : zero.data(), y);
+    kernels::affine(x, shape, threads(shape), mean, zero.data(), scale.data(), bias ? bias : zero.data(), y, epilogue);
+}
+
+template <class T>
+void normalize(const T* x, Shape shape, const param_t<T>* mean, const param_t<T>* invstd,
+               const param_t<T>* weight, const param_t<T>* bias, T* y) {
+    normalize(x, shape, mean, invstd, weight, bias, Epilogue<T>{}, y);
 }
 
 template <class T>
 void forward_train(const T* x, Shape shape, const param_t<T>* weight, const param_t<T>* bias,
                    param_t<T>* running_mean, param_t<T>* running_var, double momentum,
-                   double eps, T* y, param_t<T>* save_mean, param_t<T>* save_invstd,
+                   double eps, const Epilogue<T>& epilogue, T* y, param_t<T>* save_mean, param_t<T>* save_invstd,
                    bool unbiased_running_var) {
     using P = param_t<T>;
     const char* op = "forward_train";
+    detail::check_activation(op, epilogue.activation);
     check_shape(op, shape);
     check_eps(op, eps);
     check_momentum(op, momentum);
@@ -155,10 +170,12 @@ void forward_train(const T* x, Shape shape, const param_t<T>* weight, const para
     }
     check_pointer(op, x, "x");
     check_pointer(op, y, "y");
+    detail::check_epilogue(op, shape, epilogue, y);
     const int64_t C = shape.channels;
     Scratch<double> mean(C), var(C);
     Scratch<P> invstd(C);
-    kernels::forward_train(x, shape, threads(shape), eps, weight, bias, y, mean.data(), var.data(), invstd.data());
+    kernels::forward_train(x, shape, threads(shape), eps, weight, bias, y, mean.data(), var.data(), invstd.data(),
+                           epilogue);
     // Written last, so that running buffers may alias weight or bias. One loop per output,
     // so that each vectorizes.
     const double unbias = unbiased_running_var ? double(shape.count()) / double(shape.count() - 1) : 1.0;
@@ -171,20 +188,40 @@ void forward_train(const T* x, Shape shape, const param_t<T>* weight, const para
 }
 
 template <class T>
+void forward_train(const T* x, Shape shape, const param_t<T>* weight, const param_t<T>* bias,
+                   param_t<T>* running_mean, param_t<T>* running_var, double momentum,
+                   double eps, T* y, param_t<T>* save_mean, param_t<T>* save_invstd,
+                   bool unbiased_running_var) {
+    forward_train(x, shape, weight, bias, running_mean, running_var, momentum, eps, Epilogue<T>{}, y, save_mean,
+                  save_invstd, unbiased_running_var);
+}
+
+template <class T>
+void forward_infer(const T* x, Shape shape, const param_t<T>* running_mean,
+                   const param_t<T>* running_var, const param_t<T>* weight,
+                   const param_t<T>* bias, double eps, const Epilogue<T>& epilogue, T* y) {
+    using P = param_t<T>;
+    detail::check_activation("forward_infer", epilogue.activation);
+    if (!detail::check_forward_infer(shape, eps, x, running_mean, running_var, y)) return;
+    detail::check_epilogue("forward_infer", shape, epilogue, y);
+    Scratch<P> invstd(shape.channels);
+    for (int64_t c = 0; c < shape.channels; ++c) invstd[c] = invstd_of<P>(running_var[c], eps);
+    normalize(x, shape, running_mean, invstd.data(), weight, bias, epilogue, y);
+}
+
+template <class T>
 void forward_infer(const T* x, Shape shape, const param_t<T>* running_mean,
                    const param_t<T>* running_var, const param_t<T>* weight,
                    const param_t<T>* bias, double eps, T* y) {
-    using P = param_t<T>;
-    if (!detail::check_forward_infer(shape, eps, x, running_mean, running_var, y)) return;
-    Scratch<P> invstd(shape.channels);
-    for (int64_t c = 0; c < shape.channels; ++c) invstd[c] = invstd_of<P>(running_var[c], eps);
-    normalize(x, shape, running_mean, invstd.data(), weight, bias, y);
+    forward_infer(x, shape, running_mean, running_var, weight, bias, eps, Epilogue<T>{}, y);
 }
 
 template <class T>
 void backward_reduce(const T* dy, const T* x, Shape shape, const param_t<T>* mean,
-                     const param_t<T>* invstd, param_t<T>* sum_dy, param_t<T>* sum_dy_xhat) {
+                     const param_t<T>* invstd, const EpilogueGrad<T>& grad, param_t<T>* sum_dy,
+                     param_t<T>* sum_dy_xhat) {
     const char* op = "backward_reduce";
+    detail::check_activation(op, grad.activation);
     check_shape(op, shape);
     if (shape.channels == 0) return;
     check_pointer(op, mean, "mean");
@@ -195,19 +232,28 @@ void backward_reduce(const T* dy, const T* x, Shape shape, const param_t<T>* mea
     if (shape.count() > 0) {
         check_pointer(op, dy, "dy");
         check_pointer(op, x, "x");
-        kernels::backward_sums(dy, x, shape, threads(shape), mean, s_dy.data(), s_dy_xmu.data());
+        detail::check_epilogue_grad(op, shape, grad, dy, x, static_cast<const T*>(nullptr), static_cast<T*>(nullptr));
+        kernels::backward_sums(dy, x, shape, threads(shape), mean, s_dy.data(), s_dy_xmu.data(), relu_grad(grad, static_cast<T*>(nullptr)));
     }
     for (int64_t c = 0; c < shape.channels; ++c)
         detail::round_backward_sums(s_dy[c], s_dy_xmu[c], invstd[c], sum_dy[c], sum_dy_xhat[c]);
 }
 
 template <class T>
+void backward_reduce(const T* dy, const T* x, Shape shape, const param_t<T>* mean,
+                     const param_t<T>* invstd, param_t<T>* sum_dy, param_t<T>* sum_dy_xhat) {
+    backward_reduce(dy, x, shape, mean, invstd, EpilogueGrad<T>{}, sum_dy, sum_dy_xhat);
+}
+
+template <class T>
 void backward_elemt(const T* dy, const T* x, Shape shape, const param_t<T>* mean,
                     const param_t<T>* invstd, const param_t<T>* weight,
                     const param_t<T>* sum_dy, const param_t<T>* sum_dy_xhat, double count,
-                    T* dx) {
+                    const EpilogueGrad<T>& grad, T* dx, T* dsum) {
     using P = param_t<T>;
+    detail::check_activation("backward_elemt", grad.activation);
     if (!detail::check_backward_elemt(shape, count, dy, x, mean, invstd, sum_dy, sum_dy_xhat, dx)) return;
+    detail::check_epilogue_grad("backward_elemt", shape, grad, dy, x, dx, dsum);
     const int64_t C = shape.channels;
     Scratch<P> dy_mean(C), xmu_scale(C), scale(C);
     for (int64_t c = 0; c < C; ++c) {
@@ -215,15 +261,25 @@ void backward_elemt(const T* dy, const T* x, Shape shape, const param_t<T>* mean
         dy_mean[c] = k.dy_mean, xmu_scale[c] = k.xmu_scale, scale[c] = k.scale;
     }
     kernels::backward_dx(dy, x, shape, threads(shape), mean, dy_mean.data(), xmu_scale.data(),
-                         scale.data(), dx);
+                         scale.data(), dx, relu_grad(grad, dsum));
+}
+
+template <class T>
+void backward_elemt(const T* dy, const T* x, Shape shape, const param_t<T>* mean,
+                    const param_t<T>* invstd, const param_t<T>* weight,
+                    const param_t<T>* sum_dy, const param_t<T>* sum_dy_xhat, double count,
+                    T* dx) {
+    backward_elemt(dy, x, shape, mean, invstd, weight, sum_dy, sum_dy_xhat, count, EpilogueGrad<T>{}, dx,
+                   static_cast<T*>(nullptr));
 }
 
 template <class T>
 void backward(const T* dy, const T* x, Shape shape, const param_t<T>* mean,
-              const param_t<T>* invstd, const param_t<T>* weight, bool batch_stats, T* dx,
-              param_t<T>* dweight, param_t<T>* dbias) {
+              const param_t<T>* invstd, const param_t<T>* weight, bool batch_stats,
+              const EpilogueGrad<T>& grad, T* dx, param_t<T>* dweight, param_t<T>* dbias, T* dsum) {
     using P = param_t<T>;
     const char* op = "backward";
+    detail::check_activation(op, grad.activation);
     check_shape(op, shape);
     if (shape.channels == 0) return;
     check_pointer(op, dweight, "dweight");
@@ -236,17 +292,33 @@ void backward(const T* dy, const T* x, Shape shape, const param_t<T>* mean,
         check_pointer(op, mean, "mean");
         check_pointer(op, invstd, "invstd");
         check_pointer(op, dx, "dx");
+        detail::check_epilogue_grad(op, shape, grad, dy, x, dx, dsum);
         if (batch_stats) {
-            kernels::backward_train(dy, x, shape, threads(shape), mean, invstd, weight, dx, sum_dy.data(), sum_dy_xhat.data());
+            kernels::backward_train(dy, x, shape, threads(shape), mean, invstd, weight, dx, sum_dy.data(),
+                                    sum_dy_xhat.data(), relu_grad(grad, dsum));
         } else {
-            backward_reduce(dy, x, shape, mean, invstd, sum_dy.data(), sum_dy_xhat.data());
+            backward_reduce(dy, x, shape, mean, invstd, grad, sum_dy.data(), sum_dy_xhat.data());
             const Scratch<P> scale = scales(shape.channels, invstd, weight);
-            const Scratch<P> zero(shape.channels, P(0));
-            kernels::affine(dy, shape, threads(shape), zero.data(), zero.data(), scale.data(), zero.data(), dx);
+            if (grad.activation == Activation::relu || dsum) {  // dx = g * scale, and dsum = g, in one pass
+                kernels::backward_dx(dy, static_cast<const T*>(nullptr), shape, threads(shape), mean, mean, mean,
+                                     scale.data(), dx, relu_grad(grad, dsum));
+            } else {
+                const Scratch<P> zero(shape.channels, P(0));
+                kernels::affine(dy, shape, threads(shape), zero.data(), zero.data(), scale.data(), zero.data(), dx,
+                                Epilogue<T>{});
+            }
         }
     }
     std::copy(sum_dy.begin(), sum_dy.end(), dbias);
     std::copy(sum_dy_xhat.begin(), sum_dy_xhat.end(), dweight);
+}
+
+template <class T>
+void backward(const T* dy, const T* x, Shape shape, const param_t<T>* mean,
+              const param_t<T>* invstd, const param_t<T>* weight, bool batch_stats, T* dx,
+              param_t<T>* dweight, param_t<T>* dbias) {
+    backward(dy, x, shape, mean, invstd, weight, batch_stats, EpilogueGrad<T>{}, dx, dweight, dbias,
+             static_cast<T*>(nullptr));
 }
 
 #define BNORM_INSTANTIATE(T)                                                                   \
@@ -264,12 +336,33 @@ void backward(const T* dy, const T* x, Shape shape, const param_t<T>* mean,
                                     const param_t<T>*, const param_t<T>*, const param_t<T>*,   \
                                     const param_t<T>*, double, T*);                            \
     template void backward<T>(const T*, const T*, Shape, const param_t<T>*, const param_t<T>*, \
-                              const param_t<T>*, bool, T*, param_t<T>*, param_t<T>*);
+                              const param_t<T>*, bool, T*, param_t<T>*, param_t<T>*);          \
+    BNORM_INSTANTIATE_EPILOGUE(T)
+// The entry points with a fused epilogue (bnorm::Epilogue, bnorm::EpilogueGrad).
+#define BNORM_INSTANTIATE_EPILOGUE(T)                                                          \
+    template void normalize<T>(const T*, Shape, const param_t<T>*, const param_t<T>*,          \
+                               const param_t<T>*, const param_t<T>*, const Epilogue<T>&, T*);  \
+    template void forward_train<T>(const T*, Shape, const param_t<T>*, const param_t<T>*,      \
+                                   param_t<T>*, param_t<T>*, double, double, const Epilogue<T>&, \
+                                   T*, param_t<T>*, param_t<T>*, bool);                        \
+    template void forward_infer<T>(const T*, Shape, const param_t<T>*, const param_t<T>*,      \
+                                   const param_t<T>*, const param_t<T>*, double,               \
+                                   const Epilogue<T>&, T*);                                    \
+    template void backward_reduce<T>(const T*, const T*, Shape, const param_t<T>*,             \
+                                     const param_t<T>*, const EpilogueGrad<T>&, param_t<T>*,   \
+                                     param_t<T>*);                                             \
+    template void backward_elemt<T>(const T*, const T*, Shape, const param_t<T>*,              \
+                                    const param_t<T>*, const param_t<T>*, const param_t<T>*,   \
+                                    const param_t<T>*, double, const EpilogueGrad<T>&, T*, T*); \
+    template void backward<T>(const T*, const T*, Shape, const param_t<T>*, const param_t<T>*, \
+                              const param_t<T>*, bool, const EpilogueGrad<T>&, T*, param_t<T>*, \
+                              param_t<T>*, T*);
 BNORM_INSTANTIATE(float)
 BNORM_INSTANTIATE(double)
 BNORM_INSTANTIATE(half)
 BNORM_INSTANTIATE(bfloat16)
 #undef BNORM_INSTANTIATE
+#undef BNORM_INSTANTIATE_EPILOGUE
 
 template void merge_stats<float>(int64_t, int64_t, const double*, const float*, const float*,
                                  double*, float*, float*);

@@ -64,45 +64,47 @@ void moments(const T* x, Shape s, int threads, double* mean, double* var) {
 
 template <class T>
 void affine(const T* x, Shape s, int threads, const param_t<T>* center, const param_t<T>* center_lo,
-            const param_t<T>* scale, const param_t<T>* shift, T* y) {
-    BNORM_DISPATCH(affine, x, s, threads, center, center_lo, scale, shift, y)
+            const param_t<T>* scale, const param_t<T>* shift, T* y, const Epilogue<T>& epilogue) {
+    BNORM_DISPATCH(affine, x, s, threads, center, center_lo, scale, shift, y, epilogue)
 }
 
 template <class T>
 void forward_train(const T* x, Shape s, int threads, double eps, const param_t<T>* weight, const param_t<T>* bias,
-                   T* y, double* mean, double* var, param_t<T>* invstd) {
-    BNORM_DISPATCH(forward_train, x, s, threads, eps, weight, bias, y, mean, var, invstd)
+                   T* y, double* mean, double* var, param_t<T>* invstd, const Epilogue<T>& epilogue) {
+    BNORM_DISPATCH(forward_train, x, s, threads, eps, weight, bias, y, mean, var, invstd, epilogue)
 }
 
 template <class T>
 void backward_sums(const T* dy, const T* x, Shape s, int threads, const param_t<T>* mean, double* sum_dy,
-                   double* sum_dy_xmu) {
-    BNORM_DISPATCH(backward_sums, dy, x, s, threads, mean, sum_dy, sum_dy_xmu)
+                   double* sum_dy_xmu, const ReluGrad<T>& relu) {
+    BNORM_DISPATCH(backward_sums, dy, x, s, threads, mean, sum_dy, sum_dy_xmu, relu)
 }
 
 template <class T>
 void backward_dx(const T* dy, const T* x, Shape s, int threads, const param_t<T>* mean, const param_t<T>* dy_mean,
-                 const param_t<T>* xmu_scale, const param_t<T>* scale, T* dx) {
-    BNORM_DISPATCH(backward_dx, dy, x, s, threads, mean, dy_mean, xmu_scale, scale, dx)
+                 const param_t<T>* xmu_scale, const param_t<T>* scale, T* dx, const ReluGrad<T>& relu) {
+    BNORM_DISPATCH(backward_dx, dy, x, s, threads, mean, dy_mean, xmu_scale, scale, dx, relu)
 }
 
 template <class T>
 void backward_train(const T* dy, const T* x, Shape s, int threads, const param_t<T>* mean, const param_t<T>* invstd,
-                    const param_t<T>* weight, T* dx, param_t<T>* sum_dy, param_t<T>* sum_dy_xhat) {
-    BNORM_DISPATCH(backward_train, dy, x, s, threads, mean, invstd, weight, dx, sum_dy, sum_dy_xhat)
+                    const param_t<T>* weight, T* dx, param_t<T>* sum_dy, param_t<T>* sum_dy_xhat,
+                    const ReluGrad<T>& relu) {
+    BNORM_DISPATCH(backward_train, dy, x, s, threads, mean, invstd, weight, dx, sum_dy, sum_dy_xhat, relu)
 }
 
 #define BNORM_INSTANTIATE(T)                                                                                      \
     template void moments<T>(const T*, Shape, int, double*, double*);                                             \
     template void affine<T>(const T*, Shape, int, const param_t<T>*, const param_t<T>*, const param_t<T>*,        \
-                            const param_t<T>*, T*);                                                               \
+                            const param_t<T>*, T*, const Epilogue<T>&);                                           \
     template void forward_train<T>(const T*, Shape, int, double, const param_t<T>*, const param_t<T>*, T*,        \
-                                   double*, double*, param_t<T>*);                                                \
-    template void backward_sums<T>(const T*, const T*, Shape, int, const param_t<T>*, double*, double*);          \
+                                   double*, double*, param_t<T>*, const Epilogue<T>&);                            \
+    template void backward_sums<T>(const T*, const T*, Shape, int, const param_t<T>*, double*, double*,           \
+                                   const ReluGrad<T>&);                                                           \
     template void backward_dx<T>(const T*, const T*, Shape, int, const param_t<T>*, const param_t<T>*,            \
-                                 const param_t<T>*, const param_t<T>*, T*);                                       \
+                                 const param_t<T>*, const param_t<T>*, T*, const ReluGrad<T>&);                   \
     template void backward_train<T>(const T*, const T*, Shape, int, const param_t<T>*, const param_t<T>*,         \
-                                    const param_t<T>*, T*, param_t<T>*, param_t<T>*);
+                                    const param_t<T>*, T*, param_t<T>*, param_t<T>*, const ReluGrad<T>&);
 BNORM_INSTANTIATE(float)
 BNORM_INSTANTIATE(double)
 BNORM_INSTANTIATE(half)

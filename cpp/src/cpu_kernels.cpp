@@ -40,6 +40,7 @@
 #include <type_traits>
 
 #include "coefficients.hpp"
+#include "epilogue.hpp"
 #include "scratch.hpp"
 #include "simd.hpp"
 #include "threads.hpp"
@@ -666,7 +667,7 @@ struct MomentsOp {
     }
 };
 
-template <class T>
+template <class T, class Mask = GradientMask<T, false, false>>
 struct BackwardSumsOp {
     using A = param_t<T>;
     using Partial = Sums;
@@ -675,6 +676,7 @@ struct BackwardSumsOp {
     const T* x;
     const A* mean;
     Shape s;
+    Mask mask{};  // the gradient read in place of dy (epilogue.hpp)
 
     Sums plane_tile(int64_t c, PlaneTiles::Tile t) const {
         const int64_t stride = s.channels * s.inner, len = t.i1 - t.i0;
@@ -682,9 +684,10 @@ struct BackwardSumsOp {
         const T* g = dy + offset;
         const T* p = x + offset;
         const A m = mean[c];
+        const Mask tile_mask = mask.at(offset);
         const Pair<A> sums = chained_sums<T>(t.r1 - t.r0, stride, len, [&](auto lanes, int64_t k, auto& a, auto& b) {
             using L = decltype(lanes);
-            const auto d = L::load(g + k);
+            const auto d = tile_mask.load(L{}, g, k);
             a += d;
             b += d * (L::load(p + k) - L::set(m));
         });
@@ -701,9 +704,9 @@ struct BackwardSumsOp {
             const auto m = P::load(mean + c0 + j);
             const int64_t offset = r * C + c0 + j;
             // Both sums before either store (see MomentsOp::row_tile).
-            const auto g = rows_sum<group()>([&](int64_t k) { return L::load(dy + offset + k * C); });
+            const auto g = rows_sum<group()>([&](int64_t k) { return mask.load(L{}, dy, offset + k * C); });
             const auto gx = rows_sum<group()>([&](int64_t k) {
-                return L::load(dy + offset + k * C) * (L::load(x + offset + k * C) - m);
+                return mask.load(L{}, dy, offset + k * C) * (L::load(x + offset + k * C) - m);
             });
             P::store(sum_dy + j, P::load(sum_dy + j) + g);
             P::store(sum_dy_xmu + j, P::load(sum_dy_xmu + j) + gx);
@@ -789,48 +792,73 @@ bool streams(Shape s) {
     return s.size() * int64_t(sizeof(T)) >= kStreamBytes;
 }
 
-// y = ((x - center) - lo) * scale + shift over one run of a single channel.
-template <class T>
-void affine_run(const T* x, T* y, int64_t n, const detail::Affine<param_t<T>>& k, bool stream) {
+// y = epilogue(((x - center) - lo) * scale + shift) over one run of a single channel.
+template <class T, class E>
+void affine_run(const T* x, T* y, int64_t n, const detail::Affine<param_t<T>>& k, bool stream, const E& epilogue) {
     write_run(y, n, stream, [&](auto lanes, int64_t i) {
         using L = decltype(lanes);
-        return ((L::load(x + i) - L::set(k.center)) - L::set(k.center_lo)) * L::set(k.scale) + L::set(k.shift);
+        return epilogue(
+            L{}, ((L::load(x + i) - L::set(k.center)) - L::set(k.center_lo)) * L::set(k.scale) + L::set(k.shift), i);
     });
 }
 
 // The same over one row of the rows schedule, coefficients varying along it.
-template <class T>
+template <class T, class E>
 void affine_row(const T* x, T* y, int64_t n, const param_t<T>* center, const param_t<T>* lo,
-                const param_t<T>* scale, const param_t<T>* shift, bool stream) {
+                const param_t<T>* scale, const param_t<T>* shift, bool stream, const E& epilogue) {
     using P = Simd<param_t<T>>;  // the coefficients are arrays of the accumulation type
     write_run(y, n, stream, [&](auto lanes, int64_t c) {
         using L = decltype(lanes);
         using C = std::conditional_t<L::width == 1, Scalar<param_t<T>>, P>;
         static_assert(C::width == L::width, "x and coefficient vectors have the same lanes");
-        return ((L::load(x + c) - C::load(center + c)) - C::load(lo + c)) * C::load(scale + c) + C::load(shift + c);
+        return epilogue(
+            L{}, ((L::load(x + c) - C::load(center + c)) - C::load(lo + c)) * C::load(scale + c) + C::load(shift + c), c);
     });
 }
 
-// dx = (dy - dy_mean - (x - mean) * xmu_scale) * scale over one run of a single channel.
-template <class T>
+// dx = (g - dy_mean - (x - mean) * xmu_scale) * scale over one run of a single channel, g
+// being dy or ReLU's gradient of it (mask, which also stores dsum = g); with x null (eval
+// mode), dx = g * scale.
+template <class T, class Mask>
 void backward_run(const T* dy, const T* x, T* dx, int64_t n, param_t<T> mean,
-                  const detail::BackwardCoefficients<param_t<T>>& k, bool stream) {
+                  const detail::BackwardCoefficients<param_t<T>>& k, bool stream, const Mask& mask) {
+    if (!x) {
+        write_run(dx, n, stream, [&](auto lanes, int64_t i) {
+            const auto g = mask.load(lanes, dy, i);
+            mask.write(lanes, g, i, stream);
+            return g * decltype(lanes)::set(k.scale);
+        });
+        return;
+    }
     write_run(dx, n, stream, [&](auto lanes, int64_t i) {
         using L = decltype(lanes);
-        return (L::load(dy + i) - L::set(k.dy_mean) - (L::load(x + i) - L::set(mean)) * L::set(k.xmu_scale)) *
-               L::set(k.scale);
+        const auto g = mask.load(L{}, dy, i);
+        mask.write(L{}, g, i, stream);
+        return (g - L::set(k.dy_mean) - (L::load(x + i) - L::set(mean)) * L::set(k.xmu_scale)) * L::set(k.scale);
     });
 }
 
-template <class T>
+template <class T, class Mask>
 void backward_row(const T* dy, const T* x, T* dx, int64_t n, const param_t<T>* mean, const param_t<T>* dy_mean,
-                  const param_t<T>* xmu_scale, const param_t<T>* scale, bool stream) {
+                  const param_t<T>* xmu_scale, const param_t<T>* scale, bool stream, const Mask& mask) {
     using P = Simd<param_t<T>>;
+    if (!x) {
+        write_run(dx, n, stream, [&](auto lanes, int64_t c) {
+            using L = decltype(lanes);
+            using C = std::conditional_t<L::width == 1, Scalar<param_t<T>>, P>;
+            const auto g = mask.load(L{}, dy, c);
+            mask.write(L{}, g, c, stream);
+            return g * C::load(scale + c);
+        });
+        return;
+    }
     write_run(dx, n, stream, [&](auto lanes, int64_t c) {
         using L = decltype(lanes);
         using C = std::conditional_t<L::width == 1, Scalar<param_t<T>>, P>;
         static_assert(C::width == L::width, "x and coefficient vectors have the same lanes");
-        return (L::load(dy + c) - C::load(dy_mean + c) - (L::load(x + c) - C::load(mean + c)) * C::load(xmu_scale + c)) *
+        const auto g = mask.load(L{}, dy, c);
+        mask.write(L{}, g, c, stream);
+        return (g - C::load(dy_mean + c) - (L::load(x + c) - C::load(mean + c)) * C::load(xmu_scale + c)) *
                C::load(scale + c);
     });
 }
@@ -901,15 +929,20 @@ void moments(const T* x, Shape shape, int threads, double* mean, double* var) {
     for (int64_t c = 0; c < shape.channels; ++c) store(result[c], mean[c], var[c]);
 }
 
-template <class T>
-void affine(const T* x, Shape s, int threads, const param_t<T>* center, const param_t<T>* center_lo,
-            const param_t<T>* scale, const param_t<T>* shift, T* y) {
+namespace {
+
+// The kernels with their epilogue (E: a ForwardEpilogue) or gradient mask (Mask: a
+// GradientMask) as a type; the entry points below pick it once per call.
+template <class T, class E>
+void affine_fused(const T* x, Shape s, int threads, const param_t<T>* center, const param_t<T>* center_lo,
+                  const param_t<T>* scale, const param_t<T>* shift, T* y, const E& epilogue) {
     const Positions pos = positions_of(s, For::write);
     if (pos.view.channels > 0) {
-        affine(x, pos.view, threads, pos.expand(center).data(), pos.expand(center_lo).data(), pos.expand(scale).data(),
-               pos.expand(shift).data(), y);
+        affine_fused(x, pos.view, threads, pos.expand(center).data(), pos.expand(center_lo).data(),
+                     pos.expand(scale).data(), pos.expand(shift).data(), y, epilogue);
         if (pos.rest.outer > 0)
-            affine(x + pos.view.size(), pos.rest, threads, center, center_lo, scale, shift, y + pos.view.size());
+            affine_fused(x + pos.view.size(), pos.rest, threads, center, center_lo, scale, shift, y + pos.view.size(),
+                         epilogue.at(pos.view.size()));
         return;
     }
     const int team = team_size(s, threads);
@@ -919,19 +952,20 @@ void affine(const T* x, Shape s, int threads, const param_t<T>* center, const pa
         parallel_writes(team, s.outer * C, rows_per_chunk(s, team, s.inner), stream, [&](int64_t row, int) {
             const int64_t c = row % C;
             affine_run(x + row * s.inner, y + row * s.inner, s.inner, {center[c], center_lo[c], scale[c], shift[c]},
-                       stream);
+                       stream, epilogue.at(row * s.inner));
         });
     } else {
         for_row_blocks(s, team, stream, [&](int64_t r, int64_t c0, int64_t c1) {
             const int64_t offset = r * C + c0;
-            affine_row(x + offset, y + offset, c1 - c0, center + c0, center_lo + c0, scale + c0, shift + c0, stream);
+            affine_row(x + offset, y + offset, c1 - c0, center + c0, center_lo + c0, scale + c0, shift + c0, stream,
+                       epilogue.at(offset));
         });
     }
 }
 
-template <class T>
-void forward_train(const T* x, Shape s, int threads, double eps, const param_t<T>* weight, const param_t<T>* bias,
-                   T* y, double* mean, double* var, param_t<T>* invstd) {
+template <class T, class E>
+void forward_train_fused(const T* x, Shape s, int threads, double eps, const param_t<T>* weight, const param_t<T>* bias,
+                         T* y, double* mean, double* var, param_t<T>* invstd, const E& epilogue) {
     using P = param_t<T>;
     const int team = team_size(s, threads);
     const bool stream = streams<T>(s);
@@ -951,7 +985,8 @@ void forward_train(const T* x, Shape s, int threads, double eps, const param_t<T
             strips.spread(work, 4, c0, c1);
             for (int64_t r = 0; r < s.outer; ++r)
                 affine_row(x + r * view.channels + p0, y + r * view.channels + p0, width, work.coefficients[0],
-                           work.coefficients[1], work.coefficients[2], work.coefficients[3], stream);
+                           work.coefficients[1], work.coefficients[2], work.coefficients[3], stream,
+                           epilogue.at(r * view.channels + p0));
         });
         return;
     }
@@ -960,7 +995,7 @@ void forward_train(const T* x, Shape s, int threads, double eps, const param_t<T
         Scratch<P> center(C), lo(C), scale(C), shift(C);
         train_coefficients(int64_t(0), C, mean, var, eps, weight, bias, invstd, center.data(), lo.data(), scale.data(),
                            shift.data());
-        affine(x, s, threads, center.data(), lo.data(), scale.data(), shift.data(), y);
+        affine_fused(x, s, threads, center.data(), lo.data(), scale.data(), shift.data(), y, epilogue);
         return;
     }
     const PlaneSplits plan(s);
@@ -971,18 +1006,20 @@ void forward_train(const T* x, Shape s, int threads, double eps, const param_t<T
         invstd[c] = detail::invstd_of<P>(var[c], eps);
         const auto k = detail::train_affine(mean[c], invstd[c], weight, bias, c);
         for (int64_t o = 0; o < s.outer; ++o)
-            affine_run(x + o * stride + c * s.inner, y + o * stride + c * s.inner, s.inner, k, stream);
+            affine_run(x + o * stride + c * s.inner, y + o * stride + c * s.inner, s.inner, k, stream,
+                       epilogue.at(o * stride + c * s.inner));
     });
 }
 
-template <class T>
-void backward_sums(const T* dy, const T* x, Shape shape, int threads, const param_t<T>* mean,
-                   double* sum_dy, double* sum_dy_xmu) {
+template <class T, class Mask>
+void backward_sums_fused(const T* dy, const T* x, Shape shape, int threads, const param_t<T>* mean,
+                         double* sum_dy, double* sum_dy_xmu, const Mask& mask) {
+    using Op = BackwardSumsOp<T, Mask>;
     const int team = team_size(shape, threads);
     if (const int64_t strip = strip_width(shape, team, 2 * sizeof(T))) {
         const RowSplits plan(shape);
-        const BackwardSumsOp<T> op{dy, x, mean, shape};
-        using Work = typename BackwardSumsOp<T>::Work;
+        const Op op{dy, x, mean, shape, mask};
+        using Work = typename Op::Work;
         for_each_strip<Work>(shape, team, strip, false, [&](int64_t c0, int64_t c1, Work& work) {
             plan.strip_partials(shape, op, c0, c1, work);
             for (int64_t c = c0; c < c1; ++c) sum_dy[c] = work.strip[c - c0].dy, sum_dy_xmu[c] = work.strip[c - c0].dy_xmu;
@@ -994,15 +1031,15 @@ void backward_sums(const T* dy, const T* x, Shape shape, int threads, const para
     if (pos.view.channels > 0) {
         const auto mean_at = pos.expand(mean);
         Scratch<Sums> per_position(pos.view.channels), rest(pos.rest.outer > 0 ? shape.channels : 0);
-        reduce(pos.view, threads, BackwardSumsOp<T>{dy, x, mean_at.data(), pos.view}, per_position.data());
+        reduce(pos.view, threads, Op{dy, x, mean_at.data(), pos.view, mask}, per_position.data());
         for (int64_t c = 0; c < shape.channels; ++c) result[c] = pos.fold_channel(per_position.data(), c);
         if (pos.rest.outer > 0) {
             const int64_t offset = pos.view.size();
-            reduce(pos.rest, threads, BackwardSumsOp<T>{dy + offset, x + offset, mean, pos.rest}, rest.data());
+            reduce(pos.rest, threads, Op{dy + offset, x + offset, mean, pos.rest, mask.at(offset)}, rest.data());
             for (int64_t c = 0; c < shape.channels; ++c) merge(result[c], rest[c]);
         }
     } else {
-        reduce(shape, threads, BackwardSumsOp<T>{dy, x, mean, shape}, result.data());
+        reduce(shape, threads, Op{dy, x, mean, shape, mask}, result.data());
     }
     for (int64_t c = 0; c < shape.channels; ++c) {
         sum_dy[c] = result[c].dy;
@@ -1010,16 +1047,22 @@ void backward_sums(const T* dy, const T* x, Shape shape, int threads, const para
     }
 }
 
-template <class T>
-void backward_dx(const T* dy, const T* x, Shape s, int threads, const param_t<T>* mean, const param_t<T>* dy_mean,
-                 const param_t<T>* xmu_scale, const param_t<T>* scale, T* dx) {
+template <class T, class Mask>
+void backward_dx_fused(const T* dy, const T* x, Shape s, int threads, const param_t<T>* mean,
+                       const param_t<T>* dy_mean, const param_t<T>* xmu_scale, const param_t<T>* scale, T* dx,
+                       const Mask& mask) {
     const Positions pos = positions_of(s, For::write);
     if (pos.view.channels > 0) {
-        backward_dx(dy, x, pos.view, threads, pos.expand(mean).data(), pos.expand(dy_mean).data(),
-                    pos.expand(xmu_scale).data(), pos.expand(scale).data(), dx);
+        if (x) {
+            backward_dx_fused(dy, x, pos.view, threads, pos.expand(mean).data(), pos.expand(dy_mean).data(),
+                              pos.expand(xmu_scale).data(), pos.expand(scale).data(), dx, mask);
+        } else {  // eval mode: scale alone
+            backward_dx_fused(dy, x, pos.view, threads, mean, dy_mean, xmu_scale, pos.expand(scale).data(), dx, mask);
+        }
         if (pos.rest.outer > 0) {
             const int64_t offset = pos.view.size();
-            backward_dx(dy + offset, x + offset, pos.rest, threads, mean, dy_mean, xmu_scale, scale, dx + offset);
+            backward_dx_fused(dy + offset, x ? x + offset : x, pos.rest, threads, mean, dy_mean, xmu_scale, scale,
+                              dx + offset, mask.at(offset));
         }
         return;
     }
@@ -1029,22 +1072,32 @@ void backward_dx(const T* dy, const T* x, Shape s, int threads, const param_t<T>
     if (s.inner > 1) {
         parallel_writes(team, s.outer * C, rows_per_chunk(s, team, s.inner), stream, [&](int64_t row, int) {
             const int64_t c = row % C, offset = row * s.inner;
-            backward_run(dy + offset, x + offset, dx + offset, s.inner, mean[c], {dy_mean[c], xmu_scale[c], scale[c]},
-                         stream);
+            if (x)
+                backward_run(dy + offset, x + offset, dx + offset, s.inner, mean[c],
+                             {dy_mean[c], xmu_scale[c], scale[c]}, stream, mask.at(offset));
+            else
+                backward_run(dy + offset, x, dx + offset, s.inner, param_t<T>(0), {0, 0, scale[c]}, stream,
+                             mask.at(offset));
         });
     } else {
         for_row_blocks(s, team, stream, [&](int64_t r, int64_t c0, int64_t c1) {
             const int64_t offset = r * C + c0;
-            backward_row(dy + offset, x + offset, dx + offset, c1 - c0, mean + c0, dy_mean + c0, xmu_scale + c0,
-                         scale + c0, stream);
+            if (x)
+                backward_row(dy + offset, x + offset, dx + offset, c1 - c0, mean + c0, dy_mean + c0, xmu_scale + c0,
+                             scale + c0, stream, mask.at(offset));
+            else
+                backward_row(dy + offset, x, dx + offset, c1 - c0, mean, dy_mean, xmu_scale, scale + c0, stream,
+                             mask.at(offset));
         });
     }
 }
 
-template <class T>
-void backward_train(const T* dy, const T* x, Shape s, int threads, const param_t<T>* mean, const param_t<T>* invstd,
-                    const param_t<T>* weight, T* dx, param_t<T>* sum_dy, param_t<T>* sum_dy_xhat) {
+template <class T, class Mask>
+void backward_train_fused(const T* dy, const T* x, Shape s, int threads, const param_t<T>* mean,
+                          const param_t<T>* invstd, const param_t<T>* weight, T* dx, param_t<T>* sum_dy,
+                          param_t<T>* sum_dy_xhat, const Mask& mask) {
     using P = param_t<T>;
+    using Op = BackwardSumsOp<T, Mask>;
     const int team = team_size(s, threads);
     const double count = double(s.count());
     const bool stream = streams<T>(s);
@@ -1054,8 +1107,8 @@ void backward_train(const T* dy, const T* x, Shape s, int threads, const param_t
         const RowSplits plan(view);
         const auto expanded_mean = strips.pos.expand(mean);  // short planes: the mean of each column
         const P* column_mean = strips.per_channel == 1 ? mean : expanded_mean.data();
-        const BackwardSumsOp<T> op{dy, x, column_mean, view};
-        using Work = typename BackwardSumsOp<T>::Work;
+        const Op op{dy, x, column_mean, view, mask};
+        using Work = typename Op::Work;
         strips.run<Work>(s, team, stream, [&](int64_t c0, int64_t c1, Work& work, const auto& channel) {
             const int64_t p0 = c0 * strips.per_channel, width = (c1 - c0) * strips.per_channel;
             plan.strip_partials(view, op, p0, p0 + width, work);
@@ -1068,23 +1121,23 @@ void backward_train(const T* dy, const T* x, Shape s, int threads, const param_t
             for (int64_t r = 0; r < s.outer; ++r) {
                 const int64_t offset = r * view.channels + p0;
                 backward_row(dy + offset, x + offset, dx + offset, width, column_mean + p0, work.coefficients[0],
-                             work.coefficients[1], work.coefficients[2], stream);
+                             work.coefficients[1], work.coefficients[2], stream, mask.at(offset));
             }
         });
         return;
     }
     if (!fuse_per_channel(s, team, 2 * sizeof(T))) {
         Scratch<double> s_dy(s.channels), s_dy_xmu(s.channels);
-        backward_sums(dy, x, s, threads, mean, s_dy.data(), s_dy_xmu.data());
+        backward_sums_fused(dy, x, s, threads, mean, s_dy.data(), s_dy_xmu.data(), mask);
         Scratch<P> dy_mean(C), xmu_scale(C), scale(C);
         dx_coefficients(
             int64_t(0), C, [&](int64_t c) { return Sums{s_dy[c], s_dy_xmu[c]}; }, invstd, weight, count, sum_dy,
             sum_dy_xhat, dy_mean.data(), xmu_scale.data(), scale.data());
-        backward_dx(dy, x, s, threads, mean, dy_mean.data(), xmu_scale.data(), scale.data(), dx);
+        backward_dx_fused(dy, x, s, threads, mean, dy_mean.data(), xmu_scale.data(), scale.data(), dx, mask);
         return;
     }
     const PlaneSplits plan(s);
-    const BackwardSumsOp<T> op{dy, x, mean, s};
+    const Op op{dy, x, mean, s, mask};
     const int64_t stride = C * s.inner;
     parallel_writes(team, C, channel_block(s, team), stream, [&](int64_t c, int) {
         const Sums sums = plan.channel_partial<Sums>(s, op, c);
@@ -1092,24 +1145,67 @@ void backward_train(const T* dy, const T* x, Shape s, int threads, const param_t
         const auto k = detail::backward_coefficients(sum_dy[c], sum_dy_xhat[c], invstd[c], weight, c, count);
         for (int64_t o = 0; o < s.outer; ++o) {
             const int64_t offset = o * stride + c * s.inner;
-            backward_run(dy + offset, x + offset, dx + offset, s.inner, mean[c], k, stream);
+            backward_run(dy + offset, x + offset, dx + offset, s.inner, mean[c], k, stream, mask.at(offset));
         }
+    });
+}
+
+}  // namespace
+
+template <class T>
+void affine(const T* x, Shape s, int threads, const param_t<T>* center, const param_t<T>* center_lo,
+            const param_t<T>* scale, const param_t<T>* shift, T* y, const Epilogue<T>& epilogue) {
+    with_forward_epilogue(epilogue, [&](const auto& e) { affine_fused(x, s, threads, center, center_lo, scale, shift, y, e); });
+}
+
+template <class T>
+void forward_train(const T* x, Shape s, int threads, double eps, const param_t<T>* weight, const param_t<T>* bias,
+                   T* y, double* mean, double* var, param_t<T>* invstd, const Epilogue<T>& epilogue) {
+    with_forward_epilogue(epilogue, [&](const auto& e) {
+        forward_train_fused(x, s, threads, eps, weight, bias, y, mean, var, invstd, e);
+    });
+}
+
+template <class T>
+void backward_sums(const T* dy, const T* x, Shape s, int threads, const param_t<T>* mean, double* sum_dy,
+                   double* sum_dy_xmu, const ReluGrad<T>& relu) {
+    with_gradient_mask(relu, false, [&](const auto& mask) {
+        backward_sums_fused(dy, x, s, threads, mean, sum_dy, sum_dy_xmu, mask);
+    });
+}
+
+template <class T>
+void backward_dx(const T* dy, const T* x, Shape s, int threads, const param_t<T>* mean, const param_t<T>* dy_mean,
+                 const param_t<T>* xmu_scale, const param_t<T>* scale, T* dx, const ReluGrad<T>& relu) {
+    with_gradient_mask(relu, true, [&](const auto& mask) {
+        backward_dx_fused(dy, x, s, threads, mean, dy_mean, xmu_scale, scale, dx, mask);
+    });
+}
+
+template <class T>
+void backward_train(const T* dy, const T* x, Shape s, int threads, const param_t<T>* mean, const param_t<T>* invstd,
+                    const param_t<T>* weight, T* dx, param_t<T>* sum_dy, param_t<T>* sum_dy_xhat,
+                    const ReluGrad<T>& relu) {
+    with_gradient_mask(relu, true, [&](const auto& mask) {
+        backward_train_fused(dy, x, s, threads, mean, invstd, weight, dx, sum_dy, sum_dy_xhat, mask);
     });
 }
 
 #define BNORM_INSTANTIATE(T)                                                                  \
     template void moments<T>(const T*, Shape, int, double*, double*);                         \
     template void affine<T>(const T*, Shape, int, const param_t<T>*, const param_t<T>*,       \
-                            const param_t<T>*, const param_t<T>*, T*);                        \
+                            const param_t<T>*, const param_t<T>*, T*, const Epilogue<T>&);    \
     template void backward_sums<T>(const T*, const T*, Shape, int, const param_t<T>*, double*, \
-                                   double*);                                                  \
+                                   double*, const ReluGrad<T>&);                              \
     template void backward_dx<T>(const T*, const T*, Shape, int, const param_t<T>*,           \
-                                 const param_t<T>*, const param_t<T>*, const param_t<T>*, T*); \
+                                 const param_t<T>*, const param_t<T>*, const param_t<T>*, T*, \
+                                 const ReluGrad<T>&);                                         \
     template void forward_train<T>(const T*, Shape, int, double, const param_t<T>*,           \
-                                   const param_t<T>*, T*, double*, double*, param_t<T>*);     \
+                                   const param_t<T>*, T*, double*, double*, param_t<T>*,      \
+                                   const Epilogue<T>&);                                       \
     template void backward_train<T>(const T*, const T*, Shape, int, const param_t<T>*,        \
                                     const param_t<T>*, const param_t<T>*, T*, param_t<T>*,    \
-                                    param_t<T>*);
+                                    param_t<T>*, const ReluGrad<T>&);
 BNORM_INSTANTIATE(float)
 BNORM_INSTANTIATE(double)
 BNORM_INSTANTIATE(half)

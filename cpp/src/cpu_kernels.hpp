@@ -21,6 +21,17 @@ enum class Isa { baseline, avx2, avx512 };
 Isa isa();
 const char* isa_name(Isa isa);
 
+// The forward write passes take bnorm::Epilogue (types.hpp): y = act(value + residual).
+
+/// ReLU's gradient in the backward passes: with y (the fused forward's output; null: no
+/// mask) they use g = y > 0 ? dy : 0 in place of dy; the write passes also store g to
+/// dsum when it is not null (dsum may be dy; it must not overlap x, y or dx otherwise).
+template <class T>
+struct ReluGrad {
+    const T* y = nullptr;
+    T* dsum = nullptr;
+};
+
 namespace baseline {
 #include "cpu_kernels.inc"
 }

@@ -123,6 +123,18 @@ void dispatch(const In& x, Fn&& fn) {
 #define BNORM_RUN(ctx, op, T, ...) bnorm::op<T>(__VA_ARGS__)
 #endif
 
+// The fused epilogue's arguments: an optional array shaped like x (residual, or the fused
+// forward's y) and the activation (a bool: ReLU or none).
+template <class T>
+bnorm::Epilogue<T> epilogue_of(const Context& ctx, const OptIn& residual, bool relu, size_t n) {
+    return {ctx.get<T>(residual, "residual", n), relu ? bnorm::Activation::relu : bnorm::Activation::none};
+}
+
+template <class T>
+bnorm::EpilogueGrad<T> grad_of(const Context& ctx, const OptIn& y, bool relu, size_t n) {
+    return {relu ? bnorm::Activation::relu : bnorm::Activation::none, ctx.get<T>(y, "y", n)};
+}
+
 bnorm::Shape to_shape(const ShapeTuple& t) { return {std::get<0>(t), std::get<1>(t), std::get<2>(t)}; }
 
 size_t elements(bnorm::Shape s) {
@@ -167,7 +179,7 @@ void merge_stats(const In& counts, const In& means, const In& vars, const Out& c
 }
 
 void normalize(const In& x, ShapeTuple shape_, const In& mean, const In& invstd, const OptIn& weight,
-               const OptIn& bias, const Out& y, uintptr_t stream) {
+               const OptIn& bias, const Out& y, uintptr_t stream, const OptIn& residual, bool relu) {
     const Context ctx(x, stream);
     const bnorm::Shape s = to_shape(shape_);
     const size_t C = size_t(s.channels), N = elements(s);
@@ -176,14 +188,14 @@ void normalize(const In& x, ShapeTuple shape_, const In& mean, const In& invstd,
         using P = bnorm::param_t<T>;
         BNORM_RUN(ctx, normalize, T, ctx.get<T>(x, "x", N), s, ctx.get<P>(mean, "mean", C),
                   ctx.get<P>(invstd, "invstd", C), ctx.get<P>(weight, "weight", C), ctx.get<P>(bias, "bias", C),
-                  ctx.get<T>(y, "out", N));
+                  epilogue_of<T>(ctx, residual, relu, N), ctx.get<T>(y, "out", N));
     });
 }
 
 void forward_train(const In& x, ShapeTuple shape_, const OptIn& weight, const OptIn& bias,
                    const OptOut& running_mean, const OptOut& running_var, double momentum, double eps,
                    const Out& y, const Out& save_mean, const Out& save_invstd, uintptr_t stream,
-                   bool unbiased_running_var) {
+                   const OptIn& residual, bool relu, bool unbiased_running_var) {
     const Context ctx(x, stream);
     const bnorm::Shape s = to_shape(shape_);
     const size_t C = size_t(s.channels), N = elements(s);
@@ -192,14 +204,15 @@ void forward_train(const In& x, ShapeTuple shape_, const OptIn& weight, const Op
         using P = bnorm::param_t<T>;
         BNORM_RUN(ctx, forward_train, T, ctx.get<T>(x, "x", N), s, ctx.get<P>(weight, "weight", C),
                   ctx.get<P>(bias, "bias", C), ctx.get<P>(running_mean, "running_mean", C),
-                  ctx.get<P>(running_var, "running_var", C), momentum, eps, ctx.get<T>(y, "out", N),
-                  ctx.get<P>(save_mean, "save_mean", C), ctx.get<P>(save_invstd, "save_invstd", C),
-                  unbiased_running_var);
+                  ctx.get<P>(running_var, "running_var", C), momentum, eps, epilogue_of<T>(ctx, residual, relu, N),
+                  ctx.get<T>(y, "out", N), ctx.get<P>(save_mean, "save_mean", C),
+                  ctx.get<P>(save_invstd, "save_invstd", C), unbiased_running_var);
     });
 }
 
 void forward_infer(const In& x, ShapeTuple shape_, const In& running_mean, const In& running_var,
-                   const OptIn& weight, const OptIn& bias, double eps, const Out& y, uintptr_t stream) {
+                   const OptIn& weight, const OptIn& bias, double eps, const Out& y, uintptr_t stream,
+                   const OptIn& residual, bool relu) {
     const Context ctx(x, stream);
     const bnorm::Shape s = to_shape(shape_);
     const size_t C = size_t(s.channels), N = elements(s);
@@ -208,12 +221,12 @@ void forward_infer(const In& x, ShapeTuple shape_, const In& running_mean, const
         using P = bnorm::param_t<T>;
         BNORM_RUN(ctx, forward_infer, T, ctx.get<T>(x, "x", N), s, ctx.get<P>(running_mean, "running_mean", C),
                   ctx.get<P>(running_var, "running_var", C), ctx.get<P>(weight, "weight", C),
-                  ctx.get<P>(bias, "bias", C), eps, ctx.get<T>(y, "out", N));
+                  ctx.get<P>(bias, "bias", C), eps, epilogue_of<T>(ctx, residual, relu, N), ctx.get<T>(y, "out", N));
     });
 }
 
 void backward_reduce(const In& dy, const In& x, ShapeTuple shape_, const In& mean, const In& invstd,
-                     const Out& sum_dy, const Out& sum_dy_xhat, uintptr_t stream) {
+                     const Out& sum_dy, const Out& sum_dy_xhat, uintptr_t stream, const OptIn& y, bool relu) {
     const Context ctx(x, stream);
     const bnorm::Shape s = to_shape(shape_);
     const size_t C = size_t(s.channels), N = elements(s);
@@ -221,14 +234,14 @@ void backward_reduce(const In& dy, const In& x, ShapeTuple shape_, const In& mea
         using T = decltype(tag);
         using P = bnorm::param_t<T>;
         BNORM_RUN(ctx, backward_reduce, T, ctx.get<T>(dy, "dy", N), ctx.get<T>(x, "x", N), s,
-                  ctx.get<P>(mean, "mean", C), ctx.get<P>(invstd, "invstd", C), ctx.get<P>(sum_dy, "sum_dy", C),
-                  ctx.get<P>(sum_dy_xhat, "sum_dy_xhat", C));
+                  ctx.get<P>(mean, "mean", C), ctx.get<P>(invstd, "invstd", C), grad_of<T>(ctx, y, relu, N),
+                  ctx.get<P>(sum_dy, "sum_dy", C), ctx.get<P>(sum_dy_xhat, "sum_dy_xhat", C));
     });
 }
 
 void backward_elemt(const In& dy, const In& x, ShapeTuple shape_, const In& mean, const In& invstd,
                     const OptIn& weight, const In& sum_dy, const In& sum_dy_xhat, double count,
-                    const Out& dx, uintptr_t stream) {
+                    const Out& dx, uintptr_t stream, const OptIn& y, bool relu, const OptOut& dsum) {
     const Context ctx(x, stream);
     const bnorm::Shape s = to_shape(shape_);
     const size_t C = size_t(s.channels), N = elements(s);
@@ -238,13 +251,13 @@ void backward_elemt(const In& dy, const In& x, ShapeTuple shape_, const In& mean
         BNORM_RUN(ctx, backward_elemt, T, ctx.get<T>(dy, "dy", N), ctx.get<T>(x, "x", N), s,
                   ctx.get<P>(mean, "mean", C), ctx.get<P>(invstd, "invstd", C), ctx.get<P>(weight, "weight", C),
                   ctx.get<P>(sum_dy, "sum_dy", C), ctx.get<P>(sum_dy_xhat, "sum_dy_xhat", C), count,
-                  ctx.get<T>(dx, "out", N));
+                  grad_of<T>(ctx, y, relu, N), ctx.get<T>(dx, "out", N), ctx.get<T>(dsum, "dsum", N));
     });
 }
 
 void backward(const In& dy, const In& x, ShapeTuple shape_, const In& mean, const In& invstd,
               const OptIn& weight, bool batch_stats, const Out& dx, const Out& dweight, const Out& dbias,
-              uintptr_t stream) {
+              uintptr_t stream, const OptIn& y, bool relu, const OptOut& dsum) {
     const Context ctx(x, stream);
     const bnorm::Shape s = to_shape(shape_);
     const size_t C = size_t(s.channels), N = elements(s);
@@ -253,7 +266,8 @@ void backward(const In& dy, const In& x, ShapeTuple shape_, const In& mean, cons
         using P = bnorm::param_t<T>;
         BNORM_RUN(ctx, backward, T, ctx.get<T>(dy, "dy", N), ctx.get<T>(x, "x", N), s, ctx.get<P>(mean, "mean", C),
                   ctx.get<P>(invstd, "invstd", C), ctx.get<P>(weight, "weight", C), batch_stats,
-                  ctx.get<T>(dx, "out", N), ctx.get<P>(dweight, "dweight", C), ctx.get<P>(dbias, "dbias", C));
+                  grad_of<T>(ctx, y, relu, N), ctx.get<T>(dx, "out", N), ctx.get<P>(dweight, "dweight", C),
+                  ctx.get<P>(dbias, "dbias", C), ctx.get<T>(dsum, "dsum", N));
     });
 }
 
@@ -321,18 +335,22 @@ NB_MODULE(_core, m) {
     m.def("merge_stats", &merge_stats, "counts"_a, "means"_a, "vars"_a, "count"_a, "mean"_a, "var"_a,
           "stream"_a = 0, release);
     m.def("normalize", &normalize, "x"_a, "shape"_a, "mean"_a, "invstd"_a, "weight"_a.none(), "bias"_a.none(),
-          "y"_a, "stream"_a = 0, release);
+          "y"_a, "stream"_a = 0, "residual"_a.none() = nb::none(), "relu"_a = false, release);
     m.def("forward_train", &forward_train, "x"_a, "shape"_a, "weight"_a.none(), "bias"_a.none(),
           "running_mean"_a.none(), "running_var"_a.none(), "momentum"_a, "eps"_a, "y"_a, "save_mean"_a,
-          "save_invstd"_a, "stream"_a = 0, "unbiased_running_var"_a = true, release);
+          "save_invstd"_a, "stream"_a = 0, "residual"_a.none() = nb::none(), "relu"_a = false,
+          "unbiased_running_var"_a = true, release);
     m.def("forward_infer", &forward_infer, "x"_a, "shape"_a, "running_mean"_a, "running_var"_a,
-          "weight"_a.none(), "bias"_a.none(), "eps"_a, "y"_a, "stream"_a = 0, release);
+          "weight"_a.none(), "bias"_a.none(), "eps"_a, "y"_a, "stream"_a = 0, "residual"_a.none() = nb::none(),
+          "relu"_a = false, release);
     m.def("backward_reduce", &backward_reduce, "dy"_a, "x"_a, "shape"_a, "mean"_a, "invstd"_a, "sum_dy"_a,
-          "sum_dy_xhat"_a, "stream"_a = 0, release);
+          "sum_dy_xhat"_a, "stream"_a = 0, "y"_a.none() = nb::none(), "relu"_a = false, release);
     m.def("backward_elemt", &backward_elemt, "dy"_a, "x"_a, "shape"_a, "mean"_a, "invstd"_a, "weight"_a.none(),
-          "sum_dy"_a, "sum_dy_xhat"_a, "count"_a, "dx"_a, "stream"_a = 0, release);
+          "sum_dy"_a, "sum_dy_xhat"_a, "count"_a, "dx"_a, "stream"_a = 0, "y"_a.none() = nb::none(), "relu"_a = false,
+          "dsum"_a.none() = nb::none(), release);
     m.def("backward", &backward, "dy"_a, "x"_a, "shape"_a, "mean"_a, "invstd"_a, "weight"_a.none(),
-          "batch_stats"_a, "dx"_a, "dweight"_a, "dbias"_a, "stream"_a = 0, release);
+          "batch_stats"_a, "dx"_a, "dweight"_a, "dbias"_a, "stream"_a = 0, "y"_a.none() = nb::none(),
+          "relu"_a = false, "dsum"_a.none() = nb::none(), release);
     m.def("fold", &fold, "weight"_a, "bias"_a.none(), "shape"_a, "running_mean"_a, "running_var"_a,
           "bn_weight"_a.none(), "bn_bias"_a.none(), "eps"_a, "weight_out"_a, "bias_out"_a, release);
     m.def("set_num_threads", &bnorm::set_num_threads, "n"_a);

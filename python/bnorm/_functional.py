@@ -219,6 +219,43 @@ def _count_of(count, channels: int) -> float:
     return hi
 
 
+def _relu(activation) -> bool:
+    """The fused epilogue's activation= as a flag: None (no activation) or "relu"."""
+    if activation is None:
+        return False
+    if isinstance(activation, str) and activation == "relu":
+        return True
+    raise ValueError(f'bnorm: activation must be None or "relu", got {activation!r}')
+
+
+def _residual(call, residual):
+    """The residual of a fused forward, as exported (x's shape and dtype; a C-contiguous copy
+    only when it is not C-contiguous, as x's), or None."""
+    if residual is None:
+        return None
+    if call.xp is _NumPy and not isinstance(residual, np.ndarray) and hasattr(residual, "__dlpack_device__"):
+        if residual.__dlpack_device__()[0] != 1:  # kDLCPU: other frameworks' CPU arrays convert
+            raise ValueError("bnorm: residual is on another device than x (a NumPy array)")
+    return call.input(residual, "residual")
+
+
+def _mask_source(call, relu: bool, y):
+    """The fused forward's output y that ReLU's gradient is masked with, as exported; None
+    without activation (where y must not be given: it would be silently ignored)."""
+    if not relu:
+        if y is not None:
+            raise ValueError('bnorm: y is the fused forward\'s output for activation="relu"; pass activation="relu" or no y')
+        return None
+    if y is None:
+        raise ValueError('bnorm: y (the output of the fused forward) is required with activation="relu"')
+    return call.input(y, "y")
+
+
+def _given(*inputs):
+    """The (array, name) pairs whose array is not None (for _Call.output)."""
+    return tuple(pair for pair in inputs if pair[0] is not None)
+
+
 def _param_dtype(dtype_name: str) -> str:
     return "float32" if dtype_name in ("float16", "bfloat16") else dtype_name
 
@@ -364,7 +401,8 @@ class _Output:
 def forward_train(
     x: Array, weight: Optional[Array] = None, bias: Optional[Array] = None, running_mean: Optional[Array] = None,
     running_var: Optional[Array] = None, *, axis: int = 1, momentum: float = 0.1, eps: float = 1e-5,
-    out: Optional[Array] = None, stream: Optional[int] = None, unbiased_running_var: bool = True,
+    residual: Optional[Array] = None, activation: Optional[str] = None, out: Optional[Array] = None,
+    stream: Optional[int] = None, unbiased_running_var: bool = True,
 ) -> Tuple[Array, Array, Array]:
     """Batch normalization in training mode.
 
@@ -382,7 +420,11 @@ def forward_train(
         axis: the channel axis (negative counts from the end).
         momentum: in [0, 1].
         eps: > 0, added to the variance.
-        out: optional preallocated output of x's shape and dtype (may be x itself).
+        residual: optional array of x's shape and dtype added after normalization (fused
+            epilogue: y = activation(BN(x) + residual), one pass; statistics of x alone). A
+            residual that is not C-contiguous is copied first (as x is).
+        activation: None or "relu", applied last.
+        out: optional preallocated output of x's shape and dtype (may be x or residual itself).
         stream: CUDA stream handle (int) for CUDA arrays; None is the legacy default stream.
         unbiased_running_var: False updates running_var with the biased variance var
             instead of var * M / (M - 1): the convention of Keras 3, Flax and ONNX
@@ -404,11 +446,13 @@ def forward_train(
     if running_mean is not None and running_var is not None and call.xp.overlaps(running_mean, running_var):
         raise ValueError("bnorm: running_mean and running_var overlap (each is updated from its own old value)")
     call.require_batch()
-    y = call.output(out)
+    relu = _relu(activation)
+    residual = _residual(call, residual)
+    y = call.output(out, *_given((residual, "residual")))
     save_mean, save_invstd = call.new_vector(), call.new_vector()
     _core.forward_train(
         call.x, call.shape, weight, bias, running_mean, running_var, _real(momentum, "momentum"), _real(eps, "eps"),
-        y.target, save_mean, save_invstd, call.xp.stream,
+        y.target, save_mean, save_invstd, call.xp.stream, residual, relu,
         unbiased_running_var=_flag(unbiased_running_var, "unbiased_running_var"),
     )
     return y.done(), call.result(save_mean), call.result(save_invstd)
@@ -416,10 +460,12 @@ def forward_train(
 
 def forward_infer(
     x: Array, running_mean: Array, running_var: Array, weight: Optional[Array] = None, bias: Optional[Array] = None,
-    *, axis: int = 1, eps: float = 1e-5, out: Optional[Array] = None, stream: Optional[int] = None,
+    *, axis: int = 1, eps: float = 1e-5, residual: Optional[Array] = None, activation: Optional[str] = None,
+    out: Optional[Array] = None, stream: Optional[int] = None,
 ) -> Array:
     """Batch normalization in inference mode, with fixed statistics:
-    y = (x - running_mean) / sqrt(running_var + eps) * weight + bias.
+    y = (x - running_mean) / sqrt(running_var + eps) * weight + bias, then + residual and
+    the activation when given (fused, one pass).
 
     Arguments as in ``forward_train``; running_mean and running_var are required and only
     read. Returns y.
@@ -429,17 +475,21 @@ def forward_infer(
     running_var = call.vector(running_var, "running_var")
     weight = call.vector(weight, "weight", required=False)
     bias = call.vector(bias, "bias", required=False)
-    y = call.output(out)
+    relu = _relu(activation)
+    residual = _residual(call, residual)
+    y = call.output(out, *_given((residual, "residual")))
     _core.forward_infer(
-        call.x, call.shape, running_mean, running_var, weight, bias, _real(eps, "eps"), y.target, call.xp.stream
+        call.x, call.shape, running_mean, running_var, weight, bias, _real(eps, "eps"), y.target, call.xp.stream,
+        residual, relu,
     )
     return y.done()
 
 
 def backward(
     dy: Array, x: Array, mean: Array, invstd: Array, weight: Optional[Array] = None, *, axis: int = 1,
-    batch_stats: bool = True, out: Optional[Array] = None, stream: Optional[int] = None,
-) -> Tuple[Array, Array, Array]:
+    batch_stats: bool = True, activation: Optional[str] = None, y: Optional[Array] = None,
+    out: Optional[Array] = None, stream: Optional[int] = None,
+) -> Union[Tuple[Array, Array, Array], Tuple[Array, Array, Array, Array]]:
     """Gradients of batch normalization.
 
     Args:
@@ -450,24 +500,37 @@ def backward(
             batch_stats=False: constants (eval mode: running_mean and
             1/sqrt(running_var + eps)), so dx = dy * weight * invstd.
         weight: the per-channel scale, or None (1).
-        out: optional preallocated dx (may be dy or x itself).
+        activation: "relu" for the backward of a fused forward with activation="relu"
+            (then y, that forward's output, is required), or None.
+        out: optional preallocated dx (may be dy, x or y itself).
 
     Returns:
         (dx, dweight, dbias) with dweight = sum(dy * xhat) and dbias = sum(dy) per channel,
         xhat = (x - mean) * invstd; dweight and dbias are returned even when weight is None.
+        With activation="relu": (dx, dweight, dbias, dsum), dsum = dy * (y > 0) being the
+        gradient at BN(x) + residual (so also the residual's), and dx, dweight, dbias BN's
+        gradients for dsum in place of dy; one reduction and one elementwise pass, as without.
     """
     call = _Call(x, axis, stream)
     dy = call.input(dy, "dy")
     mean = call.vector(mean, "mean")
     invstd = call.vector(invstd, "invstd")
     weight = call.vector(weight, "weight", required=False)
-    dx = call.output(out, (dy, "dy"))
+    relu = _relu(activation)
+    y = _mask_source(call, relu, y)
+    dx = call.output(out, *_given((dy, "dy"), (y, "y")))
     dweight, dbias = call.new_vector(), call.new_vector()
+    dsum = call.output(None) if relu else None
     if not isinstance(batch_stats, (bool, np.bool_)) and not (
         tuple(getattr(batch_stats, "shape", (1,))) == () and _kind(batch_stats) == "b"
     ):
         raise TypeError(f"bnorm: batch_stats must be True or False, got {batch_stats!r}")
-    _core.backward(dy, call.x, call.shape, mean, invstd, weight, bool(batch_stats), dx.target, dweight, dbias, call.xp.stream)
+    _core.backward(
+        dy, call.x, call.shape, mean, invstd, weight, bool(batch_stats), dx.target, dweight, dbias, call.xp.stream,
+        y, relu, dsum.target if relu else None,
+    )
+    if relu:
+        return dx.done(), call.result(dweight), call.result(dbias), dsum.done()
     return dx.done(), call.result(dweight), call.result(dbias)
 
 
@@ -536,9 +599,11 @@ def merge_stats(
 
 def normalize(
     x: Array, mean: Array, invstd: Array, weight: Optional[Array] = None, bias: Optional[Array] = None, *,
-    axis: int = 1, out: Optional[Array] = None, stream: Optional[int] = None,
+    axis: int = 1, residual: Optional[Array] = None, activation: Optional[str] = None, out: Optional[Array] = None,
+    stream: Optional[int] = None,
 ) -> Array:
-    """y = (x - mean) * invstd * weight + bias per channel (weight and bias may be None).
+    """y = (x - mean) * invstd * weight + bias per channel (weight and bias may be None),
+    then + residual and the activation when given (fused, as in ``forward_train``).
     The elementwise phase of ``forward_train``, for statistics computed elsewhere
     (e.g. merged across shards with ``merge_stats``)."""
     call = _Call(x, axis, stream)
@@ -546,33 +611,42 @@ def normalize(
     invstd = call.vector(invstd, "invstd")
     weight = call.vector(weight, "weight", required=False)
     bias = call.vector(bias, "bias", required=False)
-    y = call.output(out)
-    _core.normalize(call.x, call.shape, mean, invstd, weight, bias, y.target, call.xp.stream)
+    relu = _relu(activation)
+    residual = _residual(call, residual)
+    y = call.output(out, *_given((residual, "residual")))
+    _core.normalize(call.x, call.shape, mean, invstd, weight, bias, y.target, call.xp.stream, residual, relu)
     return y.done()
 
 
 def backward_reduce(
-    dy: Array, x: Array, mean: Array, invstd: Array, *, axis: int = 1, stream: Optional[int] = None
+    dy: Array, x: Array, mean: Array, invstd: Array, *, axis: int = 1, activation: Optional[str] = None,
+    y: Optional[Array] = None, stream: Optional[int] = None,
 ) -> Tuple[Array, Array]:
     """The reduction phase of ``backward``: (sum_dy, sum_dy_xhat) per channel, with
-    xhat = (x - mean) * invstd. Sum these over shards before ``backward_elemt``."""
+    xhat = (x - mean) * invstd. Sum these over shards before ``backward_elemt``.
+    With activation="relu" (y required, as in ``backward``), dy * (y > 0) is summed."""
     call = _Call(x, axis, stream)
     dy = call.input(dy, "dy")
     mean = call.vector(mean, "mean")
     invstd = call.vector(invstd, "invstd")
+    relu = _relu(activation)
+    y = _mask_source(call, relu, y)
     sum_dy, sum_dy_xhat = call.new_vector(), call.new_vector()
-    _core.backward_reduce(dy, call.x, call.shape, mean, invstd, sum_dy, sum_dy_xhat, call.xp.stream)
+    _core.backward_reduce(dy, call.x, call.shape, mean, invstd, sum_dy, sum_dy_xhat, call.xp.stream, y, relu)
     return call.result(sum_dy), call.result(sum_dy_xhat)
 
 
 def backward_elemt(
     dy: Array, x: Array, mean: Array, invstd: Array, weight: Optional[Array], sum_dy: Array, sum_dy_xhat: Array,
-    count: Union[int, float, Array], *, axis: int = 1, out: Optional[Array] = None, stream: Optional[int] = None,
-) -> Array:
+    count: Union[int, float, Array], *, axis: int = 1, activation: Optional[str] = None, y: Optional[Array] = None,
+    out: Optional[Array] = None, stream: Optional[int] = None,
+) -> Union[Array, Tuple[Array, Array]]:
     """The elementwise phase of ``backward`` with batch statistics:
     dx = weight * invstd * (dy - sum_dy / count - xhat * sum_dy_xhat / count),
     where count is the number of values per channel over all shards (> 0): a number, a 0-d
-    array, or the (C,) count of ``merge_stats`` when every channel has the same count."""
+    array, or the (C,) count of ``merge_stats`` when every channel has the same count.
+    With activation="relu" (y required, as in ``backward``), dy * (y > 0) replaces dy and
+    (dx, dsum) is returned, dsum = dy * (y > 0) written by the same pass."""
     call = _Call(x, axis, stream)
     dy = call.input(dy, "dy")
     mean = call.vector(mean, "mean")
@@ -581,11 +655,15 @@ def backward_elemt(
     sum_dy = call.vector(sum_dy, "sum_dy")
     sum_dy_xhat = call.vector(sum_dy_xhat, "sum_dy_xhat")
     count = _count_of(count, call.channels)
-    dx = call.output(out, (dy, "dy"))
+    relu = _relu(activation)
+    y = _mask_source(call, relu, y)
+    dx = call.output(out, *_given((dy, "dy"), (y, "y")))
+    dsum = call.output(None) if relu else None
     _core.backward_elemt(
-        dy, call.x, call.shape, mean, invstd, weight, sum_dy, sum_dy_xhat, count, dx.target, call.xp.stream
+        dy, call.x, call.shape, mean, invstd, weight, sum_dy, sum_dy_xhat, count, dx.target, call.xp.stream,
+        y, relu, dsum.target if relu else None,
     )
-    return dx.done()
+    return (dx.done(), dsum.done()) if relu else dx.done()
 
 
 def set_num_threads(n: int) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._functional import backward, forward_train, merge_stats
+from ._functional import _as_numpy, backward, forward_train, merge_stats
 
 __all__ = ["check_groups", "forward", "merged_stats", "backward_groups"]
 
@@ -30,11 +30,16 @@ def check_groups(x: np.ndarray, v: int, axis: int) -> int:
     return n // v
 
 
-def forward(x, v, weight, bias, *, axis, eps):
-    """y of x normalized group by group, and the groups' (means, invstds, vars), each of
-    shape (groups, C), in the parameter dtype."""
+def forward(x, v, weight, bias, *, axis, eps, residual=None, activation=None):
+    """y of x normalized group by group (with the fused epilogue: activation(BN(x) +
+    residual), each group on its slice of residual), and the groups' (means, invstds,
+    vars), each of shape (groups, C), in the parameter dtype."""
     groups = check_groups(x, v, axis)
     x = np.ascontiguousarray(x)  # (each group is then a C-contiguous view)
+    if residual is not None:
+        residual = _as_numpy(residual, "residual")
+        if residual.shape != x.shape:
+            raise ValueError(f"bnorm: residual must have x's shape {x.shape}, got {residual.shape}")
     y = np.empty_like(x)
     channels = x.shape[axis]
     p = np.float32 if x.dtype.itemsize < 4 else x.dtype
@@ -44,7 +49,7 @@ def forward(x, v, weight, bias, *, axis, eps):
         mean, var = np.zeros(channels, p), np.zeros(channels, p)  # momentum 1: the batch values
         _, _, invstds[g] = forward_train(
             x[part], weight, bias, mean, var, axis=axis, momentum=1.0, eps=eps, out=y[part],
-            unbiased_running_var=False,
+            unbiased_running_var=False, residual=None if residual is None else residual[part], activation=activation,
         )
         means[g], vars_[g] = mean, var
     return y, means, invstds, vars_
@@ -57,18 +62,25 @@ def merged_stats(x, axis, means, vars_):
     return merge_stats(counts, means.astype(np.float64), vars_.astype(np.float64))
 
 
-def backward_groups(dy, x, v, means, invstds, weight, *, axis):
-    """(dx, dweight, dbias): each group's backward with its own batch statistics; dweight
-    and dbias summed over the groups in order, in float64, rounded once."""
+def backward_groups(dy, x, v, means, invstds, weight, *, axis, y=None):
+    """(dx, dweight, dbias, dsum): each group's backward with its own batch statistics;
+    dweight and dbias summed over the groups in order, in float64, rounded once. With y (the
+    output of a forward with ReLU), each group's backward takes ReLU's mask from its slice of
+    y and dsum = dy * (y > 0); without, dsum is dy."""
     dy = np.ascontiguousarray(dy)
     if dy.shape != x.shape:
         raise ValueError(f"bnorm: dy must have x's shape {x.shape}, got {dy.shape}")
     dx = np.empty_like(x)
+    dsum = dy if y is None else np.empty_like(dy)
     dweight = np.zeros(means.shape[1])
     dbias = np.zeros(means.shape[1])
     for g in range(means.shape[0]):
         part = slice(g * v, (g + 1) * v)
-        _, dw, db = backward(dy[part], x[part], means[g], invstds[g], weight, axis=axis, out=dx[part])
+        if y is None:
+            _, dw, db = backward(dy[part], x[part], means[g], invstds[g], weight, axis=axis, out=dx[part])
+        else:
+            _, dw, db, dsum[part] = backward(dy[part], x[part], means[g], invstds[g], weight, axis=axis,
+                                             activation="relu", y=y[part], out=dx[part])
         dweight += dw
         dbias += db
-    return dx, dweight.astype(means.dtype), dbias.astype(means.dtype)
+    return dx, dweight.astype(means.dtype), dbias.astype(means.dtype), dsum

@@ -9,6 +9,7 @@ import numpy as np
 
 from . import _ghost
 from ._functional import _DTYPE_NAMES, _NumPy, _as_numpy, _backend, _bfloat16, _flag, _is_bfloat16, _param_dtype, _real, backward, forward_infer, forward_train
+from ._functional import _relu
 
 __all__ = ["BatchNorm"]
 
@@ -43,6 +44,10 @@ class BatchNorm:
             formula): what eval mode will see is the population of all groups, as without
             groups. (Keras averages the groups' means and variances instead, which leaves
             out the spread between the groups' means.)
+        activation: None or "relu": the layer computes activation(BN(x) + residual) in
+            one pass (fused epilogue; ``bn(x, residual=z)`` adds z, of x's shape and dtype).
+            With ReLU the layer keeps a reference to its output for backward's mask: do not
+            modify the output in place before ``backward``.
 
     Attributes:
         weight, bias: the affine parameters (None when affine is False).
@@ -53,7 +58,7 @@ class BatchNorm:
     """
 
     def __init__(self, num_features, *, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, axis=1,
-                 dtype=np.float32, unbiased_running_var=True, virtual_batch_size=None):
+                 dtype=np.float32, unbiased_running_var=True, virtual_batch_size=None, activation=None):
         if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral):
             raise TypeError(f"bnorm: num_features must be an integer, got {num_features!r}")
         if num_features <= 0:
@@ -75,6 +80,8 @@ class BatchNorm:
                 raise ValueError(f"bnorm: virtual_batch_size must be positive, got {virtual_batch_size}")
         self.unbiased_running_var = _flag(unbiased_running_var, "unbiased_running_var")
         self.virtual_batch_size = None if virtual_batch_size is None else int(virtual_batch_size)
+        _relu(activation)  # ValueError unless None or "relu"
+        self.activation = activation
         self.num_features = int(num_features)
         self.eps = float(eps)
         self.momentum = None if momentum is None else float(momentum)
@@ -94,6 +101,7 @@ class BatchNorm:
         self.grad_bias = None
         self._saved = None  # (x, mean, invstd, batch_stats) of the last call, for backward
         self._saved_groups = None  # (x, means, invstds) of the last ghost call, for backward
+        self._fused = (None, False)  # (y for ReLU's mask or None, whether it had a residual)
 
     def train(self, mode: bool = True) -> "BatchNorm":
         """Training mode (batch statistics, running statistics updated); returns self."""
@@ -104,13 +112,16 @@ class BatchNorm:
         """Evaluation mode (running statistics, when tracked); returns self."""
         return self.train(False)
 
-    def __call__(self, x):
+    def __call__(self, x, residual=None):
         """Normalize x: batch statistics when training or not tracking running
-        statistics, else the running ones. Remembers x for ``backward``."""
+        statistics, else the running ones; then add residual (None, or an array of x's
+        shape and dtype) and apply the layer's activation, fused. Remembers x for
+        ``backward``."""
         x = self._input(x)
         self._saved_groups = None
+        fused = {"residual": residual, "activation": self.activation}
         if self.virtual_batch_size is not None and (self.training or not self.track_running_stats):
-            return self._ghost_call(x)
+            return self._ghost_call(x, **fused)
         if self.training or not self.track_running_stats:
             update = self.training and self.track_running_stats
             batches = self.num_batches_tracked + 1 if update else None
@@ -121,31 +132,38 @@ class BatchNorm:
                 x, self.weight, self.bias,
                 self.running_mean if update else None, self.running_var if update else None,
                 axis=self.axis, momentum=factor, eps=self.eps, unbiased_running_var=self.unbiased_running_var,
+                **fused,
             )
             if update and math.prod(x.shape) > 0:
                 self.num_batches_tracked = batches
             self._saved = (x, mean, invstd, True)
         else:
             y = forward_infer(x, self.running_mean, self.running_var, self.weight, self.bias, axis=self.axis,
-                              eps=self.eps)
+                              eps=self.eps, **fused)
             invstd = (1.0 / np.sqrt(self.running_var.astype(np.float64) + self.eps)).astype(self.param_dtype)
             self._saved = (x, self.running_mean.copy(), invstd, False)
+        self._fused = (y if self.activation == "relu" else None, residual is not None)
         return y
 
     forward = __call__
 
-    def _ghost_call(self, x):
-        """Ghost batch normalization (virtual_batch_size): groups normalized one by one, then
-        the running statistics updated once from the whole batch's merged statistics."""
+    def _ghost_call(self, x, residual, activation):
+        """Ghost batch normalization (virtual_batch_size): groups normalized one by one (each
+        with the fused epilogue on its slice of the residual), then the running statistics
+        updated once from the whole batch's merged statistics."""
         if not isinstance(x, np.ndarray):
             raise TypeError(f"bnorm: virtual_batch_size takes NumPy arrays, got {type(x).__module__}.{type(x).__name__}")
         _ghost.check_groups(x, self.virtual_batch_size, self.axis)
         if x.size == 0:  # nothing to learn from: as BatchNorm, no buffer changes
-            y, mean, invstd = forward_train(x, self.weight, self.bias, axis=self.axis, eps=self.eps)
+            y, mean, invstd = forward_train(x, self.weight, self.bias, axis=self.axis, eps=self.eps,
+                                            residual=residual, activation=activation)
             self._saved = (x, mean, invstd, True)
+            self._fused = (y if activation == "relu" else None, residual is not None)
             return y
         y, means, invstds, vars_ = _ghost.forward(x, self.virtual_batch_size, self.weight, self.bias,
-                                                  axis=self.axis, eps=self.eps)
+                                                  axis=self.axis, eps=self.eps, residual=residual,
+                                                  activation=activation)
+        self._fused = (y if activation == "relu" else None, residual is not None)
         if self.training and self.track_running_stats:
             count, mean, var = _ghost.merged_stats(x, self.axis, means, vars_)
             batches = self.num_batches_tracked + 1
@@ -202,21 +220,31 @@ class BatchNorm:
 
     def backward(self, dy):
         """Gradient of the loss with respect to the last call's input, given dy (shaped like
-        its output). Sets grad_weight and grad_bias (when affine); returns dx."""
+        its output). Sets grad_weight and grad_bias (when affine); returns dx, or
+        (dx, dresidual) when the last call had a residual (dresidual = dy * (y > 0) with
+        ReLU, computed in the pass that computes dx; dy itself without an activation)."""
         if self._saved_groups is not None:
             x, means, invstds = self._saved_groups
-            dx, dweight, dbias = _ghost.backward_groups(dy, x, self.virtual_batch_size, means, invstds, self.weight,
-                                                        axis=self.axis)
+            dx, dweight, dbias, dsum = _ghost.backward_groups(dy, x, self.virtual_batch_size, means, invstds,
+                                                              self.weight, axis=self.axis, y=self._fused[0])
             if self.affine:
                 self.grad_weight, self.grad_bias = dweight, dbias
-            return dx
+            return (dx, dsum) if self._fused[1] else dx
         if self._saved is None:
             raise RuntimeError("bnorm: BatchNorm.backward called before a forward call")
         x, mean, invstd, batch_stats = self._saved
-        dx, dweight, dbias = backward(dy, x, mean, invstd, self.weight, axis=self.axis, batch_stats=batch_stats)
+        dx, dweight, dbias, dsum = self._backward(dy, x, mean, invstd, batch_stats)
         if self.affine:
             self.grad_weight, self.grad_bias = dweight, dbias
-        return dx
+        return (dx, dsum) if self._fused[1] else dx
+
+    def _backward(self, dy, x, mean, invstd, batch_stats):
+        """(dx, dweight, dbias, dsum) of the last call, dsum being dy without an activation."""
+        mask = self._fused[0]
+        if mask is not None:
+            return backward(dy, x, mean, invstd, self.weight, axis=self.axis, batch_stats=batch_stats,
+                            activation="relu", y=mask)
+        return (*backward(dy, x, mean, invstd, self.weight, axis=self.axis, batch_stats=batch_stats), dy)
 
     def state_dict(self) -> dict:
         """Copies of the parameters and buffers, under PyTorch's keys."""
@@ -264,4 +292,10 @@ class BatchNorm:
         return (f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
                 f"track_running_stats={self.track_running_stats}, axis={self.axis}, dtype={self.dtype.name}"
                 + ("" if self.unbiased_running_var else ", unbiased_running_var=False")
-                + ("" if self.virtual_batch_size is None else f", virtual_batch_size={self.virtual_batch_size}") + ")")
+                + ("" if self.virtual_batch_size is None else f", virtual_batch_size={self.virtual_batch_size}")
+                + f"{_activation_repr(self.activation)})")
+
+
+def _activation_repr(activation) -> str:
+    """The activation= part of a layer's repr (none for no activation, as before it existed)."""
+    return "" if activation is None else f", activation={activation!r}"

@@ -14,6 +14,8 @@ all in one process, interleaved round by round so that every contender sees the 
 machine state. ``--busy`` runs bnorm, bnorm on one thread and PyTorch on an idle machine
 and then with one core kept busy by another process. ``--sweep`` instead measures ns per element over a sweep of N, C and
 spatial size at a fixed total size, and flags "cliffs" (over 2x between neighbours).
+``--fused`` times the fused epilogue (BN + add + ReLU, _bench_fused.py) on ResNet's shapes
+(recorded with ``python benchmarks/bench_cpu.py --record --only fused --threads 2``).
 Run ``python -m bnorm.bench --help`` for the options. PyTorch and matplotlib are optional.
 """
 
@@ -849,6 +851,9 @@ def build_parser():
     p.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
                    help="before each row, wait up to SECONDS for other processes to go under 15%% CPU")
     p.add_argument("--note", default=None, help="a label printed in the header and stored in the JSON")
+    p.add_argument("--fused", action="store_true",
+                   help="time the fused epilogue (BN + add + ReLU, forward and backward) against PyTorch's op "
+                        "sequence on ResNet's shapes, NCHW and channels-last (--shapes overrides them)")
     return p
 
 
@@ -871,7 +876,14 @@ def main(argv=None) -> dict:
     _header(info, args, malloc_reuse)
     results = {"meta": info, "argv": sys.argv[1:] if argv is None else list(argv)}
     t0 = time.perf_counter()
-    if args.sweep:
+    if args.fused:
+        from . import _bench_fused
+
+        shapes = args.shapes if args.shapes is not DEFAULT_SHAPES else _bench_fused.DEFAULT_SHAPES
+        results["fused_rows"] = _bench_fused.run_fused(
+            shapes, _bench_fused.FUSED_OPS, torch=torch, rounds=args.repeat, warmup=args.warmup,
+            budget=args.budget if args.budget is not None else _DEFAULT_BUDGET)
+    elif args.sweep:
         sw = run_sweep(args.dtype[0], args.sweep_size, args.ops, torch=torch, rounds=args.repeat,
                        warmup=max(1, args.warmup - 1), budget=args.budget if args.budget is not None else 0.25,
                        wait_quiet=args.wait_quiet)

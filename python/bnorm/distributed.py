@@ -48,7 +48,8 @@ import numpy as np
 
 import bnorm as _bn
 
-from ._layer import BatchNorm
+from ._functional import _Call
+from ._layer import BatchNorm, _activation_repr
 
 __all__ = [
     "Communicator",
@@ -436,24 +437,26 @@ def sync_batch_stats(x: Any, comm: Any, *, axis: int = 1, stream: Any = None) ->
 
 
 def sync_backward_reduce(dy: Any, x: Any, mean: Any, invstd: Any, comm: Any, *, axis: int = 1,
-                         stream: Any = None) -> tuple:
+                         activation: Any = None, y: Any = None, stream: Any = None) -> tuple:
     """``bnorm.backward_reduce`` summed over all ranks: ``(sum_dy, sum_dy_xhat)`` of the
-    global batch, for ``bnorm.backward_elemt`` with the global count.
+    global batch, for ``bnorm.backward_elemt`` with the global count. activation and y as
+    in ``bnorm.backward_reduce`` (the fused epilogue's ReLU: dy * (y > 0) is summed).
 
     Collective (one all-reduce of 2C float64 values). mean and invstd are the global
     statistics (from :func:`sync_batch_stats`). If the local reduction fails on this rank,
     it still contributes NaNs to the all-reduce before raising, so no rank hangs.
     """
     comm = as_communicator(comm)
-    return _global_sums(dy, x, mean, invstd, comm, axis, stream)
+    return _global_sums(dy, x, mean, invstd, comm, axis, stream, activation=activation, y=y)
 
 
-def _global_sums(dy: Any, x: Any, mean: Any, invstd: Any, comm: Any, axis: int, stream: Any = None) -> tuple:
+def _global_sums(dy: Any, x: Any, mean: Any, invstd: Any, comm: Any, axis: int, stream: Any = None,
+                 **fused: Any) -> tuple:
     ops = _ops_for(mean)
     channels = int(mean.shape[0])
     error: BaseException | None = None
     try:
-        sum_dy, sum_dy_xhat = _bn.backward_reduce(dy, x, mean, invstd, axis=axis, **_stream_kw(stream))
+        sum_dy, sum_dy_xhat = _bn.backward_reduce(dy, x, mean, invstd, axis=axis, **fused, **_stream_kw(stream))
         local = ops.pack([sum_dy, sum_dy_xhat], channels, mean)
     except Exception as exc:
         error = exc
@@ -478,7 +481,10 @@ class SyncBatchNorm(BatchNorm):
     """``bnorm.BatchNorm`` whose training statistics are those of the global batch.
 
     ``SyncBatchNorm(num_features, comm, *, eps=1e-5, momentum=0.1, affine=True,
-    track_running_stats=True, axis=1, dtype=numpy.float32, unbiased_running_var=True)``
+    track_running_stats=True, axis=1, dtype=numpy.float32, unbiased_running_var=True, activation=None)``
+
+    ``activation`` and ``layer(x, residual=z)`` are BatchNorm's fused epilogue; ``backward``
+    then returns ``(dx, dresidual)`` as BatchNorm's does.
 
     ``comm``: an mpi4py communicator or a :class:`Communicator` (see
     :func:`as_communicator`). Same attributes and methods as BatchNorm (and, like it, a
@@ -527,6 +533,7 @@ class SyncBatchNorm(BatchNorm):
             axis=bn.axis,
             dtype=bn.dtype,
             unbiased_running_var=bn.unbiased_running_var,
+            activation=bn.activation,
         )
         sbn.load_state_dict(bn.state_dict())
         sbn.train(bn.training)
@@ -534,16 +541,25 @@ class SyncBatchNorm(BatchNorm):
 
     # -- forward ------------------------------------------------------------------------
 
-    def __call__(self, x: Any) -> Any:
-        """Normalize this rank's slice x. Training: global batch statistics (collective).
-        Eval: as BatchNorm, without communication."""
+    def __call__(self, x: Any, residual: Any = None) -> Any:
+        """Normalize this rank's slice x (then add residual and apply the activation, fused).
+        Training: global batch statistics (collective). Eval: as BatchNorm, without
+        communication."""
         self._last = None
         self._sync_saved = None
         if not self.training:
-            y = super().__call__(x)
+            y = super().__call__(x, residual)
             self._last = "local"
             return y
-        g = _global_stats(x, self.comm, self.axis, self.num_features, check=self._check_input)
+        checked = {}
+
+        def check(x):  # the residual too is checked before the collective
+            x = self._check_input(x)
+            if residual is not None:
+                checked["residual"] = _Call(x, self.axis, None).input(residual, "residual")
+            return x
+
+        g = _global_stats(x, self.comm, self.axis, self.num_features, check=check)
         x = g.x
         if g.count == 1:
             raise ValueError(
@@ -553,7 +569,8 @@ class SyncBatchNorm(BatchNorm):
         ops, like = g.ops, g.like
         mean = ops.cast(g.mean, like)
         invstd = ops.cast(ops.invstd(g.var, self.eps), like)
-        y = _bn.normalize(x, mean, invstd, self.weight, self.bias, axis=self.axis)
+        y = _bn.normalize(x, mean, invstd, self.weight, self.bias, axis=self.axis, activation=self.activation,
+                          **checked)
         updates = self._running_updates(g)
         # Commit last: every collective and computation of this step has succeeded.
         for dst, src in updates:
@@ -562,6 +579,7 @@ class SyncBatchNorm(BatchNorm):
             else:
                 _assign(dst, src)
         self._sync_saved = (x, mean, invstd, g.count)
+        self._fused = (y if self.activation == "relu" else None, residual is not None)
         self._last = "sync"
         return y
 
@@ -612,19 +630,23 @@ class SyncBatchNorm(BatchNorm):
         x, mean, invstd, count = self._sync_saved
         if isinstance(dy, np.ndarray) and not dy.flags.c_contiguous:
             dy = np.ascontiguousarray(dy)
-        sum_dy, sum_dy_xhat = _global_sums(dy, x, mean, invstd, self.comm, self.axis)
+        mask = self._fused[0]
+        fused = {} if mask is None else {"activation": "relu", "y": mask}
+        sum_dy, sum_dy_xhat = _global_sums(dy, x, mean, invstd, self.comm, self.axis, **fused)
         # An empty global batch (count 0) means an empty x here: dx is empty whatever count.
         dx = _bn.backward_elemt(
-            dy, x, mean, invstd, self.weight, sum_dy, sum_dy_xhat, max(count, 1.0), axis=self.axis
+            dy, x, mean, invstd, self.weight, sum_dy, sum_dy_xhat, max(count, 1.0), axis=self.axis, **fused
         )
+        dx, dsum = dx if mask is not None else (dx, dy)
         if self.affine:
             self.grad_weight, self.grad_bias = sum_dy_xhat, sum_dy
-        return dx
+        return (dx, dsum) if self._fused[1] else dx
 
     def __repr__(self) -> str:
         return (
             f"SyncBatchNorm({self.num_features}, comm={self.comm!r}, eps={self.eps}, "
             f"momentum={self.momentum}, affine={self.affine}, "
             f"track_running_stats={self.track_running_stats}, axis={self.axis}, "
-            f"dtype={self.dtype.name}" + ("" if self.unbiased_running_var else ", unbiased_running_var=False") + ")"
+            f"dtype={self.dtype.name}" + ("" if self.unbiased_running_var else ", unbiased_running_var=False")
+            + f"{_activation_repr(self.activation)})"
         )

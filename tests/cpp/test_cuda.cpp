@@ -630,6 +630,52 @@ void test_huge() {
     CUDA_OK(cudaFree(x));
 }
 
+// The fused-epilogue overloads against the CPU backend's (same formulas and roundings up to
+// the last bits: float tolerance), and their argument checks (ValueError, nothing written).
+void test_fused_epilogue(Shape s, cudaStream_t stream) {
+    namespace bc = bnorm::cuda;
+    using bnorm::Activation;
+    using bnorm::Epilogue;
+    using bnorm::EpilogueGrad;
+    std::printf("  fused epilogue %s\n", describe(s).c_str());
+    const size_t n = size_t(s.size()), C = size_t(s.channels);
+    const auto x = random_data<float>(s, 1.0, 11), z = random_data<float>(s, 0.0, 12), dy = random_data<float>(s, 0.0, 13);
+    const std::vector<float> w(C, 1.5f), b(C, -0.25f);
+    std::vector<float> y(n), mean(C), invstd(C), dx(n), dsum(n), dw(C), db(C);
+    bnorm::forward_train(x.data(), s, w.data(), b.data(), nullptr, nullptr, 0.1, 1e-5,
+                         Epilogue<float>{z.data(), Activation::relu}, y.data(), mean.data(), invstd.data());
+    bnorm::backward(dy.data(), x.data(), s, mean.data(), invstd.data(), w.data(), true,
+                    EpilogueGrad<float>{Activation::relu, y.data()}, dx.data(), dw.data(), db.data(), dsum.data());
+    Dev<float> gx(x), gz(z), gdy(dy), gw(w), gb(b), gy(n), gmean(C), ginvstd(C), gdx(n), gdsum(n), gdw(C), gdb(C);
+    bc::forward_train<float>(gx.p, s, gw.p, gb.p, nullptr, nullptr, 0.1, 1e-5, Epilogue<float>{gz.p, Activation::relu},
+                             gy.p, gmean.p, ginvstd.p, stream);
+    const auto got_y = gy.get();
+    double worst = 0;
+    for (size_t i = 0; i < n; ++i) worst = std::max(worst, std::fabs(double(got_y[i]) - double(y[i])));
+    CHECK(worst <= 1e-4);
+    gy.upload(y);  // the mask from the CPU's y, so both backwards mask the same elements
+    gmean.upload(mean);
+    ginvstd.upload(invstd);
+    bc::backward<float>(gdy.p, gx.p, s, gmean.p, ginvstd.p, gw.p, true, EpilogueGrad<float>{Activation::relu, gy.p},
+                        gdx.p, gdw.p, gdb.p, gdsum.p, stream);
+    CHECK(same_bits(gdsum.get(), dsum));
+    const auto got_dx = gdx.get(), got_dw = gdw.get();
+    worst = 0;
+    for (size_t i = 0; i < n; ++i) worst = std::max(worst, std::fabs(double(got_dx[i]) - double(dx[i])));
+    for (size_t c = 0; c < C; ++c) worst = std::max(worst, std::fabs(double(got_dw[c]) - double(dw[c])) / double(n / C));
+    CHECK(worst <= 1e-4);
+    // checks: a bad activation, a null y with ReLU; nothing written
+    Dev<float> untouched(std::vector<float>(n, -7.0f));
+    CHECK_THROWS(bc::normalize<float>(gx.p, s, gmean.p, ginvstd.p, nullptr, nullptr,
+                                      Epilogue<float>{nullptr, static_cast<Activation>(7)}, untouched.p, stream),
+                 bnorm::ValueError);
+    CHECK_THROWS(bc::backward<float>(gdy.p, gx.p, s, gmean.p, ginvstd.p, gw.p, true,
+                                     EpilogueGrad<float>{Activation::relu, nullptr}, gdx.p, gdw.p, gdb.p, untouched.p,
+                                     stream),
+                 bnorm::ValueError);
+    CHECK(same_bits(untouched.get(), std::vector<float>(n, -7.0f)));
+}
+
 }  // namespace
 
 int main() {
@@ -681,6 +727,8 @@ int main() {
     test_numerics(stream);
     test_merge_stats(stream);
     test_errors(stream);
+    for (const Shape& s : {Shape{8, 3, 5}, Shape{16, 8, 3136}, Shape{4096, 64, 1}, Shape{1000, 3, 1}})
+        test_fused_epilogue(s, stream);
     test_streams_and_graphs();
     test_huge();
     CUDA_OK(cudaStreamDestroy(stream));

@@ -108,3 +108,16 @@ def test_parse_shapes_and_errors():
         bench.build_parser().parse_args(["--ops", "sideways"])
     with pytest.raises(SystemExit):
         bench.build_parser().parse_args(["--dtype", "int8"])
+
+
+def test_fused_table_is_printed(tmp_path):
+    jpath = tmp_path / "fused.json"
+    out = _run(["--fused", "--shapes", "4x3x5x5:1,3x4x4x6:-1", "--repeat", "2", "--warmup", "1", "--threads", "1",
+                "--json", str(jpath)], tmp_path)
+    assert "fused epilogue" in out and "traffic floor" in out and "fused targets met:" in out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| op")]
+    assert len(rows) == 10  # 2 shapes x 5 fused ops
+    if "torch ms" in out:
+        assert all("| ok |" in r for r in rows), "bnorm disagrees with PyTorch's op sequence"
+    data = json.loads(jpath.read_text())
+    assert len(data["fused_rows"]) == 10 and data["fused_rows"][0]["vs_floor"] > 0

@@ -85,20 +85,28 @@ def _close(got, want, dtype):
     assert float(np.max(np.abs(got - want), initial=0.0)) <= TOL[dtype] * scale
 
 
-@needs_torch_cuda
-@pytest.mark.parametrize("dtype", ["float32", "float64", "float16"])
-@pytest.mark.parametrize("shape,axis", LAYOUTS)
-def test_torch_cuda_matches_cpu(dtype, shape, axis):
-    torch = torch_cuda
-    rng = np.random.default_rng(0)
-    x = (3 + 2 * rng.standard_normal(shape)).astype(dtype)
+def _inputs(rng, dtype, shape, axis, loc):
+    """x (mean about loc), dy, weight, bias, running_mean, running_var (host arrays) and the
+    (to device, to host) copies for torch CUDA tensors."""
+    x = (loc + 2 * rng.standard_normal(shape)).astype(dtype)
     dy = rng.standard_normal(shape).astype(dtype)
     c = shape[axis]
     pdtype = "float32" if dtype == "float16" else dtype
     w, b = rng.standard_normal(c).astype(pdtype), rng.standard_normal(c).astype(pdtype)
     rm, rv = np.zeros(c, pdtype), np.ones(c, pdtype)
-    dev = lambda a: torch.from_numpy(a.copy()).cuda()  # noqa: E731
+    dev = lambda a: torch_cuda.from_numpy(a.copy()).cuda()  # noqa: E731
     host = lambda t: t.cpu().numpy()  # noqa: E731
+    return x, dy, w, b, rm, rv, dev, host
+
+
+@needs_torch_cuda
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16"])
+@pytest.mark.parametrize("shape,axis", LAYOUTS)
+def test_torch_cuda_matches_cpu(dtype, shape, axis):
+    torch = torch_cuda
+    x, dy, w, b, rm, rv, dev, host = _inputs(np.random.default_rng(0), dtype, shape, axis, 3.0)
+    c = shape[axis]
+    pdtype = "float32" if dtype == "float16" else dtype
 
     y, mean, invstd = bnorm.forward_train(x, w, b, rm, rv, axis=axis)
     grm, grv = dev(np.zeros(c, pdtype)), dev(np.ones(c, pdtype))
@@ -114,6 +122,42 @@ def test_torch_cuda_matches_cpu(dtype, shape, axis):
         got = bnorm.backward(dev(dy), dev(x), dev(mean), dev(invstd), dev(w), axis=axis, batch_stats=batch_stats)
         for g, e in zip(got, want):
             _close(host(g), e, dtype)
+
+
+@needs_torch_cuda
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16"])
+@pytest.mark.parametrize("shape,axis", LAYOUTS)
+def test_torch_cuda_fused_epilogue_matches_cpu(dtype, shape, axis):
+    """residual= and activation="relu" on CUDA arrays against the CPU backend: forward
+    (training, inference, normalize), backward with dsum, and the split phases."""
+    rng = np.random.default_rng(1)
+    x, dy, w, b, rm, rv, dev, host = _inputs(rng, dtype, shape, axis, 1.0)
+    z = rng.standard_normal(shape).astype(dtype)
+    c = shape[axis]
+
+    y, mean, invstd = bnorm.forward_train(x, w, b, axis=axis, residual=z, activation="relu")
+    gy, gmean, ginvstd = bnorm.forward_train(dev(x), dev(w), dev(b), axis=axis, residual=dev(z), activation="relu")
+    _close(host(gy), y, dtype)
+    yi = bnorm.forward_infer(x, rm, rv, w, b, axis=axis, residual=z, activation="relu")
+    _close(host(bnorm.forward_infer(dev(x), dev(rm), dev(rv), dev(w), dev(b), axis=axis, residual=dev(z),
+                                    activation="relu")), yi, dtype)
+    for batch_stats in (True, False):
+        want = bnorm.backward(dy, x, mean, invstd, w, axis=axis, batch_stats=batch_stats, activation="relu", y=y)
+        got = bnorm.backward(dev(dy), dev(x), dev(mean), dev(invstd), dev(w), axis=axis, batch_stats=batch_stats,
+                             activation="relu", y=dev(y))
+        assert len(got) == 4
+        for g, e in zip(got, want):
+            _close(host(g), e, dtype)
+    sums = bnorm.backward_reduce(dev(dy), dev(x), dev(mean), dev(invstd), axis=axis, activation="relu", y=dev(y))
+    want = bnorm.backward_reduce(dy, x, mean, invstd, axis=axis, activation="relu", y=y)
+    for g, e in zip(sums, want):
+        _close(host(g), e, dtype)
+    count = x.size // c
+    gdx, gdsum = bnorm.backward_elemt(dev(dy), dev(x), dev(mean), dev(invstd), dev(w), *sums, count, axis=axis,
+                                      activation="relu", y=dev(y))
+    dx, dsum = bnorm.backward_elemt(dy, x, mean, invstd, w, *want, count, axis=axis, activation="relu", y=y)
+    _close(host(gdx), dx, dtype)
+    _close(host(gdsum), dsum, dtype)
 
 
 @needs_torch_cuda

@@ -35,6 +35,31 @@ def test_groups_equal_separate_batchnorm_calls(rng, dtype, layout):
     ref.assert_close(ghost.grad_bias, db, 1e-6 if layer_dtype == np.float32 else 1e-13)
 
 
+@pytest.mark.parametrize("activation", [None, "relu"])
+@pytest.mark.parametrize("layout", [((8, 3, 5), 1), ((6, 2, 3, 4), -1)])
+def test_groups_with_fused_epilogue(rng, activation, layout):
+    """virtual_batch_size with residual= and activation=: each group is the fused call of
+    a BatchNorm on the group and its slice of the residual; backward returns (dx, dresidual)
+    group by group (the residual given as a non-contiguous view)."""
+    shape, axis = layout
+    v, c = 2, shape[axis]
+    x = ref.make_x(rng, shape, axis, np.float32)
+    z = np.asfortranarray(ref.make_dy(rng, shape, np.float32))
+    dy = ref.make_dy(rng, shape, np.float32)
+    ghost = bnorm.BatchNorm(c, axis=axis, virtual_batch_size=v, activation=activation)
+    y = ghost(x, residual=z)
+    dx, dz = ghost.backward(dy)
+    for g in range(shape[0] // v):
+        part = slice(g * v, (g + 1) * v)
+        single = bnorm.BatchNorm(c, axis=axis, activation=activation)
+        ref.assert_bitwise(y[part], single(x[part], residual=z[part]), f"y of group {g}")
+        sdx, sdz = single.backward(dy[part])
+        ref.assert_bitwise(dx[part], sdx, f"dx of group {g}")
+        ref.assert_bitwise(dz[part], sdz, f"dresidual of group {g}")
+    with pytest.raises(ValueError, match="residual"):
+        ghost(x, residual=z[:, :1])
+
+
 def test_running_stats_are_the_whole_batch(rng):
     """Running statistics: updated once per call with the whole batch's mean and unbiased
     variance, as BatchNorm without groups (the rule documented on BatchNorm)."""

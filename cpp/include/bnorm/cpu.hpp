@@ -89,6 +89,47 @@ void backward(const T* dy, const T* x, Shape shape, const param_t<T>* mean,
               const param_t<T>* invstd, const param_t<T>* weight, bool batch_stats, T* dx,
               param_t<T>* dweight, param_t<T>* dbias);
 
+/// The same entry points with a fused epilogue (bnorm/types.hpp: Epilogue, EpilogueGrad),
+/// one pass over memory where the plain op makes one: the forward ones write
+/// y = activation(BN(x) + residual) (statistics of x alone); the backward ones take
+/// g = dy * (y > 0) in place of dy when grad.activation is relu (grad.y required), and
+/// backward_elemt and backward also write dsum = g, the gradient at BN(x) + residual (so
+/// the residual's gradient), from the pass that writes dx when dsum is not null. dx,
+/// dweight and dbias are BN's gradients for g. dsum may be dy itself, and must not overlap
+/// x, grad.y or dx otherwise; dx may be dy, x or grad.y. ValueError for an activation other
+/// than none or relu, a null grad.y with relu, or outputs overlapping as excluded above.
+template <class T>
+void normalize(const T* x, Shape shape, const param_t<T>* mean, const param_t<T>* invstd,
+               const param_t<T>* weight, const param_t<T>* bias, const Epilogue<T>& epilogue, T* y);
+
+template <class T>
+void forward_train(const T* x, Shape shape, const param_t<T>* weight, const param_t<T>* bias,
+                   param_t<T>* running_mean, param_t<T>* running_var, double momentum,
+                   double eps, const Epilogue<T>& epilogue, T* y, param_t<T>* save_mean,
+                   param_t<T>* save_invstd, bool unbiased_running_var = true);
+
+template <class T>
+void forward_infer(const T* x, Shape shape, const param_t<T>* running_mean,
+                   const param_t<T>* running_var, const param_t<T>* weight,
+                   const param_t<T>* bias, double eps, const Epilogue<T>& epilogue, T* y);
+
+template <class T>
+void backward_reduce(const T* dy, const T* x, Shape shape, const param_t<T>* mean,
+                     const param_t<T>* invstd, const EpilogueGrad<T>& grad, param_t<T>* sum_dy,
+                     param_t<T>* sum_dy_xhat);
+
+template <class T>
+void backward_elemt(const T* dy, const T* x, Shape shape, const param_t<T>* mean,
+                    const param_t<T>* invstd, const param_t<T>* weight,
+                    const param_t<T>* sum_dy, const param_t<T>* sum_dy_xhat, double count,
+                    const EpilogueGrad<T>& grad, T* dx, T* dsum);
+
+template <class T>
+void backward(const T* dy, const T* x, Shape shape, const param_t<T>* mean,
+              const param_t<T>* invstd, const param_t<T>* weight, bool batch_stats,
+              const EpilogueGrad<T>& grad, T* dx, param_t<T>* dweight, param_t<T>* dbias,
+              T* dsum);
+
 /// Threads used by CPU calls: bnorm's own count, which other libraries' settings
 /// (omp_set_num_threads, torch.set_num_threads) do not change, nor does it change theirs.
 /// The default is OMP_NUM_THREADS, else the CPUs the affinity mask and a cgroup CPU quota

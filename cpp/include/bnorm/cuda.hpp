@@ -98,6 +98,52 @@ void backward(const T* dy, const T* x, Shape shape, const param_t<T>* mean,
               const param_t<T>* invstd, const param_t<T>* weight, bool batch_stats, T* dx,
               param_t<T>* dweight, param_t<T>* dbias, stream_t stream = nullptr);
 
+/// The overloads with a fused epilogue (bnorm/types.hpp; semantics and checks as in
+/// bnorm/cpu.hpp). The forward ones and backward_elemt apply it inside their elementwise
+/// pass; backward and backward_reduce with ReLU first write g = dy * (y > 0) (to dsum, or to
+/// scratch) in a pass of their own, then run the plain op on g.
+template <class T>
+void normalize(const T* x, Shape shape, const param_t<T>* mean, const param_t<T>* invstd,
+               const param_t<T>* weight, const param_t<T>* bias, const Epilogue<T>& epilogue, T* y,
+               stream_t stream = nullptr);
+
+template <class T>
+void forward_train(const T* x, Shape shape, const param_t<T>* weight, const param_t<T>* bias,
+                   param_t<T>* running_mean, param_t<T>* running_var, double momentum,
+                   double eps, const Epilogue<T>& epilogue, T* y, param_t<T>* save_mean,
+                   param_t<T>* save_invstd, stream_t stream = nullptr);
+
+/// The fused forward_train with unbiased_running_var (false: the biased variance updates
+/// running_var, as in the plain overload of the same flag).
+template <class T>
+void forward_train(const T* x, Shape shape, const param_t<T>* weight, const param_t<T>* bias,
+                   param_t<T>* running_mean, param_t<T>* running_var, double momentum,
+                   double eps, const Epilogue<T>& epilogue, T* y, param_t<T>* save_mean,
+                   param_t<T>* save_invstd, bool unbiased_running_var, stream_t stream = nullptr);
+
+template <class T>
+void forward_infer(const T* x, Shape shape, const param_t<T>* running_mean,
+                   const param_t<T>* running_var, const param_t<T>* weight,
+                   const param_t<T>* bias, double eps, const Epilogue<T>& epilogue, T* y,
+                   stream_t stream = nullptr);
+
+template <class T>
+void backward_reduce(const T* dy, const T* x, Shape shape, const param_t<T>* mean,
+                     const param_t<T>* invstd, const EpilogueGrad<T>& grad, param_t<T>* sum_dy,
+                     param_t<T>* sum_dy_xhat, stream_t stream = nullptr);
+
+template <class T>
+void backward_elemt(const T* dy, const T* x, Shape shape, const param_t<T>* mean,
+                    const param_t<T>* invstd, const param_t<T>* weight,
+                    const param_t<T>* sum_dy, const param_t<T>* sum_dy_xhat, double count,
+                    const EpilogueGrad<T>& grad, T* dx, T* dsum, stream_t stream = nullptr);
+
+template <class T>
+void backward(const T* dy, const T* x, Shape shape, const param_t<T>* mean,
+              const param_t<T>* invstd, const param_t<T>* weight, bool batch_stats,
+              const EpilogueGrad<T>& grad, T* dx, param_t<T>* dweight, param_t<T>* dbias,
+              T* dsum, stream_t stream = nullptr);
+
 }  // namespace bnorm::cuda
 
 #if defined(__GNUC__)

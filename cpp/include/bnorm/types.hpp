@@ -62,6 +62,29 @@ template <> struct param_type<half> { using type = float; };
 template <> struct param_type<bfloat16> { using type = float; };
 template <class T> using param_t = typename param_type<T>::type;
 
+/// The activation of the fused epilogue.
+enum class Activation { none, relu };
+
+/// The fused epilogue of normalize, forward_train and forward_infer:
+/// y = activation(BN(x) + residual), rounded to T once. residual (null: no add) has x's
+/// shape and layout; y may be residual itself, but not overlap it otherwise. The
+/// statistics are those of x alone.
+template <class T>
+struct Epilogue {
+    const T* residual = nullptr;
+    Activation activation = Activation::none;
+};
+
+/// The backward entry points' view of a fused forward's activation: with Activation::relu
+/// they take g = dy * (y > 0) (ReLU's gradient; 0 where y is NaN) in place of dy, y being
+/// the fused forward's output (required then; x's shape and layout). g is the gradient at
+/// BN(x) + residual, so also the residual's gradient: the write passes can store it (dsum).
+template <class T>
+struct EpilogueGrad {
+    Activation activation = Activation::none;
+    const T* y = nullptr;
+};
+
 }  // namespace bnorm
 
 #if defined(__GNUC__)
