@@ -185,7 +185,7 @@ class BatchNorm:
             raise KeyError(f"bnorm: state_dict mismatch: missing {missing}, unexpected {unexpected}")
         values = {}
         for key in expected & keys:
-            value = np.asarray(state[key])
+            value = _as_numpy(state[key], key)
             if key == "num_batches_tracked":
                 if value.shape != () or value.dtype.kind not in "iu" or not 0 <= int(value) < 2**63:
                     raise ValueError(f"bnorm: num_batches_tracked must be an integer scalar in [0, 2**63), got {value!r}")
