@@ -79,6 +79,23 @@ inline void check_parts(const char* op, int64_t parts, int64_t channels) {
     }
 }
 
+// A variance is never negative: a negative running_var would make NaN outputs without an
+// error (forward_infer's usual cause: its arguments passed in forward_train's order). NaN
+// passes, and propagates to its channel as NaN in x does. Reads host memory: the CUDA
+// backend does not call it (a device read-back would synchronize the stream; docs/faq.md).
+template <class P>
+void check_running_var(const char* op, const P* running_var, int64_t channels) {
+    for (int64_t c = 0; c < channels; ++c) {
+        if (running_var[c] < P(0)) {
+            std::string what = message(op, "running_var must be >= 0, got ", double(running_var[c])) +
+                               " for channel " + std::to_string(c);
+            if (std::string(op) == "forward_infer")
+                what += " (forward_infer takes x, running_mean, running_var, weight, bias in this order)";
+            throw ValueError(what);
+        }
+    }
+}
+
 // The whole argument checks of the elementwise entry points, one per op for both backends
 // (the same calls refused, with the same first message). Each returns whether there is
 // anything to compute: an x with no elements needs no valid pointer.

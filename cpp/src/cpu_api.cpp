@@ -186,6 +186,7 @@ void forward_train(const T* x, Shape shape, const param_t<T>* weight, const para
     if (shape.channels == 0) return;
     check_pointer(op, save_mean, "save_mean");
     check_pointer(op, save_invstd, "save_invstd");
+    if (running_var) detail::check_running_var(op, running_var, shape.channels);
     if (shape.count() == 0) {  // empty batch: nothing to learn from, running stats untouched
         for (int64_t c = 0; c < shape.channels; ++c) {
             save_mean[c] = 0;
@@ -216,6 +217,7 @@ void forward_infer(const T* x, Shape shape, const param_t<T>* running_mean,
                    const param_t<T>* bias, double eps, T* y) {
     using P = param_t<T>;
     if (!detail::check_forward_infer(shape, eps, x, running_mean, running_var, y)) return;
+    detail::check_running_var("forward_infer", running_var, shape.channels);
     Scratch<P> invstd(shape.channels);
     for (int64_t c = 0; c < shape.channels; ++c) invstd[c] = invstd_of<P>(running_var[c], eps);
     normalize(x, shape, running_mean, invstd.data(), weight, bias, y);

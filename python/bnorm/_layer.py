@@ -195,6 +195,9 @@ class BatchNorm:
                 raise ValueError(f"bnorm: {key} must have shape ({self.num_features},), got {value.shape}")
             if not np.can_cast(value.dtype, self.param_dtype, casting="same_kind"):
                 raise TypeError(f"bnorm: {key} must be {self.param_dtype}, got {value.dtype}")
+            if key == "running_var" and (value < 0).any():  # (NaN passes, as in forward_infer)
+                channel = int(np.argmax(value < 0))
+                raise ValueError(f"bnorm: running_var must be >= 0, got {value[channel]} for channel {channel}")
             values[key] = value
         for key, value in values.items():
             if key == "num_batches_tracked":
