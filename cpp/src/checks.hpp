@@ -18,15 +18,16 @@ inline std::string shape_string(Shape s) {
     return out.str();
 }
 
-// "bnorm: <op>: <what><value>", the value with the fewest digits that give it back
-// (1e-09, 1.0000001; not 0.000000, nor 1 for 1.0000001).
-inline std::string message(const char* op, const char* what, double value) {
+// "bnorm: <op>: <what><value>", the value with the fewest digits that give it back in its
+// type (1e-09, 1.0000001; not 0.000000, nor 1 for 1.0000001; a float -0.2f as -0.2).
+template <class V = double>
+std::string message(const char* op, const char* what, V value) {
     std::ostringstream number;
     for (int digits = 6; digits <= 17; ++digits) {
         number.str("");
         number.precision(digits);
         number << value;
-        if (!std::isfinite(value) || std::stod(number.str()) == value) break;
+        if (!std::isfinite(value) || V(std::stod(number.str())) == value) break;
     }
     return std::string("bnorm: ") + op + ": " + what + number.str();
 }
@@ -87,7 +88,7 @@ template <class P>
 void check_running_var(const char* op, const P* running_var, int64_t channels) {
     for (int64_t c = 0; c < channels; ++c) {
         if (running_var[c] < P(0)) {
-            std::string what = message(op, "running_var must be >= 0, got ", double(running_var[c])) +
+            std::string what = message(op, "running_var must be >= 0, got ", running_var[c]) +
                                " for channel " + std::to_string(c);
             if (std::string(op) == "forward_infer")
                 what += " (forward_infer takes x, running_mean, running_var, weight, bias in this order)";
