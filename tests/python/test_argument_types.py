@@ -52,9 +52,8 @@ def _call(fn, names, **over):
 
 
 def _cases():
-    for fname, (fn, names) in CALLS.items():
-        for name in names:
-            yield pytest.param(fn, names, name, id=f"{fname}-{name}")
+    return [pytest.param(fn, names, name, id=f"{fname}-{name}")
+            for fname, (fn, names) in CALLS.items() for name in names]
 
 
 @pytest.mark.parametrize("fn, names, name", _cases())
