@@ -19,15 +19,16 @@ inline std::string shape_string(Shape s) {
     return out.str();
 }
 
-// "bnorm: <op>: <what><value>", the value with the fewest digits that give it back
-// (1e-09, 1.0000001; not 0.000000, nor 1 for 1.0000001).
-inline std::string message(const char* op, const char* what, double value) {
+// "bnorm: <op>: <what><value>", the value with the fewest digits that give it back in its
+// type (1e-09, 1.0000001; not 0.000000, nor 1 for 1.0000001; a float -0.2f as -0.2).
+template <class V = double>
+std::string message(const char* op, const char* what, V value) {
     std::ostringstream number;
     for (int digits = 6; digits <= 17; ++digits) {
         number.str("");
         number.precision(digits);
         number << value;
-        if (!std::isfinite(value) || std::stod(number.str()) == value) break;
+        if (!std::isfinite(value) || V(std::stod(number.str())) == value) break;
     }
     return std::string("bnorm: ") + op + ": " + what + number.str();
 }
@@ -77,6 +78,23 @@ inline void check_parts(const char* op, int64_t parts, int64_t channels) {
         out << "bnorm: " << op << ": parts and channels must be >= 0 with a product below 2^63, got " << parts
             << " and " << channels;
         throw ValueError(out.str());
+    }
+}
+
+// A variance is never negative: a negative running_var would make NaN outputs without an
+// error (forward_infer's usual cause: its arguments passed in forward_train's order). NaN
+// passes, and propagates to its channel as NaN in x does. Reads host memory: the CUDA
+// backend does not call it (a device read-back would synchronize the stream; docs/faq.md).
+template <class P>
+void check_running_var(const char* op, const P* running_var, int64_t channels) {
+    for (int64_t c = 0; c < channels; ++c) {
+        if (running_var[c] < P(0)) {
+            std::string what = message(op, "running_var must be >= 0, got ", running_var[c]) +
+                               " for channel " + std::to_string(c);
+            if (std::string(op) == "forward_infer")
+                what += " (forward_infer takes x, running_mean, running_var, weight, bias in this order)";
+            throw ValueError(what);
+        }
     }
 }
 

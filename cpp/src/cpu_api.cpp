@@ -161,6 +161,7 @@ void forward_train(const T* x, Shape shape, const param_t<T>* weight, const para
     if (shape.channels == 0) return;
     check_pointer(op, save_mean, "save_mean");
     check_pointer(op, save_invstd, "save_invstd");
+    if (running_var) detail::check_running_var(op, running_var, shape.channels);
     if (shape.count() == 0) {  // empty batch: nothing to learn from, running stats untouched
         for (int64_t c = 0; c < shape.channels; ++c) {
             save_mean[c] = 0;
@@ -203,6 +204,7 @@ void forward_infer(const T* x, Shape shape, const param_t<T>* running_mean,
     using P = param_t<T>;
     detail::check_activation("forward_infer", epilogue.activation);
     if (!detail::check_forward_infer(shape, eps, x, running_mean, running_var, y)) return;
+    detail::check_running_var("forward_infer", running_var, shape.channels);
     detail::check_epilogue("forward_infer", shape, epilogue, y);
     Scratch<P> invstd(shape.channels);
     for (int64_t c = 0; c < shape.channels; ++c) invstd[c] = invstd_of<P>(running_var[c], eps);

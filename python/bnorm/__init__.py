@@ -1,7 +1,10 @@
 """bnorm: batch normalization outside deep-learning frameworks, and faster than them.
 
 Functions on NumPy arrays (CPU, OpenMP + SIMD) and on CUDA arrays of any DLPack framework,
-with PyTorch's semantics. See the docs/ folder and ``help(bnorm.forward_train)``.
+with PyTorch's semantics. See ``help(bnorm.forward_train)``, and:
+
+Documentation: https://bnorm-dev.github.io/bnorm/
+Source: https://github.com/bnorm-dev/bnorm
 """
 
 from ._core import __version__, built_with_cuda

@@ -21,6 +21,14 @@
 
 #include "bnorm/bnorm.hpp"
 
+#if defined(__GLIBCXX__) && defined(__GLIBC__)
+#include <cxxabi.h>
+#include <unistd.h>
+#define BNORM_FORCED_UNWIND 1
+#else
+#define BNORM_FORCED_UNWIND 0
+#endif
+
 #ifndef BNORM_HAS_CUDA
 #define BNORM_HAS_CUDA 0
 #endif
@@ -134,6 +142,36 @@ template <class T>
 bnorm::EpilogueGrad<T> grad_of(const Context& ctx, const OptIn& y, bool relu, size_t n) {
     return {relu ? bnorm::Activation::relu : bnorm::Activation::none, ctx.get<T>(y, "y", n)};
 }
+
+// Releases the GIL for a call, like nb::gil_scoped_release, but survives the end of the
+// interpreter. When the interpreter finalizes while a daemon thread is inside a bnorm call,
+// that thread's PyEval_RestoreThread (Python 3.10 to 3.13 on glibc) ends it with
+// pthread_exit, which unwinds the stack with abi::__forced_unwind. The unwind would cross
+// this destructor (noexcept) and nanobind's dispatcher (noexcept, catch (...)): the process
+// would abort with "terminate called without an active exception". Instead the unwind is
+// caught here and the thread sleeps until the process exits, which is what Python 3.14 does
+// itself (PyThread_hang_thread). A caught forced unwind must not be left (glibc aborts with
+// "exception not rethrown"), hence the loop that never returns. Docs: docs/faq.md.
+class ReleaseGil {
+public:
+    ReleaseGil() noexcept : state_(PyEval_SaveThread()) {}
+    ~ReleaseGil() {
+#if BNORM_FORCED_UNWIND
+        try {
+            PyEval_RestoreThread(state_);
+        } catch (abi::__forced_unwind&) {
+            for (;;) pause();
+        }
+#else
+        PyEval_RestoreThread(state_);
+#endif
+    }
+    ReleaseGil(const ReleaseGil&) = delete;
+    ReleaseGil& operator=(const ReleaseGil&) = delete;
+
+private:
+    PyThreadState* state_;
+};
 
 bnorm::Shape to_shape(const ShapeTuple& t) { return {std::get<0>(t), std::get<1>(t), std::get<2>(t)}; }
 
@@ -330,7 +368,7 @@ NB_MODULE(_core, m) {
         }
     });
 
-    const auto release = nb::call_guard<nb::gil_scoped_release>();
+    const auto release = nb::call_guard<ReleaseGil>();
     m.def("batch_stats", &batch_stats, "x"_a, "shape"_a, "mean"_a, "var"_a, "stream"_a = 0, release);
     m.def("merge_stats", &merge_stats, "counts"_a, "means"_a, "vars"_a, "count"_a, "mean"_a, "var"_a,
           "stream"_a = 0, release);

@@ -70,7 +70,14 @@ class _NumPy:
     def dtype_name(a) -> str:
         name = _DTYPE_NAMES.get(a.dtype)
         if name is None:
-            name = a.dtype.name if a.dtype.isnative else f"{a.dtype.name} of non-native byte order ({a.dtype.str})"
+            if _is_bfloat16(a.dtype):  # (a "V" kind to NumPy)
+                name = "bfloat16"
+            elif a.dtype.kind in "USV":  # (their names, such as str96, say the size in bits)
+                name = f"{a.dtype.str} ({dict(U='str', S='bytes', V='void')[a.dtype.kind]})"
+            elif a.dtype.isnative:
+                name = a.dtype.name
+            else:
+                name = f"{a.dtype.name} of non-native byte order ({a.dtype.str})"
         return name
 
     # bfloat16 arrays reach _core as uint16 views of their memory (NumPy exports no buffer
@@ -159,9 +166,15 @@ def _as_numpy(a, name: str) -> np.ndarray:
     if isinstance(a, np.ma.MaskedArray):
         raise TypeError(f"bnorm: {name} is a masked array; pass {name}.filled(value) or {name}.data")
     try:
-        return np.asarray(a)
+        converted = np.asarray(a)
     except (TypeError, RuntimeError) as e:  # e.g. a torch tensor that requires grad, or of bfloat16
         raise TypeError(f"bnorm: {name} cannot be converted to a NumPy array ({type(e).__name__}: {e})") from None
+    except ValueError as e:  # a ragged list: NumPy's message names neither the argument nor bnorm
+        raise ValueError(f"bnorm: {name} cannot be converted to a NumPy array ({e})") from None
+    if converted.dtype.kind in "OUSV" and not _is_bfloat16(converted.dtype):  # None, a str, bytes, any object
+        of = f" of {converted.dtype}" if isinstance(a, (list, tuple)) else ""
+        raise TypeError(f"bnorm: {name} must be an array of numbers, got {type(a).__name__}{of}")
+    return converted
 
 
 def _exported(xp, a):

@@ -271,7 +271,7 @@ class BatchNorm:
             raise KeyError(f"bnorm: state_dict mismatch: missing {missing}, unexpected {unexpected}")
         values = {}
         for key in expected & keys:
-            value = np.asarray(state[key])
+            value = _as_numpy(state[key], key)
             if key == "num_batches_tracked":
                 if value.shape != () or value.dtype.kind not in "iu" or not 0 <= int(value) < 2**63:
                     raise ValueError(f"bnorm: num_batches_tracked must be an integer scalar in [0, 2**63), got {value!r}")
@@ -281,6 +281,9 @@ class BatchNorm:
                 raise ValueError(f"bnorm: {key} must have shape ({self.num_features},), got {value.shape}")
             if not np.can_cast(value.dtype, self.param_dtype, casting="same_kind"):
                 raise TypeError(f"bnorm: {key} must be {self.param_dtype}, got {value.dtype}")
+            if key == "running_var" and (value < 0).any():  # (NaN passes, as in forward_infer)
+                channel = int(np.argmax(value < 0))
+                raise ValueError(f"bnorm: running_var must be >= 0, got {value[channel]} for channel {channel}")
             values[key] = value
         for key, value in values.items():
             if key == "num_batches_tracked":

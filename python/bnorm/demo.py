@@ -13,7 +13,7 @@ Here the data are scikit-learn's bundled 8x8 digits (no download), the network i
 NumPy (forward and backward written out by hand) and the batch-norm layers are
 ``bnorm.BatchNorm(100)``. Run it with::
 
-    python -m bnorm.demo                 # writes bnorm_demo.png and bnorm_demo.svg
+    python -m bnorm.demo                 # writes bnorm_demo_output/bnorm_demo.png and .svg
     python -m bnorm.demo --lr-sweep      # also trains both at several learning rates
 
 It needs the demo extras: ``pip install "bnorm[demo]"`` (scikit-learn, matplotlib, tqdm;
@@ -383,14 +383,19 @@ def build_parser():
     p.add_argument("--unit", type=int, default=0,
                    help="which sigmoid of the last hidden layer panels (b), (c) follow "
                         "(default: 0)")
-    p.add_argument("--out", default=".",
-                   help="output folder, created if missing (default: the current folder)")
+    p.add_argument("--out", default=DEFAULT_OUT,
+                   help="output folder, created if missing (default: %(default)s, in the current folder)")
     p.add_argument("--lr-sweep", nargs="?", const=",".join(map(str, DEFAULT_SWEEP_LRS)),
                    default=None, type=_parse_lrs, metavar="LR,LR,...",
                    help="also train both networks at each of these learning rates "
                         "(default list: %(const)s) and write bnorm_lr_sweep.png/.svg/.csv")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
+
+
+# The default output folder: the figures of a run stay together, and none is left loose in
+# the folder the demo runs from (a repository checkout ignores it: .gitignore).
+DEFAULT_OUT = "bnorm_demo_output"
 
 
 def main(argv=None):
@@ -425,7 +430,7 @@ def main(argv=None):
               "sweep": None}
     print(f"bnorm demo: {args.steps} steps, batch {args.batch_size}, lr {args.lr:g}: "
           f"test accuracy without BN {plain.final_accuracy:.3f}, "
-          f"with BN {bn.final_accuracy:.3f}, trained in {elapsed:.1f} s -> {files[0]}", flush=True)
+          f"with BN {bn.final_accuracy:.3f}, trained in {elapsed:.1f} s -> {', '.join(files)}", flush=True)
 
     if args.lr_sweep:
         rows = []
@@ -447,7 +452,7 @@ def main(argv=None):
         print(f"  {'lr':>8}  {'without BN':>10}  {'with BN':>8}")
         for r in rows:
             print(f"  {r['lr']:>8g}  {r['plain']:>10.3f}  {r['batch norm']:>8.3f}")
-        print(f"  ({time.perf_counter() - t1:.1f} s) -> {stem}.png, {stem}.csv", flush=True)
+        print(f"  ({time.perf_counter() - t1:.1f} s) -> {', '.join(files[2:])}", flush=True)
     return result
 
 

@@ -246,6 +246,27 @@ std::string message_of(F&& expr) {
 
 bool contains(const std::string& text, const char* part) { return text.find(part) != std::string::npos; }
 
+// A negative running_var is refused before anything is written (forward_infer reads it,
+// forward_train updates it); -0 and NaN pass (NaN propagates to its channel only).
+void test_negative_running_var() {
+    const Shape s{4, 2, 3};
+    std::vector<float> x(24, 1.0f), y(24, -7.0f), rm(2, 0.0f), rv{1.0f, -0.5f}, mean(2, 9.0f), invstd(2, 9.0f);
+    const std::string infer = message_of([&] {
+        bnorm::forward_infer(x.data(), s, rm.data(), rv.data(), (const float*)nullptr, nullptr, 1e-5, y.data());
+    });
+    CHECK(infer.find("bnorm: forward_infer: running_var must be >= 0, got -0.5 for channel 1") == 0);
+    const std::string train = message_of([&] {
+        bnorm::forward_train(x.data(), s, (const float*)nullptr, nullptr, rm.data(), rv.data(), 0.1, 1e-5, y.data(),
+                             mean.data(), invstd.data());
+    });
+    CHECK(train.find("bnorm: forward_train: running_var must be >= 0, got -0.5 for channel 1") == 0);
+    CHECK(y == std::vector<float>(24, -7.0f) && rm == std::vector<float>(2, 0.0f));
+    CHECK(rv == (std::vector<float>{1.0f, -0.5f}) && mean == std::vector<float>(2, 9.0f));
+    rv = {-0.0f, std::nanf("")};
+    bnorm::forward_infer(x.data(), s, rm.data(), rv.data(), (const float*)nullptr, nullptr, 1e-5, y.data());
+    CHECK(std::isfinite(y[0]) && std::isnan(y[3]));
+}
+
 void test_argument_messages() {
     const Shape s{4, 2, 3};
     std::vector<float> x(24, 1.0f), y(24, -7.0f), m(2, 9.0f), is(2, 9.0f);
@@ -571,6 +592,7 @@ int main() {
     test_cpu_limits();
     test_errors_leave_buffers_untouched();
     test_argument_messages();
+    test_negative_running_var();
     test_calls_after_thread_exit_began();
     test_small_thread_stack();
     test_numerics();

@@ -105,3 +105,19 @@ def test_python_dash_m(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "bnorm demo: 20 steps" in proc.stdout
     assert (tmp_path / "bnorm_demo.png").is_file()
+
+
+def test_default_output_folder_and_every_file_named(tmp_path):
+    """Without --out the files go to ./bnorm_demo_output, not loose into the current folder,
+    and the summary lines name every file written (issue 15, item 7)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "bnorm.demo", "--steps", "20", "--no-progress", "--lr-sweep", "0.5"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        env={**os.environ, "MPLBACKEND": "Agg"})
+    assert proc.returncode == 0, proc.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["bnorm_demo_output"]
+    written = sorted(p.name for p in (tmp_path / "bnorm_demo_output").iterdir())
+    assert written == ["bnorm_demo.png", "bnorm_demo.svg", "bnorm_lr_sweep.csv", "bnorm_lr_sweep.png",
+                       "bnorm_lr_sweep.svg"]
+    for name in written:
+        assert os.path.join("bnorm_demo_output", name) in proc.stdout, name

@@ -435,6 +435,7 @@ def test_running_buffers_aliasing_weight_bias(rng, dtype, pairing, layout):
     x = ref.make_x(rng, shape, axis, dtype)
     c = shape[axis]
     w, b, _, _ = ref.make_params(rng, c, dtype)
+    w, b = np.abs(w), np.abs(b)  # either becomes running_var: a variance, never negative
     momentum = 0.25
     # unaliased: running buffers are copies holding the same values
     rm_u, rv_u = (w.copy(), b.copy()) if pairing == "rm=w,rv=b" else (b.copy(), w.copy())
