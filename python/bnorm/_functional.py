@@ -209,6 +209,16 @@ def _flag(value, name: str) -> bool:
     raise TypeError(f"bnorm: {name} must be True or False, got {value!r}")
 
 
+def _check_running_var(running_var: np.ndarray) -> None:
+    """A variance is never negative (-0.0 is zero, NaN passes to its channel as in the
+    kernels): for the layers' Python-side running updates, which the kernels' own check
+    does not see. Raises before anything is written."""
+    negative = running_var < 0
+    if negative.any():
+        channel = int(np.argmax(negative))
+        raise ValueError(f"bnorm: running_var must be >= 0, got {running_var[channel]} for channel {channel}")
+
+
 def _count_of(count, channels: int) -> float:
     """backward_elemt's count: a number, a 0-d array, or a (C,) array holding one value for
     every channel (what merge_stats returns for (P, C) counts), on any device."""

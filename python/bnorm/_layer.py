@@ -9,7 +9,7 @@ import numpy as np
 
 from . import _ghost
 from ._functional import _DTYPE_NAMES, _NumPy, _as_numpy, _backend, _bfloat16, _flag, _is_bfloat16, _param_dtype, _real, backward, forward_infer, forward_train
-from ._functional import _relu
+from ._functional import _check_running_var, _relu
 
 __all__ = ["BatchNorm"]
 
@@ -160,6 +160,8 @@ class BatchNorm:
             self._saved = (x, mean, invstd, True)
             self._fused = (y if activation == "relu" else None, residual is not None)
             return y
+        if self.training and self.track_running_stats:
+            _check_running_var(self.running_var)
         y, means, invstds, vars_ = _ghost.forward(x, self.virtual_batch_size, self.weight, self.bias,
                                                   axis=self.axis, eps=self.eps, residual=residual,
                                                   activation=activation)
@@ -281,9 +283,8 @@ class BatchNorm:
                 raise ValueError(f"bnorm: {key} must have shape ({self.num_features},), got {value.shape}")
             if not np.can_cast(value.dtype, self.param_dtype, casting="same_kind"):
                 raise TypeError(f"bnorm: {key} must be {self.param_dtype}, got {value.dtype}")
-            if key == "running_var" and (value < 0).any():  # (NaN passes, as in forward_infer)
-                channel = int(np.argmax(value < 0))
-                raise ValueError(f"bnorm: running_var must be >= 0, got {value[channel]} for channel {channel}")
+            if key == "running_var":
+                _check_running_var(value)
             values[key] = value
         for key, value in values.items():
             if key == "num_batches_tracked":

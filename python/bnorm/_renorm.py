@@ -17,7 +17,7 @@ import math
 
 import numpy as np
 
-from ._functional import _real, backward, batch_stats, normalize
+from ._functional import _check_running_var, _real, backward, batch_stats, normalize
 from ._layer import BatchNorm
 
 __all__ = ["BatchRenorm"]
@@ -90,6 +90,7 @@ class BatchRenorm(BatchNorm):
             raise TypeError(f"bnorm: BatchRenorm takes NumPy arrays, got {type(x).__module__}.{type(x).__name__}")
         if x.size == 0:  # nothing to learn from: as BatchNorm, no buffer changes
             return super().__call__(x)
+        _check_running_var(self.running_var)  # sigma below: a negative one would make NaN r and d
         x = np.ascontiguousarray(x)  # (read twice: convert once)
         count, mean_b, var_b = batch_stats(x, axis=self.axis)
         if count == 1:

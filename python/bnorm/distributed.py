@@ -48,7 +48,7 @@ import numpy as np
 
 import bnorm as _bn
 
-from ._functional import _Call
+from ._functional import _Call, _check_running_var
 from ._layer import BatchNorm, _activation_repr
 
 __all__ = [
@@ -553,8 +553,10 @@ class SyncBatchNorm(BatchNorm):
             return y
         checked = {}
 
-        def check(x):  # the residual too is checked before the collective
+        def check(x):  # the residual and running_var too are checked before the collective
             x = self._check_input(x)
+            if self.track_running_stats and isinstance(self.running_var, np.ndarray):
+                _check_running_var(self.running_var)  # (a device buffer would cost a host sync)
             if residual is not None:
                 checked["residual"] = _Call(x, self.axis, None).input(residual, "residual")
             return x

@@ -72,3 +72,28 @@ def test_layer_eval_and_load_state_dict_refuse_a_negative_running_var():
     with pytest.raises(ValueError, match=r"^bnorm: running_var must be >= 0, got -3.0 for channel 2$"):
         bn.load_state_dict(state)
     np.testing.assert_array_equal(bn.running_var, np.ones(C, np.float32))
+
+
+def _layers():
+    """The training paths that update running_var in Python rather than in the kernels."""
+    from bnorm.distributed import LocalComm, SyncBatchNorm
+
+    return {
+        "ghost": bnorm.BatchNorm(C, virtual_batch_size=4),
+        "renorm": bnorm.BatchRenorm(C),
+        "sync": SyncBatchNorm(C, LocalComm()),
+    }
+
+
+@pytest.mark.parametrize("name", ["ghost", "renorm", "sync"])
+def test_python_side_running_updates_refuse_a_negative_running_var(name):
+    x = _arrays()[0]
+    bn = _layers()[name]
+    bn.running_var[1] = -0.5
+    state = {k: np.array(v, copy=True) for k, v in bn.state_dict().items()}
+    with pytest.raises(ValueError, match=r"^bnorm: running_var must be >= 0, got -0.5 for channel 1$"):
+        bn(x)
+    for key, value in bn.state_dict().items():  # nothing written
+        np.testing.assert_array_equal(value, state[key])
+    bn.running_var[1] = np.nan  # NaN passes (to its channel), as in the kernels
+    bn(x)
