@@ -6,9 +6,12 @@
 // gradient read in place of dy, dsum stored by the pass that writes dx). The reductions of
 // backward_reduce and backward read two inputs (reduce.hpp), not the mask's y as a third:
 // with ReLU, these two first write g = dy * (y > 0) (to dsum when given, else to scratch)
-// in one elementwise pass and then run the plain op on g. That is one pass more over memory
-// than the CPU kernels make (CUDA: mask, reduce, dx; CPU: reduce, dx), left for the GPU
-// issue. Compiled here, not run: the build machine has no GPU.
+// in one elementwise pass and then run the plain op on g. That is one kernel more than the
+// CPU makes (CUDA: mask, reduce, dx; CPU: reduce, dx) but not more bytes: mask (read dy, y;
+// write g) + reduce (read g, x) + dx (read g, x; write dx) = 8S, the same as a reduction
+// reading dy, x, y (3S) and a dx pass reading dy, x, y and writing dx, dsum (5S). Whether
+// the saved launch pays for a third input in every reduction kernel is for the GPU issue to
+// measure. Compiled here, not run: the build machine has no GPU.
 #include "elementwise.hpp"
 
 namespace bnorm::cuda {
