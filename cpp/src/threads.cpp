@@ -95,19 +95,22 @@ std::atomic<int> g_threads{0};  // set_num_threads' value; 0: the default
 // Back-off from a busy machine. A parallel region ends when its last thread does, so a
 // team member preempted by another process holds the whole call for the rest of its time
 // slice (milliseconds), however little work it had left: with one of 2 cores busy, 2
-// threads made (256, 512) 100x slower than one. A region whose caller waited much longer
-// than its own share took marks the machine busy, and calls run on one thread for a while:
-// for kFirstBackoffNs and kFirstBackoffCalls calls (both: a caller of one call per 50 ms
-// would otherwise try again every call), doubling while the next tries keep waiting (up to
-// kMaxBackoffNs and kMaxBackoffCalls). A busy machine costs one slow call per back-off
-// period, an idle one gets its threads back at the first try. Only the default count backs
-// off: set_num_threads(n) asks for n threads (tests and benchmarks get what they measure).
-constexpr int64_t kWaitSlackNs = 100'000;  // a sleeping thread's wake-up, and one work chunk, take less
+// threads made (256, 512) 100x slower than one. A region judged busy (judge_region in
+// threads.hpp) makes calls run on one thread for a while: for kFirstBackoffNs and
+// kFirstBackoffCalls calls (both: a caller of one call per 50 ms would otherwise try again
+// every call), doubling while the next tries are judged busy (up to kMaxBackoffNs and
+// kMaxBackoffCalls); a region judged idle ends the back-off, one judged unknown (a cold
+// team's wake-up) changes nothing. A busy machine costs one or two slow calls per back-off
+// period, an idle one gets its threads back at the first warm try: a cold team's wake-up
+// is not taken for a busy machine, or a back-off (which lets the team fall asleep) would
+// sustain itself on a VM whose wake-ups are slow. Only the default count backs off:
+// set_num_threads(n) asks for n threads (tests and benchmarks get what they measure).
 constexpr int64_t kFirstBackoffNs = 10'000'000, kMaxBackoffNs = 1'000'000'000;
 constexpr int64_t kFirstBackoffCalls = 4, kMaxBackoffCalls = 256;
 std::atomic<int64_t> g_serial_until_ns{0};
 std::atomic<int64_t> g_serial_calls{0};  // calls still to run on one thread
 std::atomic<int64_t> g_backoff_ns{0}, g_backoff_calls{0};
+std::atomic<int64_t> g_region_end_ns{0};  // when the last region ended; 0: the pool has no threads yet
 
 int64_t now_ns() {
     return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
@@ -128,7 +131,10 @@ std::atomic<bool> g_forked_single{false};
 #if (defined(__unix__) || defined(__APPLE__)) && defined(__GNUC__) && !defined(__clang__)
 std::atomic<bool> g_pool_released{false};
 
-void release_pool_before_fork() { g_pool_released.store(omp_pause_resource_all(omp_pause_soft) == 0); }
+void release_pool_before_fork() {
+    g_pool_released.store(omp_pause_resource_all(omp_pause_soft) == 0);
+    if (g_pool_released.load()) g_region_end_ns.store(0);  // the next region starts new threads
+}
 
 void after_fork_in_child() {
     if (!g_pool_released.load()) g_forked_single.store(true);
@@ -136,6 +142,7 @@ void after_fork_in_child() {
     g_serial_calls.store(0);
     g_backoff_ns.store(0);
     g_backoff_calls.store(0);
+    g_region_end_ns.store(0);
 }
 
 const int g_fork_handler = pthread_atfork(release_pool_before_fork, nullptr, after_fork_in_child);
@@ -170,7 +177,10 @@ int call_threads() {
 }
 
 void note_parallel_region(int64_t busy_ns, int64_t wait_ns) {
-    if (wait_ns <= kWaitSlackNs + busy_ns / 4) {
+    const int64_t now = now_ns(), last_end = g_region_end_ns.exchange(now, std::memory_order_relaxed);
+    const RegionVerdict verdict = judge_region(busy_ns, wait_ns, last_end == 0 ? -1 : now - busy_ns - wait_ns - last_end);
+    if (verdict == RegionVerdict::unknown) return;
+    if (verdict == RegionVerdict::idle) {
         if (g_backoff_ns.load(std::memory_order_relaxed) != 0) {
             g_backoff_ns.store(0, std::memory_order_relaxed);
             g_backoff_calls.store(0, std::memory_order_relaxed);
@@ -182,7 +192,7 @@ void note_parallel_region(int64_t busy_ns, int64_t wait_ns) {
         std::clamp(2 * g_backoff_calls.load(std::memory_order_relaxed), kFirstBackoffCalls, kMaxBackoffCalls);
     g_backoff_ns.store(ns, std::memory_order_relaxed);
     g_backoff_calls.store(calls, std::memory_order_relaxed);
-    g_serial_until_ns.store(now_ns() + ns, std::memory_order_relaxed);
+    g_serial_until_ns.store(now + ns, std::memory_order_relaxed);
     g_serial_calls.store(calls, std::memory_order_relaxed);
 }
 

@@ -28,6 +28,25 @@ bool forked_single_threaded();
 /// while backing off after a parallel region waited for a preempted thread (a busy machine).
 int call_threads();
 
+/// What a parallel region says about the machine (busy_ns, wait_ns as below; gap_ns: how
+/// long the team was idle since the previous region ended, or -1 for the pool's first
+/// region, which starts its threads). libgomp's threads spin for about a millisecond after
+/// a region and then sleep: a region after a short gap finds them running, and a wait
+/// beyond one work chunk means a team member was preempted (busy); after a long gap they
+/// were asleep, and the wait includes their wake-up, which on an idle VM takes up to
+/// hundreds of microseconds (unknown: the next, warm region decides), unless it is longer
+/// than any wake-up (busy). A pure function: tests feed it any timings.
+enum class RegionVerdict { idle, busy, unknown };
+inline constexpr int64_t kWaitSlackNs = 100'000;   // a work chunk takes less
+inline constexpr int64_t kWarmGapNs = 200'000;     // well within libgomp's spin (GOMP_SPINCOUNT)
+inline constexpr int64_t kWakeUpNs = 1'000'000;    // a sleeping thread's wake-up takes less
+inline RegionVerdict judge_region(int64_t busy_ns, int64_t wait_ns, int64_t gap_ns) {
+    if (gap_ns < 0) return RegionVerdict::unknown;  // thread creation
+    if (wait_ns <= kWaitSlackNs + busy_ns / 4) return RegionVerdict::idle;
+    if (gap_ns < kWarmGapNs || wait_ns > kWakeUpNs + busy_ns / 4) return RegionVerdict::busy;
+    return RegionVerdict::unknown;
+}
+
 /// The kernels report each parallel region of more than one thread: how long the calling
 /// thread worked on its share (busy_ns) and how long it waited for the others, to start and
 /// to finish (wait_ns).

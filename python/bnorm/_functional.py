@@ -276,7 +276,10 @@ def _mask_source(call, relu: bool, y):
 
 def _given(*inputs):
     """The (array, name) pairs whose array is not None (for _Call.output)."""
-    return tuple(pair for pair in inputs if pair[0] is not None)
+    return [pair for pair in inputs if pair[0] is not None]  # (a list: a generator costs 0.3 us more)
+
+
+_PARAM_DTYPES = {name: np.dtype(name) for name in ("float32", "float64")}
 
 
 def _param_dtype(dtype_name: str) -> str:
@@ -362,6 +365,8 @@ class _Call:
         return self.xp.export(a)
 
     def new_vector(self):
+        if self.xp is _NumPy:  # (the parameter dtype is never bfloat16; direct: 0.3 us less a vector)
+            return np.empty(self.channels, _PARAM_DTYPES[self.param_dtype])
         return self.xp.empty((self.channels,), self.param_dtype)
 
     def output(self, out, *inputs):
