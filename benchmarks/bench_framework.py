@@ -10,9 +10,8 @@ one SGD training step (forward, cross-entropy, backward, update) timed for the s
 and for a copy converted with bnorm.torch.convert, interleaved step by step, median over
 the steps. Batch norm's own time in each step comes from torch.profiler: the inclusive CPU
 time of the forward op (aten::batch_norm, or bnorm::batch_norm) plus the backward node
-(NativeBatchNormBackward0, or bnorm's generated backward), summed over the step's
-batch-norm layers. (bnorm.torch also writes the running statistics back with two
-per-channel copy_ calls per layer, outside those events: a few microseconds.)
+(NativeBatchNormBackward0, or bnorm's _EagerBatchNormBackward), summed over the step's
+batch-norm layers.
 
 JAX: a jitted SGD step of a small CNN (conv-BN-ReLU x3, global pool, dense) with
 bnorm.jax.batch_norm vs the same network with batch norm written in jax.numpy (what XLA
@@ -73,7 +72,8 @@ def _resnet18(torch, num_classes=10):
 
 _BN_EVENTS = {
     "stock": ("aten::batch_norm", "NativeBatchNormBackward0"),
-    "bnorm": ("bnorm::batch_norm", "GeneratedBackwardFor_bnorm_batch_norm_defaultBackward"),
+    # eager: bnorm.torch's autograd.Function (its forward includes the running-buffer update)
+    "bnorm": ("_EagerBatchNorm", "_EagerBatchNormBackward"),
 }
 
 
