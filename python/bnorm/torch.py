@@ -98,12 +98,12 @@ class _Call:
         # bnorm's CUDA kernels run on PyTorch's current stream, without synchronizing
         self.stream = torch.cuda.current_stream(input.device).cuda_stream if self.cuda else None
 
-    # (Each torch call below costs microseconds, and the profiler books each as an op: the
-    # no-op ones, detach of a tensor that needs no gradient, contiguous of a contiguous
-    # one and to() to its own dtype, are skipped.)
+    # (Each torch op below costs microseconds, and the profiler books each: the no-op ones,
+    # contiguous of a contiguous tensor and to() to its own dtype, are skipped, and a tensor
+    # that requires grad is read through .data, the same memory without an op.)
     def export(self, t: Tensor):
         if t.requires_grad:
-            t = t.detach()
+            t = t.data
         return t if self.cuda else t.numpy()
 
     def array(self, t: Tensor):
