@@ -6,13 +6,14 @@
     python benchmarks/bench_framework.py --record              # also writes results/<date>-framework-<cpu>.{md,json}
 
 PyTorch: a ResNet-18-shaped network (BasicBlocks [2, 2, 2, 2], widths 64-512, 10 classes),
-one SGD training step (forward, cross-entropy, backward, update) timed for the stock model
-and for a copy converted with bnorm.torch.convert, interleaved step by step, median over
-the steps. Batch norm's own time in each step comes from torch.profiler: the inclusive CPU
-time of the forward op (aten::batch_norm, or bnorm::batch_norm) plus the backward node
-(NativeBatchNormBackward0, or bnorm's generated backward), summed over the step's
-batch-norm layers. (bnorm.torch also writes the running statistics back with two
-per-channel copy_ calls per layer, outside those events: a few microseconds.)
+one SGD training step (forward, cross-entropy, backward, update) timed for the stock model,
+for a copy converted with bnorm.torch.convert, and for a copy whose blocks call bnorm's
+fused BN + add + ReLU (bnorm.torch.BatchNorm2d(activation="relu") with the identity as
+residual), interleaved step by step, median over the steps. Batch norm's own time in each
+step comes from torch.profiler: the inclusive CPU time of the forward op (aten::batch_norm,
+or bnorm.torch's _EagerBatchNorm, which includes the running-buffer update) plus the
+backward node (NativeBatchNormBackward0, or _EagerBatchNormBackward), summed over the
+step's batch-norm layers.
 
 JAX: a jitted SGD step of a small CNN (conv-BN-ReLU x3, global pool, dense) with
 bnorm.jax.batch_norm vs the same network with batch norm written in jax.numpy (what XLA
@@ -43,37 +44,50 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 # ---- PyTorch ------------------------------------------------------------------------------
 
-def _resnet18(torch, num_classes=10):
+def _resnet18(torch, num_classes=10, fused=None):
+    """fused: bnorm.torch, whose BatchNorm2d(activation="relu") then computes each block's
+    relu(bn1(.)) and relu(bn2(.) + identity), and the stem's relu(bn(.)), in one op."""
     nn = torch.nn
+
+    def norm(c):
+        return fused.BatchNorm2d(c, activation="relu") if fused else nn.BatchNorm2d(c)
 
     class Block(nn.Module):
         def __init__(self, cin, cout, stride):
             super().__init__()
             self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-            self.bn1 = nn.BatchNorm2d(cout)
+            self.bn1 = norm(cout)
             self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-            self.bn2 = nn.BatchNorm2d(cout)
+            self.bn2 = norm(cout)
             self.down = None
             if stride != 1 or cin != cout:
                 self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
 
         def forward(self, x):
+            identity = x if self.down is None else self.down(x)
+            if fused:
+                return self.bn2(self.conv2(self.bn1(self.conv1(x))), identity)
             out = torch.relu(self.bn1(self.conv1(x)))
             out = self.bn2(self.conv2(out))
-            return torch.relu(out + (x if self.down is None else self.down(x)))
+            return torch.relu(out + identity)
 
-    layers = [nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(3, 2, 1)]
+    # (fused: the stem's ReLU is in its batch norm; nn.Identity keeps the state_dict keys)
+    layers = [nn.Conv2d(3, 64, 7, 2, 3, bias=False), norm(64), nn.Identity() if fused else nn.ReLU(),
+              nn.MaxPool2d(3, 2, 1)]
     cin = 64
     for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
         layers += [Block(cin, cout, stride), Block(cout, cout, 1)]
         cin = cout
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, num_classes)]
-    return nn.Sequential(*layers)
+    model = nn.Sequential(*layers)
+    return fused.convert(model) if fused else model
 
 
 _BN_EVENTS = {
     "stock": ("aten::batch_norm", "NativeBatchNormBackward0"),
-    "bnorm": ("bnorm::batch_norm", "GeneratedBackwardFor_bnorm_batch_norm_defaultBackward"),
+    # eager: bnorm.torch's autograd.Function (its forward includes the running-buffer update)
+    "bnorm": ("_EagerBatchNorm", "_EagerBatchNormBackward"),
+    "fused": ("_EagerBatchNorm", "_EagerBatchNormBackward"),
 }
 
 
@@ -85,8 +99,9 @@ def bench_torch(args) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     stock = _resnet18(torch)
-    models = {"stock": stock, "bnorm": bt.convert(_resnet18(torch))}
-    models["bnorm"].load_state_dict(stock.state_dict())
+    models = {"stock": stock, "bnorm": bt.convert(_resnet18(torch)), "fused": _resnet18(torch, fused=bt)}
+    for name in ("bnorm", "fused"):
+        models[name].load_state_dict(stock.state_dict())
     g = torch.Generator().manual_seed(1)
     x = torch.randn(args.batch, 3, args.size, args.size, generator=g)
     labels = torch.randint(0, 10, (args.batch,), generator=g)
@@ -126,8 +141,9 @@ def bench_torch(args) -> dict:
     for name in models:
         result[name] = {"step_ms_median": 1e3 * statistics.median(times[name]),
                         "step_ms_min": 1e3 * min(times[name]), **shares[name]}
-    result["step_speedup"] = result["stock"]["step_ms_median"] / result["bnorm"]["step_ms_median"]
-    result["bn_speedup"] = result["stock"]["bn_ms"] / result["bnorm"]["bn_ms"]
+    for name in ("bnorm", "fused"):
+        result[name]["step_speedup"] = result["stock"]["step_ms_median"] / result[name]["step_ms_median"]
+        result[name]["bn_speedup"] = result["stock"]["bn_ms"] / result[name]["bn_ms"]
     return result
 
 
@@ -206,13 +222,20 @@ def report(results: dict) -> str:
                   f"{t['threads']} threads, {t['bn_layers']} BatchNorm2d layers", "",
                   "| model | step ms (median) | (min) | BN ms in step (fwd + bwd) | BN share |",
                   "|---|---:|---:|---:|---:|"]
-        for name, label in (("stock", "stock torch"), ("bnorm", "bnorm.torch.convert")):
+        labels = (("stock", "stock torch"), ("bnorm", "bnorm.torch.convert"),
+                  ("fused", "bnorm.torch, fused BN+add+ReLU blocks"))
+        for name, label in labels:
             r = t[name]
             lines.append(f"| {label} | {r['step_ms_median']:.1f} | ({r['step_ms_min']:.1f}) | "
                          f"{r['bn_ms']:.1f} ({r['bn_forward_ms']:.1f} + {r['bn_backward_ms']:.1f}) | "
                          f"{100 * r['bn_share']:.0f}% |")
-        lines += ["", f"Step speedup {t['step_speedup']:.2f}x; batch norm's own time {t['bn_speedup']:.2f}x lower "
-                  "(torch.profiler, inclusive CPU time of the forward op and backward node).", ""]
+        lines.append("")
+        for name, label in labels[1:]:
+            lines.append(f"{label}: step speedup {t[name]['step_speedup']:.2f}x; batch norm's own time "
+                         f"{t[name]['bn_speedup']:.2f}x lower.")
+        lines += ["", "Batch norm's own time: torch.profiler, inclusive CPU time of the forward op and backward "
+                  "node; the fused rows' include the residual adds and ReLUs they absorb, which the others "
+                  "count outside batch norm.", ""]
     j = results.get("jax")
     if j:
         lines += [f"### JAX: {j['model']}, batch {j['batch']}, {j['size']}x{j['size']}, jitted SGD step", "",

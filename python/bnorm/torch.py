@@ -3,13 +3,18 @@ one-line conversion of a model.
 
     import bnorm.torch as bt
     y = bt.batch_norm(x, running_mean, running_var, weight, bias, training=True)
+    y = bt.batch_norm(x, ..., residual=z, activation="relu")   # fused relu(bn(x) + z)
     model = bt.convert(model)   # every torch.nn.BatchNorm1d/2d/3d now runs bnorm's kernels
 
-``batch_norm`` has torch.nn.functional.batch_norm's signature and semantics. It is the
-custom operator ``torch.ops.bnorm.batch_norm`` (torch.library), so autograd,
-torch.compile(fullgraph=True) and torch.export see one opaque op with a shape function and
-a registered backward (itself the op ``torch.ops.bnorm.batch_norm_backward``). Double
-backward (a gradient of the gradient) is refused with a RuntimeError.
+``batch_norm`` has torch.nn.functional.batch_norm's signature and semantics, plus the fused
+epilogue (keywords residual= and activation=). Under torch.compile (fullgraph=True),
+torch.export, torch.func transforms and tensor modes it is the custom operator
+``torch.ops.bnorm.batch_norm`` (torch.library): one opaque op with a shape function and a
+registered backward (itself the op ``torch.ops.bnorm.batch_norm_backward``). On plain
+tensors in eager mode it skips the operator's Python dispatch (which costs more than
+bnorm's kernel on a ResNet's tensors) through an autograd.Function of the same computation,
+and updates the running buffers in place. Double backward (a gradient of the gradient) is
+refused with a RuntimeError.
 
 Tensors reach bnorm without copies: CPU tensors as NumPy views of their memory, CUDA tensors
 through DLPack, run by bnorm's CUDA backend on PyTorch's current stream. Contiguous and
@@ -62,6 +67,12 @@ def _new_like(t: Tensor, channels_last: bool) -> Tensor:
     return torch.empty(t.shape, dtype=t.dtype, device=t.device)
 
 
+def _tensor(a) -> Tensor:
+    """A result of bnorm's functional API as a tensor: a NumPy array (CPU) shared, a CUDA
+    tensor as it is."""
+    return a if isinstance(a, Tensor) else torch.from_numpy(a)
+
+
 def _param_dtype(t: Tensor) -> torch.dtype:
     return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
 
@@ -87,8 +98,12 @@ class _Call:
         # bnorm's CUDA kernels run on PyTorch's current stream, without synchronizing
         self.stream = torch.cuda.current_stream(input.device).cuda_stream if self.cuda else None
 
+    # (Each torch op below costs microseconds, and the profiler books each: the no-op ones,
+    # contiguous of a contiguous tensor and to() to its own dtype, are skipped, and a tensor
+    # that requires grad is read through .data, the same memory without an op.)
     def export(self, t: Tensor):
-        t = t.detach()
+        if t.requires_grad:
+            t = t.data
         return t if self.cuda else t.numpy()
 
     def array(self, t: Tensor):
@@ -96,15 +111,61 @@ class _Call:
         contiguous nor the input's channels-last."""
         if self.channels_last:
             t = t.movedim(1, -1)
-        return self.export(t.contiguous())
+        return self.export(t if t.is_contiguous() else t.contiguous())
 
     def vector(self, v: Optional[Tensor]):
         if v is None:
             return None
-        return self.export(v.to(self.param_dtype).contiguous())
+        if v.dtype != self.param_dtype:
+            v = v.to(self.param_dtype)
+        return self.export(v if v.is_contiguous() else v.contiguous())
 
 
-# ---- the custom operators -------------------------------------------------------------
+# ---- the computation, shared by the operators and the eager path ---------------------------
+
+def _forward(call: "_Call", input: Tensor, weight, bias, stats, training: bool, momentum: float, eps: float,
+             residual: Optional[Tensor], relu: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """(y, mean, invstd) for y = act(BN(input) + residual). stats: (running_mean,
+    running_var) as tensors bnorm may write (training: updated in place, either may be None;
+    eval: read). mean, invstd: the batch statistics (training) or the constants of eval's
+    backward (running_mean, 1/sqrt(running_var + eps))."""
+    y = _new_like(input, call.channels_last)
+    epilogue = dict(residual=None if residual is None else call.array(residual),
+                    activation="relu" if relu else None)
+    if training:
+        _, mean, invstd = _functional.forward_train(
+            call.array(input), call.vector(weight), call.vector(bias),
+            *(None if b is None or not b.numel() else call.export(b) for b in stats),
+            axis=call.axis, momentum=momentum, eps=eps, out=call.array(y), stream=call.stream, **epilogue)
+        return y, _tensor(mean), _tensor(invstd)
+    running_mean, running_var = stats
+    _functional.forward_infer(
+        call.array(input), call.vector(running_mean), call.vector(running_var), call.vector(weight),
+        call.vector(bias), axis=call.axis, eps=eps, out=call.array(y), stream=call.stream, **epilogue)
+    mean = running_mean.to(call.param_dtype, copy=True)
+    return y, mean, torch.rsqrt(running_var.to(call.param_dtype) + eps)
+
+
+def _backward_impl(grad_out: Tensor, input: Tensor, weight, mean: Tensor, invstd: Tensor, batch_stats: bool,
+                   y: Optional[Tensor], relu: bool) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+    """(grad_input, grad_weight, grad_bias, grad_sum): grad_sum = grad_out * (y > 0), the
+    gradient at BN(input) + residual, with relu (else None); the parameter gradients in the
+    parameter dtype of input, whether weight is given or not."""
+    call = _Call(input)
+    grad_input = _new_like(input, call.channels_last)
+    grads = _functional.backward(
+        call.array(grad_out if grad_out.dtype == input.dtype else grad_out.to(input.dtype)), call.array(input),
+        call.vector(mean), call.vector(invstd), call.vector(weight), axis=call.axis, batch_stats=batch_stats,
+        activation="relu" if relu else None, y=call.array(y) if relu else None, out=call.array(grad_input),
+        stream=call.stream)
+    grad_sum = None
+    if relu:  # bnorm's fresh array in the layout it read: back to (N, C, ...) order
+        grad_sum = _tensor(grads[3])
+        grad_sum = grad_sum.movedim(-1, 1) if call.channels_last else grad_sum
+    return grad_input, _tensor(grads[1]), _tensor(grads[2]), grad_sum
+
+
+# ---- the custom operators: what torch.compile, torch.export and torch.func see ---------
 
 # torch.library refuses an autograd formula for an operator that mutates its arguments, so
 # the differentiable op is functional: it returns the updated running statistics (computed
@@ -114,34 +175,28 @@ class _Call:
 def _batch_norm_op(
     input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Optional[Tensor],
     running_var: Optional[Tensor], training: bool, momentum: float, eps: float,
+    residual: Optional[Tensor] = None, relu: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(y, mean, invstd, new_running_mean, new_running_var). training: mean and invstd are
-    the batch statistics, and the new running statistics are the updated buffers (empty
-    when none are given); eval: mean and invstd are running_mean and
-    1/sqrt(running_var + eps), the constants of backward, and the new running statistics
-    are empty."""
+    """(y, mean, invstd, new_running_mean, new_running_var), y = act(BN(input) + residual).
+    training: mean and invstd are the batch statistics, and the new running statistics are
+    the updated buffers (empty when none are given); eval: mean and invstd are running_mean
+    and 1/sqrt(running_var + eps), the constants of backward, and the new running
+    statistics are empty."""
     call = _Call(input)
-    y = _new_like(input, call.channels_last)
-    if training:
-        updated = [input.new_empty((0,), dtype=call.param_dtype) if b is None
-                   else b.to(call.param_dtype, memory_format=torch.contiguous_format, copy=True)
-                   for b in (running_mean, running_var)]
-        _, mean, invstd = _functional.forward_train(
-            call.array(input), call.vector(weight), call.vector(bias),
-            *(call.export(b) if b is not None and b.numel() else None for b in updated),
-            axis=call.axis, momentum=momentum, eps=eps, out=call.array(y), stream=call.stream)
-        return y, torch.as_tensor(mean), torch.as_tensor(invstd), updated[0], updated[1]
-    _functional.forward_infer(
-        call.array(input), call.vector(running_mean), call.vector(running_var), call.vector(weight),
-        call.vector(bias), axis=call.axis, eps=eps, out=call.array(y), stream=call.stream)
-    mean = running_mean.to(call.param_dtype, copy=True)
-    invstd = torch.rsqrt(running_var.to(call.param_dtype) + eps)
     none = input.new_empty((0,), dtype=call.param_dtype)
+    if training:
+        stats = [torch.empty_like(none) if b is None
+                 else b.to(call.param_dtype, memory_format=torch.contiguous_format, copy=True)
+                 for b in (running_mean, running_var)]
+        y, mean, invstd = _forward(call, input, weight, bias, stats, True, momentum, eps, residual, relu)
+        return y, mean, invstd, stats[0], stats[1]
+    y, mean, invstd = _forward(call, input, weight, bias, (running_mean, running_var), False, momentum, eps,
+                               residual, relu)
     return y, mean, invstd, none, torch.empty_like(none)
 
 
 @_batch_norm_op.register_fake
-def _(input, weight, bias, running_mean, running_var, training, momentum, eps):
+def _(input, weight, bias, running_mean, running_var, training, momentum, eps, residual=None, relu=False):
     vector = input.new_empty((input.shape[1],), dtype=_param_dtype(input))
     updated = [input.new_empty((input.shape[1] if training and b is not None else 0,), dtype=_param_dtype(input))
                for b in (running_mean, running_var)]
@@ -151,43 +206,46 @@ def _(input, weight, bias, running_mean, running_var, training, momentum, eps):
 @torch.library.custom_op("bnorm::batch_norm_backward", mutates_args=())
 def _batch_norm_backward_op(
     grad_out: Tensor, input: Tensor, weight: Optional[Tensor], mean: Tensor, invstd: Tensor, batch_stats: bool,
-) -> Tuple[Tensor, Tensor, Tensor]:
-    """(grad_input, grad_weight, grad_bias); the parameter gradients in the parameter dtype
-    of input (float32 for 16-bit input), whether weight is given or not."""
-    call = _Call(input)
-    grad_input = _new_like(input, call.channels_last)
-    _, grad_weight, grad_bias = _functional.backward(
-        call.array(grad_out.to(input.dtype)), call.array(input), call.vector(mean), call.vector(invstd),
-        call.vector(weight), axis=call.axis, batch_stats=batch_stats, out=call.array(grad_input),
-        stream=call.stream)
-    return grad_input, torch.as_tensor(grad_weight), torch.as_tensor(grad_bias)
+    y: Optional[Tensor] = None, relu: bool = False,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(grad_input, grad_weight, grad_bias, grad_sum); grad_sum (relu: grad_out * (y > 0))
+    is empty without relu."""
+    grad_input, grad_weight, grad_bias, grad_sum = _backward_impl(
+        grad_out, input, weight, mean, invstd, batch_stats, y, relu)
+    return grad_input, grad_weight, grad_bias, input.new_empty((0,)) if grad_sum is None else grad_sum
 
 
 @_batch_norm_backward_op.register_fake
-def _(grad_out, input, weight, mean, invstd, batch_stats):
+def _(grad_out, input, weight, mean, invstd, batch_stats, y=None, relu=False):
     vector = input.new_empty((input.shape[1],), dtype=_param_dtype(input))
-    return _new_like(input, _channels_last(input)), vector, torch.empty_like(vector)
+    grad_sum = _new_like(input, _channels_last(input)) if relu else input.new_empty((0,))
+    return _new_like(input, _channels_last(input)), vector, torch.empty_like(vector), grad_sum
 
 
 def _setup_context(ctx, inputs, output):
-    input, weight, bias, _, _, training, _, _ = inputs
-    _, mean, invstd, new_running_mean, new_running_var = output
-    ctx.save_for_backward(input, weight, mean, invstd)
-    ctx.batch_stats = training
+    input, weight, bias, _, _, training, _, _, residual, relu = inputs
+    y, mean, invstd, new_running_mean, new_running_var = output
+    ctx.save_for_backward(input, weight, mean, invstd, y if relu else None)
+    ctx.batch_stats, ctx.relu, ctx.residual = training, relu, residual is not None
     ctx.bias_dtype = None if bias is None else bias.dtype
     ctx.mark_non_differentiable(mean, invstd, new_running_mean, new_running_var)
     ctx.set_materialize_grads(False)  # no zero tensors for the statistics' (unused) gradients
 
 
+def _parameter_grads(ctx, weight, grad_weight, grad_bias):
+    return (None if weight is None else grad_weight.to(weight.dtype),
+            None if ctx.bias_dtype is None else grad_bias.to(ctx.bias_dtype))
+
+
 def _backward(ctx, grad_y, *grad_statistics):
     if grad_y is None:  # y did not reach the loss
-        return (None,) * 8
-    input, weight, mean, invstd = ctx.saved_tensors
-    grad_input, grad_weight, grad_bias = torch.ops.bnorm.batch_norm_backward(
-        grad_y, input, weight, mean, invstd, ctx.batch_stats)
-    grad_weight = None if weight is None else grad_weight.to(weight.dtype)
-    grad_bias = None if ctx.bias_dtype is None else grad_bias.to(ctx.bias_dtype)
-    return grad_input, grad_weight, grad_bias, None, None, None, None, None
+        return (None,) * 10
+    input, weight, mean, invstd, y = ctx.saved_tensors
+    grad_input, grad_weight, grad_bias, grad_sum = torch.ops.bnorm.batch_norm_backward(
+        grad_y, input, weight, mean, invstd, ctx.batch_stats, y, ctx.relu)
+    grad_residual = (grad_sum if ctx.relu else grad_y) if ctx.residual else None
+    return (grad_input, *_parameter_grads(ctx, weight, grad_weight, grad_bias), None, None, None, None, None,
+            grad_residual, None)
 
 
 _batch_norm_op.register_autograd(_backward, setup_context=_setup_context)
@@ -203,19 +261,77 @@ def _refuse_double_backward(ctx, *grads):
 _batch_norm_backward_op.register_autograd(_refuse_double_backward, setup_context=lambda ctx, inputs, output: None)
 
 
+# ---- the eager path: plain tensors, no tracing --------------------------------------------
+
+def _eager(input: Tensor, residual: Optional[Tensor]) -> bool:
+    """Whether this call may skip the custom operator (whose Python dispatch and autograd
+    wrapper cost more than the kernel on the tensors of a ResNet): plain tensors, outside
+    torch.compile / torch.export tracing, torch.func transforms and tensor modes. The
+    result is the operator's, and so is the backward (for double backward too)."""
+    return (type(input) is Tensor and (residual is None or type(residual) is Tensor)
+            and not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()
+            and torch._C._len_torch_dispatch_stack() == 0 and not torch._C._is_torch_function_mode_enabled())
+
+
+class _EagerBatchNorm(torch.autograd.Function):
+    """bnorm's batch norm as a plain autograd.Function: running buffers updated in place
+    (no copies when they are contiguous in the parameter dtype), no operator dispatch."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, running_mean, running_var, residual, training, momentum, eps, relu):
+        call = _Call(input)
+        stats = [running_mean, running_var]
+        if training:  # buffers bnorm cannot write in place: a converted copy, written back below
+            stats = [b if b is None or (b.dtype == call.param_dtype and b.is_contiguous())
+                     else b.to(call.param_dtype, memory_format=torch.contiguous_format, copy=True)
+                     for b in stats]
+        y, mean, invstd = _forward(call, input, weight, bias, stats, training, momentum, eps, residual, relu)
+        if training:
+            for buffer, new in ((running_mean, stats[0]), (running_var, stats[1])):
+                if buffer is None:
+                    continue
+                if new is buffer:  # written through a NumPy view: autograd's version counter is told
+                    torch.autograd.graph.increment_version(buffer)
+                else:
+                    buffer.copy_(new)
+        ctx.save_for_backward(input, weight, mean, invstd, y if relu else None)
+        ctx.batch_stats, ctx.relu, ctx.residual = training, relu, residual is not None
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        input, weight, mean, invstd, y = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: the operator's backward refuses double backward
+            grad_input, grad_weight, grad_bias, grad_sum = torch.ops.bnorm.batch_norm_backward(
+                grad_y, input, weight, mean, invstd, ctx.batch_stats, y, ctx.relu)
+        else:
+            grad_input, grad_weight, grad_bias, grad_sum = _backward_impl(
+                grad_y, input, weight, mean, invstd, ctx.batch_stats, y, ctx.relu)
+        grad_residual = (grad_sum if ctx.relu else grad_y) if ctx.residual else None
+        return (grad_input, *_parameter_grads(ctx, weight, grad_weight, grad_bias), None, None, grad_residual,
+                None, None, None, None)
+
+
 # ---- the public function ----------------------------------------------------------------
 
 def batch_norm(
     input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor], weight: Optional[Tensor] = None,
     bias: Optional[Tensor] = None, training: bool = False, momentum: float = 0.1, eps: float = 1e-5,
+    *, residual: Optional[Tensor] = None, activation: Optional[str] = None,
 ) -> Tensor:
-    """torch.nn.functional.batch_norm computed by bnorm, differentiable.
+    """torch.nn.functional.batch_norm computed by bnorm, differentiable; with residual and
+    activation, the fused activation(batch_norm(input) + residual).
 
     input: (N, C, ...) of float32, float64 or float16 (bfloat16 on CUDA), contiguous or
     channels_last. training=True normalizes with the batch statistics and updates
     running_mean / running_var in place when given (running_var with the unbiased
     variance); training=False normalizes with running_mean / running_var (required then).
-    Gradients flow to input, weight and bias; double backward raises RuntimeError.
+    residual: None or a tensor of input's shape and dtype added after the normalization
+    (any layout; the statistics are input's alone). activation: None or "relu", applied
+    last. One pass over the data forward and one backward, where the separate ops take
+    three. Gradients flow to input, weight, bias and residual; double backward raises
+    RuntimeError.
     """
     if not isinstance(input, Tensor):
         raise TypeError(f"bnorm.torch: input must be a torch.Tensor, got {type(input).__name__}")
@@ -223,8 +339,21 @@ def batch_norm(
         raise ValueError(f"bnorm.torch: input must have at least 2 dimensions (N, C, ...), got shape {tuple(input.shape)}")
     if not training and (running_mean is None or running_var is None):
         raise ValueError("bnorm.torch: running_mean and running_var are required when training=False")
+    if activation not in (None, "relu"):
+        raise ValueError(f'bnorm.torch: activation must be None or "relu", got {activation!r}')
+    if residual is not None:
+        if not isinstance(residual, Tensor):
+            raise TypeError(f"bnorm.torch: residual must be a torch.Tensor, got {type(residual).__name__}")
+        if residual.shape != input.shape or residual.dtype != input.dtype or residual.device != input.device:
+            raise ValueError(
+                f"bnorm.torch: residual must have input's shape {tuple(input.shape)}, dtype {input.dtype} and "
+                f"device {input.device}, got {tuple(residual.shape)}, {residual.dtype}, {residual.device}")
+    training, momentum, eps, relu = bool(training), float(momentum), float(eps), activation == "relu"
+    if _eager(input, residual):
+        return _EagerBatchNorm.apply(
+            input, weight, bias, running_mean, running_var, residual, training, momentum, eps, relu)
     y, _, _, new_running_mean, new_running_var = torch.ops.bnorm.batch_norm(
-        input, weight, bias, running_mean, running_var, bool(training), float(momentum), float(eps))
+        input, weight, bias, running_mean, running_var, training, momentum, eps, residual, relu)
     if training:
         with torch.no_grad():  # buffers, as F.batch_norm updates them: outside autograd
             for buffer, new in ((running_mean, new_running_mean), (running_var, new_running_var)):
@@ -238,9 +367,23 @@ def batch_norm(
 class _BnormForward:
     """torch.nn.modules.batchnorm._BatchNorm.forward with bnorm's op in place of
     F.batch_norm: the same train/eval, track_running_stats, momentum=None (cumulative
-    average) and num_batches_tracked behaviour."""
+    average) and num_batches_tracked behaviour; plus the fused epilogue:
+    activation(bn(input) + residual) with the module's activation (None or "relu") and
+    forward's optional residual."""
 
-    def forward(self, input: Tensor) -> Tensor:
+    activation: Optional[str] = None  # (class default: a converted stock module has none)
+
+    def __init__(self, *args, activation: Optional[str] = None, **kwargs):
+        if activation not in (None, "relu"):
+            raise ValueError(f'bnorm.torch: activation must be None or "relu", got {activation!r}')
+        super().__init__(*args, **kwargs)
+        self.activation = activation
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        return text if self.activation is None else f"{text}, activation={self.activation!r}"
+
+    def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         self._check_input_dim(input)
         momentum = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
@@ -253,22 +396,27 @@ class _BnormForward:
         keep = not self.training or self.track_running_stats
         return batch_norm(
             input, self.running_mean if keep else None, self.running_var if keep else None,
-            self.weight, self.bias, use_batch, momentum, self.eps)
+            self.weight, self.bias, use_batch, momentum, self.eps, residual=residual, activation=self.activation)
 
 
 class BatchNorm1d(_BnormForward, torch.nn.BatchNorm1d):
-    """torch.nn.BatchNorm1d computed by bnorm: same constructor, parameters, buffers and
-    state_dict keys. Input (N, C) or (N, C, L)."""
+    """torch.nn.BatchNorm1d computed by bnorm: same constructor (plus activation=None or
+    "relu"), parameters, buffers and state_dict keys. Input (N, C) or (N, C, L);
+    forward(input, residual=None)."""
 
 
 class BatchNorm2d(_BnormForward, torch.nn.BatchNorm2d):
-    """torch.nn.BatchNorm2d computed by bnorm: same constructor, parameters, buffers and
-    state_dict keys. Input (N, C, H, W), contiguous or channels_last."""
+    """torch.nn.BatchNorm2d computed by bnorm: same constructor (plus activation=None or
+    "relu"), parameters, buffers and state_dict keys. Input (N, C, H, W), contiguous or
+    channels_last; forward(input, residual=None) returns activation(bn(input) + residual),
+    fused: a ResNet BasicBlock's last `relu(bn2(conv2(out)) + identity)` is
+    `bn2(conv2(out), identity)` with activation="relu"."""
 
 
 class BatchNorm3d(_BnormForward, torch.nn.BatchNorm3d):
-    """torch.nn.BatchNorm3d computed by bnorm: same constructor, parameters, buffers and
-    state_dict keys. Input (N, C, D, H, W), contiguous or channels_last_3d."""
+    """torch.nn.BatchNorm3d computed by bnorm: same constructor (plus activation=None or
+    "relu"), parameters, buffers and state_dict keys. Input (N, C, D, H, W), contiguous or
+    channels_last_3d; forward(input, residual=None)."""
 
 
 _CONVERSIONS = {torch.nn.BatchNorm1d: BatchNorm1d, torch.nn.BatchNorm2d: BatchNorm2d,

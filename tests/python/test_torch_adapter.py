@@ -129,6 +129,21 @@ def test_running_buffers_of_another_dtype_updated_in_place():
     torch.testing.assert_close(rv, ref_v, rtol=1e-3, atol=1e-3)
 
 
+def test_eager_path_updates_buffers_in_place():
+    """Plain tensors in eager mode skip the custom operator: float32 running buffers are
+    written in place (same memory, autograd's version counter bumped), as F.batch_norm does."""
+    x = _input((8, 3, 4), None)
+    rm, rv = torch.zeros(3), torch.ones(3)
+    ref_m, ref_v = rm.clone(), rv.clone()
+    F.batch_norm(x, ref_m, ref_v, training=True)
+    addresses, versions = (rm.data_ptr(), rv.data_ptr()), (rm._version, rv._version)
+    bt.batch_norm(x, rm, rv, training=True)
+    assert (rm.data_ptr(), rv.data_ptr()) == addresses
+    assert rm._version > versions[0] and rv._version > versions[1]
+    torch.testing.assert_close(rm, ref_m, **TOL[torch.float32])
+    torch.testing.assert_close(rv, ref_v, **TOL[torch.float32])
+
+
 @pytest.mark.parametrize("momentum", [0.1, None])
 @pytest.mark.parametrize("track", [True, False])
 @pytest.mark.parametrize("cls,shape", [(torch.nn.BatchNorm1d, (6, 4, 5)), (torch.nn.BatchNorm2d, (4, 4, 3, 5)),
