@@ -53,7 +53,7 @@ echo "== C++ tests of the portable one-lane kernels (what non-x86 builds run)"
 cmake -S . -B build/cpp-scalar -DBNORM_TESTS=ON -DBNORM_PYTHON=OFF -DBNORM_CUDA=OFF -DBNORM_INSTALL=OFF \
   -DCMAKE_CXX_FLAGS=-DBNORM_SCALAR_KERNELS
 cmake --build build/cpp-scalar -j "$JOBS" --target test_cpu test_variants test_fused
-for isa in baseline avx2 avx512; do
+for isa in baseline avx2 avx512 avx512bf16; do
   BNORM_CPU_ISA=$isa build/cpp-scalar/tests/cpp/test_cpu
   BNORM_CPU_ISA=$isa build/cpp-scalar/tests/cpp/test_variants
   BNORM_CPU_ISA=$isa build/cpp-scalar/tests/cpp/test_fused

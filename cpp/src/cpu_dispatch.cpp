@@ -15,7 +15,7 @@ Isa best_supported() {
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("f16c") &&
         __builtin_cpu_supports("fma"))
-        return Isa::avx512;
+        return __builtin_cpu_supports("avx512bf16") ? Isa::avx512bf16 : Isa::avx512;
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
         return Isa::avx2;
 #endif
@@ -26,7 +26,7 @@ Isa choose() {
     const Isa best = best_supported();
     const char* requested = std::getenv("BNORM_CPU_ISA");
     if (requested == nullptr) return best;
-    for (Isa candidate : {Isa::baseline, Isa::avx2, Isa::avx512})
+    for (Isa candidate : {Isa::baseline, Isa::avx2, Isa::avx512, Isa::avx512bf16})
         if (std::strcmp(requested, isa_name(candidate)) == 0 && candidate <= best) return candidate;
     return best;  // unknown, or not supported by this CPU: the best supported one
 }
@@ -35,6 +35,7 @@ Isa choose() {
 
 const char* isa_name(Isa isa) {
     switch (isa) {
+        case Isa::avx512bf16: return "avx512bf16";
         case Isa::avx512: return "avx512";
         case Isa::avx2: return "avx2";
         default: return "baseline";
@@ -49,6 +50,7 @@ Isa isa() {
 #if BNORM_KERNELS_X86
 #define BNORM_DISPATCH(name, ...)                                     \
     switch (isa()) {                                                  \
+        case Isa::avx512bf16: return avx512bf16::name<T>(__VA_ARGS__);\
         case Isa::avx512: return avx512::name<T>(__VA_ARGS__);        \
         case Isa::avx2: return avx2::name<T>(__VA_ARGS__);            \
         default: return baseline::name<T>(__VA_ARGS__);               \

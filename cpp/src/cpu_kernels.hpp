@@ -12,10 +12,11 @@
 namespace bnorm::kernels {
 
 /// The instruction sets the kernels are built for (x86-64: baseline SSE2, AVX2 + FMA + F16C,
-/// AVX-512 F/BW/VL/DQ; elsewhere baseline only). Each build is the same source compiled
+/// AVX-512 F/BW/VL/DQ, and that plus AVX-512 BF16 for bfloat16's conversions; elsewhere
+/// baseline only). Each build is the same source compiled
 /// with other flags into its own namespace; the entry points below call the widest one the
 /// CPU runs, or the one named by the environment variable BNORM_CPU_ISA.
-enum class Isa { baseline, avx2, avx512 };
+enum class Isa { baseline, avx2, avx512, avx512bf16 };
 
 /// The instruction set in use, chosen at first use.
 Isa isa();
@@ -39,6 +40,9 @@ namespace avx2 {
 #include "cpu_kernels.inc"
 }
 namespace avx512 {
+#include "cpu_kernels.inc"
+}
+namespace avx512bf16 {
 #include "cpu_kernels.inc"
 }
 

@@ -8,9 +8,9 @@
 // load/store convert one element to/from the accumulation type (float for half, bfloat16
 // and float, double for double). Simd<T> is a vector of `width` accumulation-type lanes loaded from /
 // stored to T: AVX-512 (16 floats / 8 doubles), AVX (8 / 4), SSE2 (4 / 2); half needs F16C
-// (or AVX-512) for its conversions; bfloat16 converts with integer shifts and adds (AVX2 or
-// AVX-512F: the AVX-512 BF16 instructions are not in these builds, and the integer
-// rounding is as fast; docs/performance.md). Where none applies, Simd<T> is a single scalar lane, so
+// (or AVX-512) for its conversions; bfloat16 widens with a shift and narrows with
+// integer adds (AVX2, AVX-512), or with vcvtneps2bf16 in the avx512bf16 build (the same
+// bits: docs/performance.md). Where none applies, Simd<T> is a single scalar lane, so
 // kernels written on Simd<T> run everywhere. The explicit vectors give the reductions
 // independent accumulator chains that the compiler's vectorizer would not keep, and give
 // non-temporal stores.
@@ -137,16 +137,19 @@ struct Simd<bfloat16> {
     using R = __m512;
     static constexpr int64_t width = 16;
     // (maskz forms throughout, as for half)
+    // Widening puts element j in the high half of lane j, zeros in the low halves: one
+    // masked vpermw (measured faster than a zero-extend and a shift; docs/performance.md).
     static R load(const bfloat16* p) {
-        const __m512i wide = _mm512_maskz_cvtepu16_epi32(0xffff, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-        return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(0xffff, wide, 16));
+        const __m512i to_high_halves = _mm512_set_epi16(15, 0, 14, 0, 13, 0, 12, 0, 11, 0, 10, 0, 9, 0, 8, 0, 7, 0, 6, 0,
+                                                        5, 0, 4, 0, 3, 0, 2, 0, 1, 0, 0, 0);
+        const __m512i packed = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+        return _mm512_castsi512_ps(_mm512_maskz_permutexvar_epi16(0xaaaaaaaau, to_high_halves, packed));
     }
     static R set(float v) { return _mm512_set1_ps(v); }
     // detail::float_to_bfloat16 on 16 lanes: each lane rounded in its 32 bits (NaN lanes
     // get the quiet bit instead), then the high halves gathered by one vpermw (measured
-    // 25% faster than shifting and vpmovdw; 1.4x the time of the AVX-512 BF16 instruction,
-    // which flushes subnormal inputs to zero: docs/performance.md).
-    static __m256i narrow(R v) {
+    // 25% faster than shifting and vpmovdw).
+    static __m256i narrow_portable(R v) {
         const __m512i u = _mm512_castps_si512(v);
         const __m512i odd = _mm512_and_si512(_mm512_maskz_srli_epi32(0xffff, u, 16), _mm512_set1_epi32(1));
         __m512i rounded = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), odd);
@@ -156,6 +159,19 @@ struct Simd<bfloat16> {
                                                      25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
         return _mm512_maskz_extracti64x4_epi64(0xf, _mm512_maskz_permutexvar_epi16(~__mmask32(0), high_halves, rounded), 0);
     }
+#if defined(__AVX512BF16__)
+    // The avx512bf16 build: vcvtneps2bf16 rounds to nearest even and quiets NaNs exactly
+    // as narrow_portable does, but reads subnormal inputs as zero; lanes holding one (rare:
+    // |v| < 2^-126) take narrow_portable's bits, so every build gives the same results.
+    static __m256i narrow(R v) {
+        const __m256i fast = (__m256i)_mm512_cvtneps_pbh(v);
+        const __mmask16 subnormal = _mm512_fpclass_ps_mask(v, 0x20);  // (vfpclassps: 0x20 = denormal)
+        if (__builtin_expect(subnormal != 0, 0)) return _mm256_mask_mov_epi16(fast, subnormal, narrow_portable(v));
+        return fast;
+    }
+#else
+    static __m256i narrow(R v) { return narrow_portable(v); }
+#endif
     static void store(bfloat16* p, R v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), narrow(v)); }
     static void stream(bfloat16* p, R v) { _mm256_stream_si256(reinterpret_cast<__m256i*>(p), narrow(v)); }
     static A sum(R v) { return lane_sum<A>(v); }

@@ -121,7 +121,8 @@ def test_fold_bfloat16(rng):
 
 # Rounding: normalize without weight and bias computes y = ((x - mean) - 0) * invstd + 0 in
 # float32; the kernels' rounding to bfloat16 must be ml_dtypes' bit for bit, NaN, infinity,
-# overflow, subnormals and ties included, under every kernel build.
+# overflow, subnormals and ties included, under every kernel build (avx512bf16's
+# vcvtneps2bf16 reads subnormal inputs as zero: its kernels must fix those lanes up).
 ROUNDING = r"""
 import json, sys
 import numpy as np, ml_dtypes
@@ -133,6 +134,8 @@ x = bits.view(bf16)
 mean = rng.standard_normal(8).astype(np.float32)
 invstd = np.exp(rng.uniform(-3, 3, 8)).astype(np.float32)
 invstd[0] = 1.0
+mean[:2] = 0.0  # channels 0 and 1 pass subnormal inputs on: exact (0), to be rounded (1)
+invstd[1] = 0.7
 y = bnorm.normalize(x, mean, invstd)
 f = (x.astype(np.float32) - mean[:, None]) - np.float32(0)
 f = f * invstd[:, None] + np.float32(0)
@@ -140,9 +143,10 @@ want = f.astype(bf16)
 ties = int(np.sum((f.view(np.uint32) & 0xffff) == 0x8000))
 same = (y.view(np.uint16) == want.view(np.uint16)) | (np.isnan(f) & np.isnan(y.astype(np.float32)))
 print(json.dumps({"isa": bnorm.cpu_isa(), "mismatches": int(np.sum(~same)), "ties": ties,
-                  "nan": int(np.isnan(f).sum()), "inf": int(np.isinf(f).sum())}))
+                  "nan": int(np.isnan(f).sum()), "inf": int(np.isinf(f).sum()),
+                  "subnormal": int(np.sum((f != 0) & (np.abs(f) < np.finfo(np.float32).tiny)))}))
 """
-ORDER = ["baseline", "avx2", "avx512"]
+ORDER = ["baseline", "avx2", "avx512", "avx512bf16"]
 
 
 @pytest.mark.parametrize("isa", ORDER)
@@ -154,7 +158,7 @@ def test_rounding_is_ml_dtypes_bitwise(isa):
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["isa"] == isa
-    assert result["ties"] > 0 and result["nan"] > 0 and result["inf"] > 0, result
+    assert result["ties"] > 0 and result["nan"] > 0 and result["inf"] > 0 and result["subnormal"] > 0, result
     assert result["mismatches"] == 0, result
 
 

@@ -1,4 +1,4 @@
-"""Every CPU kernel build (baseline, AVX2, AVX-512) against the float64 reference: each
+"""Every CPU kernel build (baseline, AVX2, AVX-512, AVX-512 BF16) against the float64 reference: each
 instruction set the machine runs is forced with BNORM_CPU_ISA in a subprocess."""
 
 import json
@@ -10,7 +10,7 @@ import pytest
 
 import bnorm
 
-ORDER = ["baseline", "avx2", "avx512"]
+ORDER = ["baseline", "avx2", "avx512", "avx512bf16"]
 SUPPORTED = ORDER[: ORDER.index(bnorm.cpu_isa()) + 1]
 
 CHECK = r"""

@@ -145,8 +145,8 @@ int get_num_threads();
 /// max(1024, the number of processors): the largest n set_num_threads accepts.
 int max_num_threads();
 
-/// The instruction set of the CPU kernels in use: "baseline" (SSE2 on x86-64), "avx2" or
-/// "avx512": the widest this CPU runs, unless the environment variable BNORM_CPU_ISA names
+/// The instruction set of the CPU kernels in use: "baseline" (SSE2 on x86-64), "avx2",
+/// "avx512" or "avx512bf16" (AVX-512 with its bfloat16 conversion): the widest this CPU runs, unless the environment variable BNORM_CPU_ISA names
 /// a narrower one. Results are deterministic for a given instruction set; reductions may
 /// differ in the last bits between instruction sets (vector widths change the sum order).
 const char* cpu_isa();

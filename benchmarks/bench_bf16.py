@@ -1,0 +1,57 @@
+"""bfloat16 against float16 (the same bytes), interleaved round by round in one process.
+
+For each shape and op, bnorm on a bfloat16 array and on a float16 array of the same shape
+(and PyTorch's bfloat16 batch norm with --torch) are timed in rotating order, so machine
+load hits both alike. Prints the medians, the bf16/f16 ratio (target: <= 1.0, "as fast as
+float16 per byte") and, with --torch, torch_bf16/bnorm_bf16.
+
+    python benchmarks/bench_bf16.py --threads 2,1 [--torch] [--budget 1.5]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+import bnorm
+from bnorm.bench import OPS, _Case, _import_torch, parse_shapes, time_interleaved
+
+SHAPES = "64x256x28x28:1,64x28x28x256:-1,8192x1024:1,32x64x14x14:1,128x64x56x56:1"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", default=SHAPES, help="comma list of SHAPE:AXIS (default: %(default)s)")
+    p.add_argument("--threads", default="2,1", help="comma list of bnorm thread counts (default: %(default)s)")
+    p.add_argument("--ops", default=",".join(OPS), help="train, infer, backward (default: all)")
+    p.add_argument("--budget", type=float, default=1.0, help="seconds per row (default: %(default)s)")
+    p.add_argument("--torch", action="store_true", help="also time PyTorch's bfloat16 CPU batch norm")
+    args = p.parse_args(argv)
+    torch = _import_torch(args.torch)
+    shapes = parse_shapes(args.shapes)
+    ops = args.ops.split(",")
+    print(f"bnorm isa {bnorm.cpu_isa()}, load {os.getloadavg()[0]:.2f}")
+    print(f"{'threads':>7} {'op':>8} {'shape':>14} {'f16 ms':>8} {'bf16 ms':>8} {'bf16/f16':>8}"
+          + (f" {'torch ms':>8} {'torch/bnorm':>11}" if torch else ""))
+    for threads in (int(t) for t in args.threads.split(",")):
+        bnorm.set_num_threads(threads)
+        if torch is not None:
+            torch.set_num_threads(threads)
+        for shape, axis in shapes:
+            cases = {dt: _Case(shape, axis, dt, torch=torch if dt == "bfloat16" else None)
+                     for dt in ("float16", "bfloat16")}
+            for op in ops:
+                fns = {dt: case.bnorm_fn(op) for dt, case in cases.items()}
+                if torch is not None:
+                    fns["torch"] = cases["bfloat16"].torch_fn(op)
+                r = time_interleaved(fns, None, budget=args.budget)
+                f16, bf16 = r["float16"]["median_s"] * 1e3, r["bfloat16"]["median_s"] * 1e3
+                line = f"{threads:>7} {op:>8} {'x'.join(map(str, shape)):>14} {f16:8.3f} {bf16:8.3f} {bf16 / f16:8.2f}"
+                if torch is not None:
+                    tm = r["torch"]["median_s"] * 1e3
+                    line += f" {tm:8.3f} {tm / bf16:11.2f}"
+                print(line, flush=True)
+    print(f"load {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
