@@ -1,5 +1,6 @@
-// The fused epilogue of the CPU kernels' passes (included by cpu_kernels.cpp, compiled per
-// instruction set, so everything lives in that build's namespace, as in simd.hpp):
+// The fused epilogue of the CPU kernels' passes (included by cpu_forward.cpp and
+// cpu_backward.cpp, compiled per instruction set, so everything lives in that build's
+// namespace, as in simd.hpp):
 //  - forward write loops: y = act(value + residual), value being the normalized x;
 //  - backward reductions and write loops: g = y > 0 ? dy : 0 (ReLU's gradient, the mask
 //    taken from the fused forward's output y) in place of dy, and dsum = g written by the
@@ -10,7 +11,7 @@
 #pragma once
 
 #ifndef BNORM_KERNEL_ISA
-#error "epilogue.hpp belongs to cpu_kernels.cpp, compiled per instruction set"
+#error "epilogue.hpp belongs to the kernel sources (cpu_passes.hpp), compiled per instruction set"
 #endif
 
 #include <cstdint>

@@ -1,7 +1,7 @@
 // Element access and vector registers for the CPU kernels, per instruction set.
 //
-// cpu_kernels.cpp is compiled once per instruction set (baseline, AVX2, AVX-512) and this
-// header with it, so everything here lives in that build's namespace: functions whose body
+// The kernel sources (cpu_passes.hpp lists them) are compiled once per instruction set
+// (baseline, AVX2, AVX-512, AVX-512 with BF16) and this header with them, so everything here lives in that build's namespace: functions whose body
 // depends on the compiler flags must not be shared between the builds (the linker would
 // keep one of the copies, possibly one the CPU cannot run).
 //
@@ -17,7 +17,7 @@
 #pragma once
 
 #ifndef BNORM_KERNEL_ISA
-#error "simd.hpp belongs to cpu_kernels.cpp, compiled per instruction set"
+#error "simd.hpp belongs to the kernel sources, compiled per instruction set"
 #endif
 
 #include <cstdint>

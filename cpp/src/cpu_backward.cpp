@@ -1,0 +1,303 @@
+// The backward passes: the reductions (sum(g), sum(g * (x - mean))), dx, and both fused
+// per channel or per strip where the layout allows; g is dy or ReLU's gradient (the
+// gradient mask of epilogue.hpp), and the pass that writes dx also writes dsum = g.
+#include "coefficients.hpp"
+#include "cpu_strips.hpp"
+#include "epilogue.hpp"
+
+namespace bnorm::kernels::BNORM_KERNEL_ISA {
+namespace {
+
+template <class T, class Mask = GradientMask<T, false, false>>
+struct BackwardSumsOp {
+    using A = param_t<T>;
+    using Partial = Sums;
+    using Work = RowWork<A, Sums>;
+    const T* dy;
+    const T* x;
+    const A* mean;
+    Shape s;
+    Mask mask{};  // the gradient read in place of dy (epilogue.hpp)
+
+    BNORM_FLATTEN Sums plane_tile(int64_t c, PlaneTiles::Tile t) const {
+        const int64_t stride = s.channels * s.inner, len = t.i1 - t.i0;
+        const int64_t offset = c * s.inner + t.i0 + t.r0 * stride;
+        const T* g = dy + offset;
+        const T* p = x + offset;
+        const A m = mean[c];
+        const Mask tile_mask = mask.at(offset);
+        const Pair<A> sums = chained_sums<T>(t.r1 - t.r0, stride, len, [&](auto lanes, int64_t k, auto& a, auto& b) {
+            using L = decltype(lanes);
+            const auto d = tile_mask.load(L{}, g, k);
+            a += d;
+            b += d * (L::load(p + k) - L::set(m));
+        });
+        return {double(sums.a), double(sums.b)};
+    }
+
+    BNORM_FLATTEN void row_tile(int64_t c0, int64_t c1, int64_t r0, int64_t r1, Sums* acc) const {
+        const int64_t w = c1 - c0, C = s.channels;
+        A sum_dy[kChannelBlock], sum_dy_xmu[kChannelBlock];
+        for (int64_t j = 0; j < w; ++j) sum_dy[j] = sum_dy_xmu[j] = 0;
+        for_row_lanes<T>(r0, r1, w, [&](auto lanes, auto acc_lanes, auto group, int64_t r, int64_t j) {
+            using L = decltype(lanes);
+            using P = decltype(acc_lanes);
+            const auto m = P::load(mean + c0 + j);
+            const int64_t offset = r * C + c0 + j;
+            // Both sums before either store (see MomentsOp::row_tile).
+            const auto g = rows_sum<group()>([&](int64_t k) { return mask.load(L{}, dy, offset + k * C); });
+            const auto gx = rows_sum<group()>([&](int64_t k) {
+                return mask.load(L{}, dy, offset + k * C) * (L::load(x + offset + k * C) - m);
+            });
+            P::store(sum_dy + j, P::load(sum_dy + j) + g);
+            P::store(sum_dy_xmu + j, P::load(sum_dy_xmu + j) + gx);
+        });
+        for (int64_t j = 0; j < w; ++j) merge(acc[j], Sums{double(sum_dy[j]), double(sum_dy_xmu[j])});
+    }
+};
+
+// dx = (g - dy_mean - (x - mean) * xmu_scale) * scale over one run of a single channel, g
+// being dy or ReLU's gradient of it (mask, which also stores dsum = g); with x null (eval
+// mode), dx = g * scale.
+template <class T, class Mask>
+BNORM_INLINE void backward_run(const T* dy, const T* x, T* dx, int64_t n, param_t<T> mean,
+                               detail::BackwardCoefficients<param_t<T>> k, bool stream, const Mask& mask) {
+    if (!x) {
+        write_run(dx, n, stream, [&](auto lanes, int64_t i) {
+            const auto g = mask.load(lanes, dy, i);
+            mask.write(lanes, g, i, stream);
+            return g * decltype(lanes)::set(k.scale);
+        });
+        return;
+    }
+    write_run(dx, n, stream, [&](auto lanes, int64_t i) {
+        using L = decltype(lanes);
+        const auto g = mask.load(L{}, dy, i);
+        mask.write(L{}, g, i, stream);
+        return (g - L::set(k.dy_mean) - (L::load(x + i) - L::set(mean)) * L::set(k.xmu_scale)) * L::set(k.scale);
+    });
+}
+
+template <class T, class Mask>
+BNORM_FLATTEN void backward_row(const T* dy, const T* x, T* dx, int64_t n, const param_t<T>* mean,
+                                const param_t<T>* dy_mean, const param_t<T>* xmu_scale, const param_t<T>* scale,
+                                bool stream, const Mask& mask) {
+    using P = Simd<param_t<T>>;
+    if (!x) {
+        write_run(dx, n, stream, [&](auto lanes, int64_t c) {
+            using L = decltype(lanes);
+            using C = std::conditional_t<L::width == 1, Scalar<param_t<T>>, P>;
+            const auto g = mask.load(L{}, dy, c);
+            mask.write(L{}, g, c, stream);
+            return g * C::load(scale + c);
+        });
+        return;
+    }
+    write_run(dx, n, stream, [&](auto lanes, int64_t c) {
+        using L = decltype(lanes);
+        using C = std::conditional_t<L::width == 1, Scalar<param_t<T>>, P>;
+        static_assert(C::width == L::width, "x and coefficient vectors have the same lanes");
+        const auto g = mask.load(L{}, dy, c);
+        mask.write(L{}, g, c, stream);
+        return (g - C::load(dy_mean + c) - (L::load(x + c) - C::load(mean + c)) * C::load(xmu_scale + c)) *
+               C::load(scale + c);
+    });
+}
+
+// The P-rounded sums of the channels [c0, c1) (sums(c): their double Sums) and their dx
+// coefficients at index c - c0. The outputs are distinct scratch arrays (cpu_api.cpp gives
+// the sums scratch of their own): __restrict lets the loop vectorize where the caller picks
+// the arrays at run time (ColumnStrips).
+template <class P, class SumsOf>
+void dx_coefficients(int64_t c0, int64_t c1, const SumsOf& sums, const P* invstd, const P* weight, double count,
+                     P* __restrict sum_dy, P* __restrict sum_dy_xhat, P* __restrict dy_mean,
+                     P* __restrict xmu_scale, P* __restrict scale) {
+    for (int64_t c = c0; c < c1; ++c) {
+        const Sums s = sums(c);
+        detail::round_backward_sums(s.dy, s.dy_xmu, invstd[c], sum_dy[c], sum_dy_xhat[c]);
+        const auto k = detail::backward_coefficients(sum_dy[c], sum_dy_xhat[c], invstd[c], weight, c, count);
+        dy_mean[c - c0] = k.dy_mean, xmu_scale[c - c0] = k.xmu_scale, scale[c - c0] = k.scale;
+    }
+}
+
+// The kernels with their gradient mask (Mask: a GradientMask) as a type; the entry points
+// below pick it once per call.
+template <class T, class Mask>
+void backward_sums_fused(const T* dy, const T* x, Shape shape, int threads, const param_t<T>* mean,
+                         double* sum_dy, double* sum_dy_xmu, const Mask& mask) {
+    using Op = BackwardSumsOp<T, Mask>;
+    const int team = team_size(shape, threads);
+    if (const int64_t strip = strip_width(shape, team, 2 * sizeof(T))) {
+        const RowSplits plan(shape);
+        const Op op{dy, x, mean, shape, mask};
+        using Work = typename Op::Work;
+        for_each_strip<Work>(shape, team, strip, false, [&](int64_t c0, int64_t c1, Work& work) {
+            plan.strip_partials(shape, op, c0, c1, work);
+            for (int64_t c = c0; c < c1; ++c) sum_dy[c] = work.strip[c - c0].dy, sum_dy_xmu[c] = work.strip[c - c0].dy_xmu;
+        });
+        return;
+    }
+    Scratch<Sums> result(shape.channels, Sums{});
+    const Positions pos = positions_of(shape, For::reduce);
+    if (pos.view.channels > 0) {
+        const auto mean_at = pos.expand(mean);
+        Scratch<Sums> per_position(pos.view.channels), rest(pos.rest.outer > 0 ? shape.channels : 0);
+        reduce(pos.view, threads, Op{dy, x, mean_at.data(), pos.view, mask}, per_position.data());
+        for (int64_t c = 0; c < shape.channels; ++c) result[c] = pos.fold_channel(per_position.data(), c);
+        if (pos.rest.outer > 0) {
+            const int64_t offset = pos.view.size();
+            reduce(pos.rest, threads, Op{dy + offset, x + offset, mean, pos.rest, mask.at(offset)}, rest.data());
+            for (int64_t c = 0; c < shape.channels; ++c) merge(result[c], rest[c]);
+        }
+    } else {
+        reduce(shape, threads, Op{dy, x, mean, shape, mask}, result.data());
+    }
+    for (int64_t c = 0; c < shape.channels; ++c) {
+        sum_dy[c] = result[c].dy;
+        sum_dy_xmu[c] = result[c].dy_xmu;
+    }
+}
+
+template <class T, class Mask>
+void backward_dx_fused(const T* dy, const T* x, Shape s, int threads, const param_t<T>* mean,
+                       const param_t<T>* dy_mean, const param_t<T>* xmu_scale, const param_t<T>* scale, T* dx,
+                       const Mask& mask) {
+    const Positions pos = positions_of(s, For::write);
+    if (pos.view.channels > 0) {
+        if (x) {
+            backward_dx_fused(dy, x, pos.view, threads, pos.expand(mean).data(), pos.expand(dy_mean).data(),
+                              pos.expand(xmu_scale).data(), pos.expand(scale).data(), dx, mask);
+        } else {  // eval mode: scale alone
+            backward_dx_fused(dy, x, pos.view, threads, mean, dy_mean, xmu_scale, pos.expand(scale).data(), dx, mask);
+        }
+        if (pos.rest.outer > 0) {
+            const int64_t offset = pos.view.size();
+            backward_dx_fused(dy + offset, x ? x + offset : x, pos.rest, threads, mean, dy_mean, xmu_scale, scale,
+                              dx + offset, mask.at(offset));
+        }
+        return;
+    }
+    const int team = team_size(s, threads);
+    const bool stream = streams<T>(s);
+    const int64_t C = s.channels;
+    if (s.inner > 1) {
+        parallel_writes(team, s.outer * C, rows_per_chunk(s, team, s.inner), stream, [&](int64_t row, int) {
+            const int64_t c = row % C, offset = row * s.inner;
+            if (x)
+                backward_run(dy + offset, x + offset, dx + offset, s.inner, mean[c],
+                             {dy_mean[c], xmu_scale[c], scale[c]}, stream, mask.at(offset));
+            else
+                backward_run(dy + offset, x, dx + offset, s.inner, param_t<T>(0), {0, 0, scale[c]}, stream,
+                             mask.at(offset));
+        });
+    } else {
+        for_row_blocks(s, team, stream, [&](int64_t r, int64_t c0, int64_t c1) {
+            const int64_t offset = r * C + c0;
+            if (x)
+                backward_row(dy + offset, x + offset, dx + offset, c1 - c0, mean + c0, dy_mean + c0, xmu_scale + c0,
+                             scale + c0, stream, mask.at(offset));
+            else
+                backward_row(dy + offset, x, dx + offset, c1 - c0, mean, dy_mean, xmu_scale, scale + c0, stream,
+                             mask.at(offset));
+        });
+    }
+}
+
+template <class T, class Mask>
+void backward_train_fused(const T* dy, const T* x, Shape s, int threads, const param_t<T>* mean,
+                          const param_t<T>* invstd, const param_t<T>* weight, T* dx, param_t<T>* sum_dy,
+                          param_t<T>* sum_dy_xhat, const Mask& mask) {
+    using P = param_t<T>;
+    using Op = BackwardSumsOp<T, Mask>;
+    const int team = team_size(s, threads);
+    const double count = double(s.count());
+    const bool stream = streams<T>(s);
+    const int64_t C = s.channels;
+    if (const ColumnStrips strips = column_strips(s, team, 2 * sizeof(T))) {
+        const Shape view = strips.view;
+        const RowSplits plan(view);
+        const auto expanded_mean = strips.pos.expand(mean);  // short planes: the mean of each column
+        const P* column_mean = strips.per_channel == 1 ? mean : expanded_mean.data();
+        const Op op{dy, x, column_mean, view, mask};
+        using Work = typename Op::Work;
+        strips.run<Work>(s, team, stream, [&](int64_t c0, int64_t c1, Work& work, const auto& channel) {
+            const int64_t p0 = c0 * strips.per_channel, width = (c1 - c0) * strips.per_channel;
+            plan.strip_partials(view, op, p0, p0 + width, work);
+            P* k[3];
+            strips.coefficient_arrays(work, 3, k);
+            dx_coefficients(
+                c0, c1, [&](int64_t c) { return channel(work.strip, c - c0); }, invstd, weight, count, sum_dy,
+                sum_dy_xhat, k[0], k[1], k[2]);
+            strips.spread(work, 3, c0, c1);
+            for (int64_t r = 0; r < s.outer; ++r) {
+                const int64_t offset = r * view.channels + p0;
+                backward_row(dy + offset, x + offset, dx + offset, width, column_mean + p0, work.coefficients[0],
+                             work.coefficients[1], work.coefficients[2], stream, mask.at(offset));
+            }
+        });
+        return;
+    }
+    if (!fuse_per_channel(s, team, 2 * sizeof(T))) {
+        Scratch<double> s_dy(s.channels), s_dy_xmu(s.channels);
+        backward_sums_fused(dy, x, s, threads, mean, s_dy.data(), s_dy_xmu.data(), mask);
+        Scratch<P> dy_mean(C), xmu_scale(C), scale(C);
+        dx_coefficients(
+            int64_t(0), C, [&](int64_t c) { return Sums{s_dy[c], s_dy_xmu[c]}; }, invstd, weight, count, sum_dy,
+            sum_dy_xhat, dy_mean.data(), xmu_scale.data(), scale.data());
+        backward_dx_fused(dy, x, s, threads, mean, dy_mean.data(), xmu_scale.data(), scale.data(), dx, mask);
+        return;
+    }
+    const PlaneSplits plan(s);
+    const Op op{dy, x, mean, s, mask};
+    const int64_t stride = C * s.inner;
+    parallel_writes(team, C, channel_block(s, team), stream, [&](int64_t c, int) {
+        const Sums sums = plan.channel_partial<Sums>(s, op, c);
+        detail::round_backward_sums(sums.dy, sums.dy_xmu, invstd[c], sum_dy[c], sum_dy_xhat[c]);
+        const auto k = detail::backward_coefficients(sum_dy[c], sum_dy_xhat[c], invstd[c], weight, c, count);
+        for (int64_t o = 0; o < s.outer; ++o) {
+            const int64_t offset = o * stride + c * s.inner;
+            backward_run(dy + offset, x + offset, dx + offset, s.inner, mean[c], k, stream, mask.at(offset));
+        }
+    });
+}
+
+}  // namespace
+
+template <class T>
+void backward_sums(const T* dy, const T* x, Shape s, int threads, const param_t<T>* mean, double* sum_dy,
+                   double* sum_dy_xmu, const ReluGrad<T>& relu) {
+    with_gradient_mask(relu, false, [&](const auto& mask) {
+        backward_sums_fused(dy, x, s, threads, mean, sum_dy, sum_dy_xmu, mask);
+    });
+}
+
+template <class T>
+void backward_dx(const T* dy, const T* x, Shape s, int threads, const param_t<T>* mean, const param_t<T>* dy_mean,
+                 const param_t<T>* xmu_scale, const param_t<T>* scale, T* dx, const ReluGrad<T>& relu) {
+    with_gradient_mask(relu, true, [&](const auto& mask) {
+        backward_dx_fused(dy, x, s, threads, mean, dy_mean, xmu_scale, scale, dx, mask);
+    });
+}
+
+template <class T>
+void backward_train(const T* dy, const T* x, Shape s, int threads, const param_t<T>* mean, const param_t<T>* invstd,
+                    const param_t<T>* weight, T* dx, param_t<T>* sum_dy, param_t<T>* sum_dy_xhat,
+                    const ReluGrad<T>& relu) {
+    with_gradient_mask(relu, true, [&](const auto& mask) {
+        backward_train_fused(dy, x, s, threads, mean, invstd, weight, dx, sum_dy, sum_dy_xhat, mask);
+    });
+}
+
+#define BNORM_INSTANTIATE(T)                                                                  \
+    template void backward_sums<T>(const T*, const T*, Shape, int, const param_t<T>*, double*, \
+                                   double*, const ReluGrad<T>&);                              \
+    template void backward_dx<T>(const T*, const T*, Shape, int, const param_t<T>*,           \
+                                 const param_t<T>*, const param_t<T>*, const param_t<T>*, T*, \
+                                 const ReluGrad<T>&);                                         \
+    template void backward_train<T>(const T*, const T*, Shape, int, const param_t<T>*,        \
+                                    const param_t<T>*, const param_t<T>*, T*, param_t<T>*,    \
+                                    param_t<T>*, const ReluGrad<T>&);
+BNORM_KERNEL_TYPES(BNORM_INSTANTIATE)
+#undef BNORM_INSTANTIATE
+
+}  // namespace bnorm::kernels::BNORM_KERNEL_ISA

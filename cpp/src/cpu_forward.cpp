@@ -1,0 +1,141 @@
+// The forward write passes: affine (normalize and inference) and the training forward,
+// statistics and output fused where the layout allows, each with the fused epilogue
+// (residual add, ReLU; epilogue.hpp) applied in the pass that writes y.
+#include "cpu_moments.hpp"
+#include "cpu_strips.hpp"
+#include "epilogue.hpp"
+
+namespace bnorm::kernels::BNORM_KERNEL_ISA {
+namespace {
+
+// y = epilogue(((x - center) - lo) * scale + shift) over one run of a single channel.
+template <class T, class E>
+BNORM_INLINE void affine_run(const T* x, T* y, int64_t n, detail::Affine<param_t<T>> k, bool stream,
+                             const E& epilogue) {
+    write_run(y, n, stream, [&](auto lanes, int64_t i) {
+        using L = decltype(lanes);
+        return epilogue(
+            L{}, ((L::load(x + i) - L::set(k.center)) - L::set(k.center_lo)) * L::set(k.scale) + L::set(k.shift), i);
+    });
+}
+
+// The same over one row of the rows schedule, coefficients varying along it.
+template <class T, class E>
+BNORM_FLATTEN void affine_row(const T* x, T* y, int64_t n, const param_t<T>* center, const param_t<T>* lo,
+                              const param_t<T>* scale, const param_t<T>* shift, bool stream, const E& epilogue) {
+    using P = Simd<param_t<T>>;  // the coefficients are arrays of the accumulation type
+    write_run(y, n, stream, [&](auto lanes, int64_t c) {
+        using L = decltype(lanes);
+        using C = std::conditional_t<L::width == 1, Scalar<param_t<T>>, P>;
+        static_assert(C::width == L::width, "x and coefficient vectors have the same lanes");
+        return epilogue(
+            L{}, ((L::load(x + c) - C::load(center + c)) - C::load(lo + c)) * C::load(scale + c) + C::load(shift + c), c);
+    });
+}
+
+// The kernels with their epilogue (E: a ForwardEpilogue) as a type; the entry points
+// below pick it once per call.
+template <class T, class E>
+void affine_fused(const T* x, Shape s, int threads, const param_t<T>* center, const param_t<T>* center_lo,
+                  const param_t<T>* scale, const param_t<T>* shift, T* y, const E& epilogue) {
+    const Positions pos = positions_of(s, For::write);
+    if (pos.view.channels > 0) {
+        affine_fused(x, pos.view, threads, pos.expand(center).data(), pos.expand(center_lo).data(),
+                     pos.expand(scale).data(), pos.expand(shift).data(), y, epilogue);
+        if (pos.rest.outer > 0)
+            affine_fused(x + pos.view.size(), pos.rest, threads, center, center_lo, scale, shift, y + pos.view.size(),
+                         epilogue.at(pos.view.size()));
+        return;
+    }
+    const int team = team_size(s, threads);
+    const bool stream = streams<T>(s);
+    const int64_t C = s.channels;
+    if (s.inner > 1) {
+        parallel_writes(team, s.outer * C, rows_per_chunk(s, team, s.inner), stream, [&](int64_t row, int) {
+            const int64_t c = row % C;
+            affine_run(x + row * s.inner, y + row * s.inner, s.inner, {center[c], center_lo[c], scale[c], shift[c]},
+                       stream, epilogue.at(row * s.inner));
+        });
+    } else {
+        for_row_blocks(s, team, stream, [&](int64_t r, int64_t c0, int64_t c1) {
+            const int64_t offset = r * C + c0;
+            affine_row(x + offset, y + offset, c1 - c0, center + c0, center_lo + c0, scale + c0, shift + c0, stream,
+                       epilogue.at(offset));
+        });
+    }
+}
+
+template <class T, class E>
+void forward_train_fused(const T* x, Shape s, int threads, double eps, const param_t<T>* weight, const param_t<T>* bias,
+                         T* y, double* mean, double* var, param_t<T>* invstd, const E& epilogue) {
+    using P = param_t<T>;
+    const int team = team_size(s, threads);
+    const bool stream = streams<T>(s);
+    const int64_t C = s.channels;
+    if (const ColumnStrips strips = column_strips(s, team, sizeof(T))) {
+        const Shape view = strips.view;
+        const RowSplits plan(view);
+        const MomentsOp<T> op{x, view};
+        using Work = typename MomentsOp<T>::Work;
+        strips.run<Work>(s, team, stream, [&](int64_t c0, int64_t c1, Work& work, const auto& channel) {
+            const int64_t p0 = c0 * strips.per_channel, width = (c1 - c0) * strips.per_channel;
+            plan.strip_partials(view, op, p0, p0 + width, work);
+            for (int64_t c = c0; c < c1; ++c) store(channel(work.strip, c - c0), mean[c], var[c]);
+            P* k[4];
+            strips.coefficient_arrays(work, 4, k);
+            train_coefficients(c0, c1, mean, var, eps, weight, bias, invstd, k[0], k[1], k[2], k[3]);
+            strips.spread(work, 4, c0, c1);
+            for (int64_t r = 0; r < s.outer; ++r)
+                affine_row(x + r * view.channels + p0, y + r * view.channels + p0, width, work.coefficients[0],
+                           work.coefficients[1], work.coefficients[2], work.coefficients[3], stream,
+                           epilogue.at(r * view.channels + p0));
+        });
+        return;
+    }
+    if (!fuse_per_channel(s, team, sizeof(T))) {
+        moments(x, s, threads, mean, var);
+        Scratch<P> center(C), lo(C), scale(C), shift(C);
+        train_coefficients(int64_t(0), C, mean, var, eps, weight, bias, invstd, center.data(), lo.data(), scale.data(),
+                           shift.data());
+        affine_fused(x, s, threads, center.data(), lo.data(), scale.data(), shift.data(), y, epilogue);
+        return;
+    }
+    const PlaneSplits plan(s);
+    const MomentsOp<T> op{x, s};
+    const int64_t stride = C * s.inner;
+    parallel_writes(team, C, channel_block(s, team), stream, [&](int64_t c, int) {
+        store(plan.channel_partial<Moments>(s, op, c), mean[c], var[c]);
+        invstd[c] = detail::invstd_of<P>(var[c], eps);
+        const auto k = detail::train_affine(mean[c], invstd[c], weight, bias, c);
+        for (int64_t o = 0; o < s.outer; ++o)
+            affine_run(x + o * stride + c * s.inner, y + o * stride + c * s.inner, s.inner, k, stream,
+                       epilogue.at(o * stride + c * s.inner));
+    });
+}
+
+}  // namespace
+
+template <class T>
+void affine(const T* x, Shape s, int threads, const param_t<T>* center, const param_t<T>* center_lo,
+            const param_t<T>* scale, const param_t<T>* shift, T* y, const Epilogue<T>& epilogue) {
+    with_forward_epilogue(epilogue, [&](const auto& e) { affine_fused(x, s, threads, center, center_lo, scale, shift, y, e); });
+}
+
+template <class T>
+void forward_train(const T* x, Shape s, int threads, double eps, const param_t<T>* weight, const param_t<T>* bias,
+                   T* y, double* mean, double* var, param_t<T>* invstd, const Epilogue<T>& epilogue) {
+    with_forward_epilogue(epilogue, [&](const auto& e) {
+        forward_train_fused(x, s, threads, eps, weight, bias, y, mean, var, invstd, e);
+    });
+}
+
+#define BNORM_INSTANTIATE(T)                                                                  \
+    template void affine<T>(const T*, Shape, int, const param_t<T>*, const param_t<T>*,       \
+                            const param_t<T>*, const param_t<T>*, T*, const Epilogue<T>&);    \
+    template void forward_train<T>(const T*, Shape, int, double, const param_t<T>*,           \
+                                   const param_t<T>*, T*, double*, double*, param_t<T>*,      \
+                                   const Epilogue<T>&);
+BNORM_KERNEL_TYPES(BNORM_INSTANTIATE)
+#undef BNORM_INSTANTIATE
+
+}  // namespace bnorm::kernels::BNORM_KERNEL_ISA

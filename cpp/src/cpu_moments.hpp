@@ -1,0 +1,101 @@
+// The statistics' tile op (MomentsOp, for reduce() and the fused schedules) and the
+// training coefficients: shared by moments (cpu_statistics.cpp) and forward_train
+// (cpu_forward.cpp), compiled per instruction set.
+#pragma once
+
+#include "coefficients.hpp"
+#include "cpu_reduce.hpp"
+
+namespace bnorm::kernels::BNORM_KERNEL_ISA {
+namespace {
+
+// Shifted two-pass statistics of a tile. Pass 1 sums x - K with K the tile's first value
+// (exact for constant data, and no overflow for any finite float); pass 2 sums the
+// deviations from that mean and their squares, and corrects the mean with the first.
+template <class T>
+struct MomentsOp {
+    using A = param_t<T>;
+    using Partial = Moments;
+    using Work = RowWork<A, Moments>;
+    const T* x;
+    Shape s;
+
+    BNORM_FLATTEN Moments plane_tile(int64_t c, PlaneTiles::Tile t) const {
+        const int64_t stride = s.channels * s.inner, len = t.i1 - t.i0, rows = t.r1 - t.r0;
+        const T* base = x + c * s.inner + t.i0 + t.r0 * stride;
+        const A shift = load(base);
+        const A sum = chained_sums<T>(rows, stride, len, [&](auto lanes, int64_t k, auto& a, auto&) {
+            using L = decltype(lanes);
+            a += L::load(base + k) - L::set(shift);
+        }).a;
+        const double n = double(rows * len);
+        const A mean1 = shift + A(sum / A(n));
+        const Pair<A> dev = chained_sums<T>(rows, stride, len, [&](auto lanes, int64_t k, auto& a, auto& b) {
+            using L = decltype(lanes);
+            const auto d = L::load(base + k) - L::set(mean1);
+            a += d;
+            b += d * d;
+        });
+        return {n, double(mean1) + double(dev.a) / n, corrected_m2(dev.b, dev.a, n)};
+    }
+
+    BNORM_FLATTEN void row_tile(int64_t c0, int64_t c1, int64_t r0, int64_t r1, Moments* acc) const {
+        const int64_t w = c1 - c0, C = s.channels;
+        A shift[kChannelBlock], sum[kChannelBlock], dev[kChannelBlock], dev_sq[kChannelBlock];
+        const double n = double(r1 - r0);
+        for (int64_t j = 0; j < w; ++j) {
+            shift[j] = load(x + r0 * C + c0 + j);
+            sum[j] = dev[j] = dev_sq[j] = 0;
+        }
+        for_row_lanes<T>(r0, r1, w, [&](auto lanes, auto acc_lanes, auto group, int64_t r, int64_t j) {
+            using L = decltype(lanes);
+            using P = decltype(acc_lanes);
+            const auto k0 = P::load(shift + j);
+            const T* p = x + r * C + c0 + j;
+            P::store(sum + j, P::load(sum + j) + rows_sum<group()>([&](int64_t k) { return L::load(p + k * C) - k0; }));
+        });
+        for (int64_t j = 0; j < w; ++j) shift[j] += A(sum[j] / A(n));  // now the pass-1 mean
+        for_row_lanes<T>(r0, r1, w, [&](auto lanes, auto acc_lanes, auto group, int64_t r, int64_t j) {
+            using L = decltype(lanes);
+            using P = decltype(acc_lanes);
+            const auto m = P::load(shift + j);
+            const T* p = x + r * C + c0 + j;
+            // Both sums before either store, so that each x is loaded once per group.
+            const auto d = rows_sum<group()>([&](int64_t k) { return L::load(p + k * C) - m; });
+            const auto d2 = rows_sum<group()>([&](int64_t k) {
+                const auto dk = L::load(p + k * C) - m;
+                return dk * dk;
+            });
+            P::store(dev + j, P::load(dev + j) + d);
+            P::store(dev_sq + j, P::load(dev_sq + j) + d2);
+        });
+        double tile_mean[kChannelBlock], tile_m2[kChannelBlock];
+        for (int64_t j = 0; j < w; ++j) {
+            tile_mean[j] = double(shift[j]) + double(dev[j]) / n;
+            tile_m2[j] = corrected_m2(dev_sq[j], dev[j], n);
+        }
+        merge_columns(acc, w, n, tile_mean, tile_m2);
+    }
+};
+
+inline void store(const Moments& m, double& mean, double& var) {
+    mean = m.mean;
+    var = m.n > 0 ? m.m2 / m.n : 0.0;
+}
+
+// invstd[c] of the channels [c0, c1) from their variances, and their training affine
+// coefficients at index c - c0 (the whole-tensor and the strip paths: the same bits).
+template <class P>
+void train_coefficients(int64_t c0, int64_t c1, const double* mean, const double* var, double eps, const P* weight,
+                        const P* bias, P* __restrict invstd, P* __restrict center, P* __restrict lo,
+                        P* __restrict scale, P* __restrict shift) {
+    // Loops of their own, so that the square roots and divisions vectorize.
+    for (int64_t c = c0; c < c1; ++c) invstd[c] = detail::invstd_of<P>(var[c], eps);
+    for (int64_t c = c0; c < c1; ++c) {
+        const auto k = detail::train_affine(mean[c], invstd[c], weight, bias, c);
+        center[c - c0] = k.center, lo[c - c0] = k.center_lo, scale[c - c0] = k.scale, shift[c - c0] = k.shift;
+    }
+}
+
+}  // namespace
+}  // namespace bnorm::kernels::BNORM_KERNEL_ISA

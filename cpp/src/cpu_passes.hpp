@@ -1,0 +1,219 @@
+// The CPU kernels' shared machinery, part 1: the thread team and the write passes.
+//
+// The kernels are split by op family, each file compiled once per instruction set (CMake
+// builds every kernel source with BNORM_KERNEL_ISA = baseline, avx2, avx512, avx512bf16; the headers
+// below put everything into that build's namespace):
+//   cpu_passes.hpp      team size, parallel_writes, write_run, row blocks (this file)
+//   cpu_reduce.hpp      partials and their merges, tiles, splits, reduce()
+//   cpu_strips.hpp      the positions view, and the fused schedules (per channel, strips)
+//   cpu_moments.hpp     the statistics' tile op and the training coefficients
+//   cpu_statistics.cpp  moments
+//   cpu_forward.cpp     affine (normalize, inference) and forward_train, with the epilogue
+//   cpu_backward.cpp    backward_sums, backward_dx, backward_train, with ReLU's gradient
+//
+// The design, over the (outer, channels, inner) view:
+//
+// Two schedules cover every layout:
+//  - planes (inner > 1, e.g. NCHW): a channel's values are `outer` runs of `inner`
+//    contiguous elements. Tiles are pieces of those runs, so each tile streams
+//    contiguous memory for a single channel.
+//  - rows (inner == 1, e.g. NHWC or (N, C)): x is an (outer, channels) matrix. Tiles are
+//    blocks of rows times a block of channels, vectorized along the channels.
+// Planes with short runs and rows with few channels run the rows schedule on a view of
+// "positions" (Positions, cpu_strips.hpp). All vector code goes through Simd<T> (simd.hpp).
+// A tile holds about kTileElems values, so the two passes of the shifted two-pass
+// statistics read it from L1/L2, not DRAM. Tile results are merged in double (Chan's
+// formula; the positions of a channel, all of equal count, by Positions::fold_channel) in
+// tile order, and the tiles of a channel are split into a number of work items
+// that depends only on the shape: the merge order, and therefore every bit of the result,
+// is the same for any thread count.
+//
+// Training forward and backward are fused per channel in the planes schedule when there
+// are at least as many channels as threads: a thread reduces one channel, then writes its
+// output while the channel is still in its L2, so x (and dy) cross DRAM once. The rows
+// schedule does the same per strip of columns when a strip over all rows fits in L2 (few
+// rows), and short planes per strip of whole channels on their positions view. Large
+// outputs are written with non-temporal stores (no read-for-ownership of the output;
+// each thread fences its own, see parallel_writes). Channel-sized scratch comes from a
+// per-thread cache (scratch.hpp). Work is handed out dynamically, in many more
+// chunks than threads (results do not depend on who computes what), by parallel_writes,
+// which also times how long each region waited for its team: see team_size and threads.hpp
+// for the thread policy.
+#pragma once
+
+#ifndef BNORM_KERNEL_ISA
+#define BNORM_KERNEL_ISA baseline  // CMake compiles the kernel sources once per instruction set
+#endif
+
+#include <omp.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <type_traits>
+
+#include "cpu_kernels.hpp"
+#include "scratch.hpp"
+#include "simd.hpp"
+#include "threads.hpp"
+
+// The inner loops are compiled as one piece whatever else their file holds (GCC's inlining
+// decisions depend on it): a tile's reduction (BNORM_FLATTEN: its loops, lambdas and the
+// vector layer inlined) and the write loops of a run or a row (BNORM_INLINE: inlined into
+// the loop over runs, so that their coefficients stay in registers). When the kernels were
+// split into files by op family, without them, single-thread inference ran 20-35% slower
+// (write_run had become a call reloading its coefficients after every store) and rows
+// reductions 5-15% slower.
+#if defined(__GNUC__)
+#define BNORM_FLATTEN __attribute__((flatten))
+#define BNORM_INLINE inline __attribute__((always_inline))
+#elif defined(_MSC_VER)
+#define BNORM_FLATTEN
+#define BNORM_INLINE __forceinline
+#else
+#define BNORM_FLATTEN
+#define BNORM_INLINE inline
+#endif
+
+// The element types every kernel entry point is instantiated for.
+#define BNORM_KERNEL_TYPES(X) X(float) X(double) X(half) X(bfloat16)
+
+namespace bnorm::kernels::BNORM_KERNEL_ISA {
+namespace {
+
+using detail::Scratch;
+
+constexpr int64_t kTileElems = 4096;        // planes tile: 16 KiB of float, both passes hit L1
+constexpr int64_t kRowTileElems = 65536;    // rows tile (256 KiB of float, in L2): each ends in a merge per column
+constexpr int64_t kRowTileRows = 256;       // rows tile: float sums of at most 256 values
+constexpr int64_t kChannelBlock = 1024;     // channels per rows-schedule tile (RowWork arrays)
+constexpr int64_t kWorkItems = 64;          // partials per call, enough for 64 threads
+constexpr int64_t kStreamBytes = 4 << 20;   // outputs larger than this skip the caches
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// The thread policy: a parallel region costs its caller the wake-up and the join of the
+// team (a few microseconds on idle cores, a time slice of milliseconds when another process
+// holds a team member's core), so each thread beyond the first needs kElemsPerThread
+// elements of work to pay for itself, and calls smaller than that run on one thread, with
+// no parallel region at all.
+constexpr int64_t kElemsPerThread = 1 << 15;
+
+inline int team_size(Shape s, int threads) {
+    return int(std::clamp<int64_t>(s.size() / kElemsPerThread, 1, std::max(threads, 1)));
+}
+
+inline int64_t ns_since(std::chrono::steady_clock::time_point start) {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - start).count();
+}
+
+// body(i, thread) for i in [0, n) on the team, `chunk` at a time, thread = the caller's
+// index in the team. Chunks are handed out dynamically, many more than threads (every
+// caller cuts its work so), so a thread that starts late finds its share taken; which
+// thread computes what never changes a result (partials are merged in a fixed order). The
+// caller reports how long it worked and how long it waited for the team, at the start
+// (libgomp's master waits until every pooled thread is back from the previous region) and
+// at the end: threads.hpp backs off from a busy machine. With `stream` each thread then
+// fences its own non-temporal stores: an sfence orders only the stores of the thread that
+// runs it.
+template <class Body>
+void parallel_writes(int team, int64_t n, int64_t chunk, bool stream, const Body& body) {
+    if (team <= 1 || n <= 1) {
+        for (int64_t i = 0; i < n; ++i) body(i, 0);
+        stream_fence(stream);
+        return;
+    }
+    const auto start = std::chrono::steady_clock::now();
+    int64_t started_ns = 0, done_ns = 0;
+#pragma omp parallel num_threads(team)
+    {
+        const int thread = omp_get_thread_num();
+        if (thread == 0) started_ns = ns_since(start);
+#pragma omp for schedule(dynamic, chunk) nowait
+        for (int64_t i = 0; i < n; ++i) body(i, thread);
+        stream_fence(stream);
+        if (thread == 0) done_ns = ns_since(start);
+    }
+    detail::note_parallel_region(done_ns - started_ns, started_ns + (ns_since(start) - done_ns));
+}
+
+
+// out[k] = value(L{}, k) for k < n: vectors with L = Simd<T>, scalars with L = Scalar<T>
+// where a run is shorter than a vector. Both compute the same IEEE operations lane by
+// lane, so the bits do not depend on the path. With `stream`, the whole cache lines of
+// out are written with non-temporal stores (no read-for-ownership); the partial lines at
+// either end get ordinary stores. (A non-temporal store to part of a line that also gets
+// ordinary stores forces a partial write-combining flush: 32-byte float16 vectors
+// streamed from a 32-byte boundary made channels-last float16 4x slower.) The ends are
+// vectors too, the last one of each overlapping its neighbour: a scalar loop would cost
+// more than the vector loop on short runs (a 256-channel row, a 14x14 plane). The
+// overlapping vectors are computed before anything is written, as out may be an input
+// (in-place calls).
+template <class T, class Value>
+BNORM_INLINE void write_run(T* out, int64_t n, bool stream, const Value& value) {
+    using S = Simd<T>;
+    constexpr int64_t W = S::width;
+    constexpr int64_t line = 64 / int64_t(sizeof(T));  // elements per cache line
+    static_assert(line % W == 0, "vectors tile a cache line");
+    if (W == 1 || n < W) {
+        for (int64_t i = 0; i < n; ++i) Scalar<T>::store(out + i, value(Scalar<T>{}, i));
+        return;
+    }
+    const uintptr_t address = reinterpret_cast<uintptr_t>(out);
+    const bool lines = stream && address % sizeof(T) == 0;
+    const int64_t start = lines ? std::min<int64_t>(n, int64_t((64 - address % 64) % 64 / sizeof(T))) : 0;
+    const int64_t head_at = std::max<int64_t>(start - W, 0);
+    const auto head_end = value(S{}, head_at);
+    const auto tail = value(S{}, n - W);
+    int64_t i = 0;
+    for (; i + W <= start; i += W) S::store(out + i, value(S{}, i));
+    const int64_t head_done = i;
+    i = start;
+    if (lines)
+        for (; i + line <= n; i += line)
+            for (int64_t v = 0; v < line; v += W) S::stream(out + i + v, value(S{}, i + v));
+    for (; i + W <= n; i += W) S::store(out + i, value(S{}, i));
+    store_lanes<T>(out + head_at, head_end, head_done - head_at, start - head_at);
+    store_lanes<T>(out + n - W, tail, i - (n - W), W);
+}
+
+// Rows (runs of row_length elements) handed out at a time by the elementwise loops of s:
+// about kChunkElems elements, fewer when that would leave fewer than 8 chunks per thread.
+// Small chunks, alternating between threads, keep restarting the hardware prefetchers:
+// with 4096-element chunks (64, 256, 28, 28) float32 inference took 2.1 ms instead of
+// 1.1 ms, float16 1.5 ms instead of 0.5 ms (2 threads, AMD EPYC).
+constexpr int64_t kChunkElems = 65536;
+
+inline int64_t rows_per_chunk(Shape s, int team, int64_t row_length) {
+    const int64_t elements = std::clamp<int64_t>(s.size() / (8 * int64_t(team)), kTileElems, kChunkElems);
+    return std::max<int64_t>(1, elements / std::max<int64_t>(row_length, 1));
+}
+
+// body(r, c0, c1) for the columns [c0, c1) of every row r of the rows schedule, in
+// parallel. Rows wider than kWriteColumns are handed out as chunks of rows times a block
+// of columns, so that the block's coefficient arrays (up to four per column) stay in L1
+// while its rows are written: read across whole rows from L2 they took four loads per
+// value and made (64, 16384) inference 1.7x a copy.
+constexpr int64_t kWriteColumns = 2048;
+
+template <class Body>
+void for_row_blocks(Shape s, int team, bool stream, const Body& body) {
+    const int64_t C = s.channels;
+    if (C <= kWriteColumns) {
+        parallel_writes(team, s.outer, rows_per_chunk(s, team, C), stream, [&](int64_t r, int) { body(r, 0, C); });
+        return;
+    }
+    const int64_t blocks = ceil_div(C, kWriteColumns), rows = rows_per_chunk(s, team, kWriteColumns);
+    parallel_writes(team, ceil_div(s.outer, rows) * blocks, 1, stream, [&](int64_t item, int) {
+        const int64_t r0 = item / blocks * rows, c0 = item % blocks * kWriteColumns;
+        for (int64_t r = r0; r < std::min(s.outer, r0 + rows); ++r) body(r, c0, std::min(C, c0 + kWriteColumns));
+    });
+}
+
+template <class T>
+bool streams(Shape s) {
+    return s.size() * int64_t(sizeof(T)) >= kStreamBytes;
+}
+
+}  // namespace
+}  // namespace bnorm::kernels::BNORM_KERNEL_ISA
