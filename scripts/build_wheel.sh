@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Builds bnorm's Linux wheel the way users get it and proves it works:
 #
-#   1. pip wheel .                 the wheel, from this tree (build folder reused between runs)
+#   1. the sdist: python -m build --sdist, checked for the build files and against build/
+#      output; then the wheel is built from that sdist alone (pip wheel sdist.tar.gz) and
+#      must hold every file of the tree's package python/bnorm: one build proves both.
+#      With --no-sdist: pip wheel . from this tree instead (build folder reused between runs)
 #   2. auditwheel repair           manylinux tag, the OpenMP runtime (libgomp) grafted in
 #   3. a fresh virtual environment installs the repaired wheel with its [test] extras and
 #      runs examples/python and the pytest suite (tests/python) against it, from outside
 #      the source tree
-#   4. the sdist round trip: python -m build --sdist, then a wheel built from that sdist,
-#      which must hold the same files as the wheel of step 1
 #
 # Usage: scripts/build_wheel.sh [--variant cpu|cu13] [--no-sdist] [--no-tests]
 #   --variant cpu   (default) the CPU wheel, distribution `bnorm`, BNORM_CUDA=OFF
@@ -32,7 +33,7 @@ while [ $# -gt 0 ]; do
     --variant=*) VARIANT=${1#*=}; shift ;;
     --no-sdist) SDIST=0; shift ;;
     --no-tests) TESTS=0; shift ;;
-    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
     *) echo "build_wheel.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -81,12 +82,44 @@ case "$VARIANT" in
 esac
 WHEEL_NAME=${DIST//-/_}
 
-echo "== pip wheel ($VARIANT, BNORM_CUDA=$BNORM_CUDA)"
+# The files of the tree's package, which every wheel must hold (the sdist must not lose any).
+PACKAGE_FILES=$(cd "$ROOT/python" && find bnorm -type f \( -name '*.py' -o -name 'py.typed' \) | sort)
+
+if [ "$SDIST" = 1 ]; then
+  echo "== sdist: python -m build --sdist"
+  "$PYTHON" -m build --sdist -o "$WORK/sdist" "$SRC" > "$WORK/sdist.log" 2>&1 || { cat "$WORK/sdist.log"; exit 1; }
+  SDIST_FILE=$(ls "$WORK"/sdist/"$WHEEL_NAME"-*.tar.gz)
+  tar -tzf "$SDIST_FILE" > "$WORK/sdist-files.txt"   # (a file: grep -q on a pipe trips pipefail)
+  echo "sdist: $(basename "$SDIST_FILE") ($(wc -l < "$WORK/sdist-files.txt") files)"
+  for f in pyproject.toml CMakeLists.txt cmake/bnormConfig.cmake.in cmake/bnorm.pc.in \
+           cpp/include/bnorm/bnorm.hpp cpp/include/bnorm/version.hpp.in python/bnorm/_core.cpp LICENSE README.md; do
+    grep -qx "[^/]*/$f" "$WORK/sdist-files.txt" || { echo "build_wheel.sh: the sdist lacks $f" >&2; exit 1; }
+  done
+  if grep -q '^[^/]*/build/' "$WORK/sdist-files.txt"; then
+    echo "build_wheel.sh: the sdist holds build/ output" >&2; exit 1
+  fi
+  cp "$SDIST_FILE" "$OUT/"
+  echo "== pip wheel from the sdist ($VARIANT, BNORM_CUDA=$BNORM_CUDA)"
+  WHEEL_SOURCE=$SDIST_FILE
+  BUILD_DIR_ARGS=()
+else
+  echo "== pip wheel from the tree ($VARIANT, BNORM_CUDA=$BNORM_CUDA)"
+  WHEEL_SOURCE=$SRC
+  BUILD_DIR_ARGS=("$(build_dir_arg "$VARIANT")")
+fi
 start=$SECONDS
-"$PYTHON" -m pip wheel "$SRC" --no-deps -w "$WORK/dist" "$(build_dir_arg "$VARIANT")" > "$WORK/pip-wheel.log" 2>&1 ||
+"$PYTHON" -m pip wheel "$WHEEL_SOURCE" --no-deps -w "$WORK/dist" "${BUILD_DIR_ARGS[@]}" > "$WORK/pip-wheel.log" 2>&1 ||
   { tail -n 60 "$WORK/pip-wheel.log"; exit 1; }
 WHEEL=$(ls "$WORK"/dist/"$WHEEL_NAME"-*.whl)
 echo "built $(basename "$WHEEL") in $((SECONDS - start)) s"
+"$PYTHON" - "$WHEEL" $PACKAGE_FILES <<'PY'
+import sys, zipfile
+names = set(zipfile.ZipFile(sys.argv[1]).namelist())
+missing = [f for f in sys.argv[2:] if f not in names]
+if missing:
+    sys.exit(f"build_wheel.sh: the wheel lacks files of the tree's package python/bnorm: {missing}")
+print(f"the wheel holds all {len(sys.argv) - 2} files of python/bnorm")
+PY
 
 echo "== auditwheel repair"
 "$PYTHON" -m auditwheel show "$WHEEL"
@@ -128,36 +161,6 @@ print('bnorm', bnorm.__version__, 'from', bnorm.__file__, '- CUDA built:', bnorm
 sys.exit(0 if bnorm.__file__.startswith(sys.prefix) else 'bnorm was not imported from the venv')")
   (cd "$WORK" && "$VPY" "$ROOT/examples/python/numpy_mlp.py")
   (cd "$WORK" && "$VPY" -m pytest "$ROOT/tests/python" -q -p no:cacheprovider ${PYTEST_ARGS:-})
-fi
-
-if [ "$SDIST" = 1 ]; then
-  echo "== sdist round trip: python -m build --sdist, then a wheel from the sdist"
-  rm -rf "$WORK/sdist"
-  "$PYTHON" -m build --sdist -o "$WORK/sdist" "$SRC" > "$WORK/sdist.log" 2>&1 || { cat "$WORK/sdist.log"; exit 1; }
-  SDIST_FILE=$(ls "$WORK"/sdist/"$WHEEL_NAME"-*.tar.gz)
-  tar -tzf "$SDIST_FILE" > "$WORK/sdist-files.txt"   # (a file: grep -q on a pipe trips pipefail)
-  echo "sdist: $(basename "$SDIST_FILE") ($(wc -l < "$WORK/sdist-files.txt") files)"
-  for f in pyproject.toml CMakeLists.txt cmake/bnormConfig.cmake.in cmake/bnorm.pc.in \
-           cpp/include/bnorm/bnorm.hpp cpp/include/bnorm/version.hpp.in python/bnorm/_core.cpp LICENSE README.md; do
-    grep -qx "[^/]*/$f" "$WORK/sdist-files.txt" || { echo "build_wheel.sh: the sdist lacks $f" >&2; exit 1; }
-  done
-  if grep -q '^[^/]*/build/' "$WORK/sdist-files.txt"; then
-    echo "build_wheel.sh: the sdist holds build/ output" >&2; exit 1
-  fi
-  start=$SECONDS
-  "$PYTHON" -m pip wheel "$SDIST_FILE" --no-deps -w "$WORK/sdist-wheel" > "$WORK/sdist-wheel.log" 2>&1 ||
-    { tail -n 60 "$WORK/sdist-wheel.log"; exit 1; }
-  SDIST_WHEEL=$(ls "$WORK"/sdist-wheel/"$WHEEL_NAME"-*.whl)
-  echo "wheel from the sdist: $(basename "$SDIST_WHEEL") in $((SECONDS - start)) s"
-  "$PYTHON" - "$WHEEL" "$SDIST_WHEEL" <<'PY'
-import sys, zipfile
-a, b = (sorted(n for n in zipfile.ZipFile(p).namelist() if ".dist-info/" not in n) for p in sys.argv[1:])
-if a != b:
-    sys.exit(f"build_wheel.sh: the wheel from the sdist differs from the wheel from the tree:\n"
-             f"  only from the tree: {sorted(set(a) - set(b))}\n  only from the sdist: {sorted(set(b) - set(a))}")
-print(f"same {len(a)} files as the wheel from the tree")
-PY
-  cp "$SDIST_FILE" "$OUT/"
 fi
 
 echo "== build_wheel.sh ($VARIANT): OK, in $OUT:"
