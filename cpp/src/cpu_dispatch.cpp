@@ -6,9 +6,33 @@
 
 #include "cpu_kernels.hpp"
 
+#ifndef BNORM_KERNELS_X86
+#define BNORM_KERNELS_X86 0
+#endif
+#ifndef BNORM_KERNELS_AVX2
+#define BNORM_KERNELS_AVX2 0
+#endif
+#ifndef BNORM_KERNELS_AVX512
+#define BNORM_KERNELS_AVX512 0
+#endif
+#ifndef BNORM_KERNELS_AVX512BF16
+#define BNORM_KERNELS_AVX512BF16 0
+#endif
+
 namespace bnorm::kernels {
 namespace {
 
+// Whether this library holds the kernels' build for isa (CMake's BNORM_KERNEL_ISAS).
+constexpr bool built(Isa isa) {
+    switch (isa) {
+        case Isa::avx512bf16: return BNORM_KERNELS_AVX512BF16;
+        case Isa::avx512: return BNORM_KERNELS_AVX512;
+        case Isa::avx2: return BNORM_KERNELS_AVX2;
+        default: return true;
+    }
+}
+
+// The widest instruction set this CPU runs.
 Isa best_supported() {
 #if BNORM_KERNELS_X86 && (defined(__GNUC__) || defined(__clang__))
     __builtin_cpu_init();
@@ -22,13 +46,18 @@ Isa best_supported() {
     return Isa::baseline;
 }
 
+// The widest built one the CPU runs, or the one BNORM_CPU_ISA names if the CPU runs it and
+// it is built.
 Isa choose() {
     const Isa best = best_supported();
     const char* requested = std::getenv("BNORM_CPU_ISA");
-    if (requested == nullptr) return best;
-    for (Isa candidate : {Isa::baseline, Isa::avx2, Isa::avx512, Isa::avx512bf16})
-        if (std::strcmp(requested, isa_name(candidate)) == 0 && candidate <= best) return candidate;
-    return best;  // unknown, or not supported by this CPU: the best supported one
+    Isa widest = Isa::baseline;
+    for (Isa candidate : {Isa::baseline, Isa::avx2, Isa::avx512, Isa::avx512bf16}) {
+        if (candidate > best || !built(candidate)) continue;
+        if (requested != nullptr && std::strcmp(requested, isa_name(candidate)) == 0) return candidate;
+        widest = candidate;
+    }
+    return widest;  // none requested, or unknown, not run by this CPU or not built
 }
 
 }  // namespace
@@ -47,13 +76,29 @@ Isa isa() {
     return chosen;
 }
 
+// isa() only returns instruction sets that are built: the cases of the others are left out.
+#if BNORM_KERNELS_AVX512BF16
+#define BNORM_CASE_AVX512BF16(name, ...) case Isa::avx512bf16: return avx512bf16::name<T>(__VA_ARGS__);
+#else
+#define BNORM_CASE_AVX512BF16(name, ...)
+#endif
+#if BNORM_KERNELS_AVX512
+#define BNORM_CASE_AVX512(name, ...) case Isa::avx512: return avx512::name<T>(__VA_ARGS__);
+#else
+#define BNORM_CASE_AVX512(name, ...)
+#endif
+#if BNORM_KERNELS_AVX2
+#define BNORM_CASE_AVX2(name, ...) case Isa::avx2: return avx2::name<T>(__VA_ARGS__);
+#else
+#define BNORM_CASE_AVX2(name, ...)
+#endif
 #if BNORM_KERNELS_X86
-#define BNORM_DISPATCH(name, ...)                                     \
-    switch (isa()) {                                                  \
-        case Isa::avx512bf16: return avx512bf16::name<T>(__VA_ARGS__);\
-        case Isa::avx512: return avx512::name<T>(__VA_ARGS__);        \
-        case Isa::avx2: return avx2::name<T>(__VA_ARGS__);            \
-        default: return baseline::name<T>(__VA_ARGS__);               \
+#define BNORM_DISPATCH(name, ...)                       \
+    switch (isa()) {                                    \
+        BNORM_CASE_AVX512BF16(name, __VA_ARGS__)        \
+        BNORM_CASE_AVX512(name, __VA_ARGS__)            \
+        BNORM_CASE_AVX2(name, __VA_ARGS__)              \
+        default: return baseline::name<T>(__VA_ARGS__); \
     }
 #else
 #define BNORM_DISPATCH(name, ...) return baseline::name<T>(__VA_ARGS__);

@@ -146,8 +146,9 @@ int get_num_threads();
 int max_num_threads();
 
 /// The instruction set of the CPU kernels in use: "baseline" (SSE2 on x86-64), "avx2",
-/// "avx512" or "avx512bf16" (AVX-512 with its bfloat16 conversion): the widest this CPU runs, unless the environment variable BNORM_CPU_ISA names
-/// a narrower one. Results are deterministic for a given instruction set; reductions may
+/// "avx512" or "avx512bf16" (AVX-512 with its bfloat16 conversion): the widest this CPU runs
+/// among those the library was built with (CMake option BNORM_KERNEL_ISAS, all by default),
+/// unless the environment variable BNORM_CPU_ISA names a narrower one. Results are deterministic for a given instruction set; reductions may
 /// differ in the last bits between instruction sets (vector widths change the sum order).
 const char* cpu_isa();
 
