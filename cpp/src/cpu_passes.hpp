@@ -138,6 +138,12 @@ void parallel_writes(int team, int64_t n, int64_t chunk, bool stream, const Body
 }
 
 
+// Whether Simd S stores groups of S::kGroup vectors at once (store_group).
+template <class S, class = void>
+struct StoresGroups : std::false_type {};
+template <class S>
+struct StoresGroups<S, std::void_t<decltype(S::kGroup)>> : std::true_type {};
+
 // out[k] = value(L{}, k) for k < n: vectors with L = Simd<T>, scalars with L = Scalar<T>
 // where a run is shorter than a vector. Both compute the same IEEE operations lane by
 // lane, so the bits do not depend on the path. With `stream`, the whole cache lines of
@@ -169,6 +175,21 @@ BNORM_INLINE void write_run(T* out, int64_t n, bool stream, const Value& value) 
     for (; i + W <= start; i += W) S::store(out + i, value(S{}, i));
     const int64_t head_done = i;
     i = start;
+    if constexpr (StoresGroups<S>::value) {  // (Simd<bfloat16> in the avx512bf16 build)
+        constexpr int64_t G = S::kGroup;
+        static_assert(G * W % line == 0, "groups of whole cache lines");
+        typename S::R group[G];
+        if (lines)
+            for (; i + G * W <= n; i += G * W) {
+                for (int64_t k = 0; k < G; ++k) group[k] = value(S{}, i + k * W);
+                S::template store_group<true>(out + i, group);
+            }
+        else
+            for (; i + G * W <= n; i += G * W) {
+                for (int64_t k = 0; k < G; ++k) group[k] = value(S{}, i + k * W);
+                S::template store_group<false>(out + i, group);
+            }
+    }
     if (lines)
         for (; i + line <= n; i += line)
             for (int64_t v = 0; v < line; v += W) S::stream(out + i + v, value(S{}, i + v));
