@@ -169,7 +169,8 @@ BNORM_INLINE void write_run(T* out, int64_t n, bool stream, const Value& value) 
     const bool lines = stream && address % sizeof(T) == 0;
     const int64_t start = lines ? std::min<int64_t>(n, int64_t((64 - address % 64) % 64 / sizeof(T))) : 0;
     const int64_t head_at = std::max<int64_t>(start - W, 0);
-    const auto head_end = value(S{}, head_at);
+    typename S::R head_end{};  // (none without streaming: start is 0)
+    if (start > 0) head_end = value(S{}, head_at);
     const auto tail = value(S{}, n - W);
     int64_t i = 0;
     for (; i + W <= start; i += W) S::store(out + i, value(S{}, i));
@@ -194,7 +195,7 @@ BNORM_INLINE void write_run(T* out, int64_t n, bool stream, const Value& value) 
         for (; i + line <= n; i += line)
             for (int64_t v = 0; v < line; v += W) S::stream(out + i + v, value(S{}, i + v));
     for (; i + W <= n; i += W) S::store(out + i, value(S{}, i));
-    store_lanes<T>(out + head_at, head_end, head_done - head_at, start - head_at);
+    if (start > head_done) store_lanes<T>(out + head_at, head_end, head_done - head_at, start - head_at);
     store_lanes<T>(out + n - W, tail, i - (n - W), W);
 }
 

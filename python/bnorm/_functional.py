@@ -37,19 +37,26 @@ _CPU_DTYPES = ("float16", "bfloat16", "float32", "float64")
 _DTYPE_NAMES = {np.dtype(name): name for name in ("float16", "float32", "float64")}  # dtype.name is slow to compute
 
 
+_BFLOAT16: Optional[np.dtype] = None  # ml_dtypes' bfloat16, once _bfloat16() has imported it
+
+
 def _is_bfloat16(dtype: np.dtype) -> bool:
     """Whether dtype is ml_dtypes' bfloat16 (an array of it means ml_dtypes is imported;
-    bnorm itself imports ml_dtypes only to allocate bfloat16 arrays)."""
-    return dtype.kind == "V" and dtype.itemsize == 2 and dtype.name == "bfloat16"
+    bnorm itself imports ml_dtypes only to allocate bfloat16 arrays). The known dtype
+    object first: dtype.name costs a microsecond, a bfloat16 call makes several tests."""
+    return dtype is _BFLOAT16 or (dtype.kind == "V" and dtype.itemsize == 2 and dtype.name == "bfloat16")
 
 
 def _bfloat16() -> np.dtype:
     """NumPy's bfloat16 dtype, from ml_dtypes (an optional dependency: bfloat16 needs it)."""
-    try:
-        import ml_dtypes
-    except ImportError:
-        raise ImportError("bnorm: bfloat16 on the CPU needs the ml_dtypes package (pip install ml_dtypes)") from None
-    return np.dtype(ml_dtypes.bfloat16)
+    global _BFLOAT16
+    if _BFLOAT16 is None:
+        try:
+            import ml_dtypes
+        except ImportError:
+            raise ImportError("bnorm: bfloat16 on the CPU needs the ml_dtypes package (pip install ml_dtypes)") from None
+        _BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+    return _BFLOAT16
 
 
 def _numpy_dtype(name: str) -> np.dtype:
@@ -71,6 +78,7 @@ class _NumPy:
         name = _DTYPE_NAMES.get(a.dtype)
         if name is None:
             if _is_bfloat16(a.dtype):  # (a "V" kind to NumPy)
+                _bfloat16()  # (its dtype object known from now on)
                 name = "bfloat16"
             elif a.dtype.kind in "USV":  # (their names, such as str96, say the size in bits)
                 name = f"{a.dtype.str} ({dict(U='str', S='bytes', V='void')[a.dtype.kind]})"

@@ -201,6 +201,7 @@ def test_ml_dtypes_missing(monkeypatch):
     from bnorm import _functional
 
     monkeypatch.setitem(sys.modules, "ml_dtypes", None)  # import ml_dtypes now fails
+    monkeypatch.setattr(_functional, "_BFLOAT16", None)  # and bnorm has not imported it yet
     with pytest.raises(ImportError, match=r"bfloat16 on the CPU needs the ml_dtypes package \(pip install ml_dtypes\)"):
         bnorm.BatchNorm(3, dtype="bfloat16")
     with pytest.raises(ImportError, match="needs the ml_dtypes package"):
