@@ -29,6 +29,7 @@ Importing this module needs PyTorch; ``import bnorm`` never imports it.
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 try:
@@ -41,7 +42,7 @@ except ImportError as e:  # the core package stays framework-free; this module i
 
 from torch import Tensor
 
-from . import _functional
+from . import _core, _functional
 
 __all__ = ["batch_norm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert"]
 
@@ -67,25 +68,27 @@ def _new_like(t: Tensor, channels_last: bool) -> Tensor:
     return torch.empty(t.shape, dtype=t.dtype, device=t.device)
 
 
-def _tensor(a) -> Tensor:
-    """A result of bnorm's functional API as a tensor: a NumPy array (CPU) shared, a CUDA
-    tensor as it is."""
-    return a if isinstance(a, Tensor) else torch.from_numpy(a)
-
-
 def _param_dtype(t: Tensor) -> torch.dtype:
     return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
 
 
 class _Call:
-    """One op call's layout, device and stream: `array(t)` is what bnorm gets for tensor t
-    of the input's shape (a NumPy view on the CPU, the tensor itself on CUDA, read in place
-    when its layout allows), `vector(v)` the same for a per-channel tensor."""
+    """One op call's layout, device and stream: `array(t)` is what bnorm's kernels get for
+    tensor t of the input's shape (a NumPy view on the CPU, the tensor itself on CUDA, read
+    in place when its layout allows), `vector(v)` the same for a per-channel tensor, and
+    `shape` the (outer, C, inner) shape they read it as. The calls go straight to bnorm's
+    compiled module (_core): the checks here and in the module (dtypes, devices, sizes,
+    values) are all a tensor call needs, and _functional's NumPy-facing checks would cost
+    more than the kernel on a ResNet's small layers."""
 
     def __init__(self, input: Tensor):
         self.channels_last = _channels_last(input)
-        self.axis = -1 if self.channels_last else 1
         self.cuda = input.is_cuda
+        shape = input.shape
+        self.channels = shape[1]
+        spatial = math.prod(shape[2:])
+        # channels-last: an (N, spatial..., C) array normalized over its last axis
+        self.shape = (shape[0] * spatial, shape[1], 1) if self.channels_last else (shape[0], shape[1], spatial)
         allowed = _CUDA_DTYPES if self.cuda else _CPU_DTYPES
         if input.dtype not in allowed:
             names = ", ".join(str(d).removeprefix("torch.") for d in allowed)
@@ -95,8 +98,9 @@ class _Call:
         if not self.cuda and input.device.type != "cpu":
             raise ValueError(f"bnorm.torch: input must be on the CPU or a CUDA device, got {input.device}")
         self.param_dtype = _param_dtype(input)
+        self.device = input.device
         # bnorm's CUDA kernels run on PyTorch's current stream, without synchronizing
-        self.stream = torch.cuda.current_stream(input.device).cuda_stream if self.cuda else None
+        self.stream = torch.cuda.current_stream(input.device).cuda_stream if self.cuda else 0
 
     # (Each torch op below costs microseconds, and the profiler books each: the no-op ones,
     # contiguous of a contiguous tensor and to() to its own dtype, are skipped, and a tensor
@@ -120,6 +124,11 @@ class _Call:
             v = v.to(self.param_dtype)
         return self.export(v if v.is_contiguous() else v.contiguous())
 
+    def new_vector(self) -> Tensor:
+        """A fresh per-channel tensor of the parameter dtype (statistics, gradients)."""
+        return torch.empty(self.channels, dtype=self.param_dtype, device=self.device)
+
+
 
 # ---- the computation, shared by the operators and the eager path ---------------------------
 
@@ -130,39 +139,38 @@ def _forward(call: "_Call", input: Tensor, weight, bias, stats, training: bool, 
     eval: read). mean, invstd: the batch statistics (training) or the constants of eval's
     backward (running_mean, 1/sqrt(running_var + eps))."""
     y = _new_like(input, call.channels_last)
-    epilogue = dict(residual=None if residual is None else call.array(residual),
-                    activation="relu" if relu else None)
+    residual = None if residual is None else call.array(residual)
     if training:
-        _, mean, invstd = _functional.forward_train(
-            call.array(input), call.vector(weight), call.vector(bias),
-            *(None if b is None or not b.numel() else call.export(b) for b in stats),
-            axis=call.axis, momentum=momentum, eps=eps, out=call.array(y), stream=call.stream, **epilogue)
-        return y, _tensor(mean), _tensor(invstd)
+        mean, invstd = call.new_vector(), call.new_vector()
+        _core.forward_train(
+            call.array(input), call.shape, call.vector(weight), call.vector(bias),
+            *(None if b is None or not b.numel() else call.export(b) for b in stats), momentum, eps,
+            call.array(y), call.export(mean), call.export(invstd), call.stream, residual, relu)
+        return y, mean, invstd
     running_mean, running_var = stats
-    _functional.forward_infer(
-        call.array(input), call.vector(running_mean), call.vector(running_var), call.vector(weight),
-        call.vector(bias), axis=call.axis, eps=eps, out=call.array(y), stream=call.stream, **epilogue)
+    _core.forward_infer(
+        call.array(input), call.shape, call.vector(running_mean), call.vector(running_var), call.vector(weight),
+        call.vector(bias), eps, call.array(y), call.stream, residual, relu)
     mean = running_mean.to(call.param_dtype, copy=True)
     return y, mean, torch.rsqrt(running_var.to(call.param_dtype) + eps)
 
 
 def _backward_impl(grad_out: Tensor, input: Tensor, weight, mean: Tensor, invstd: Tensor, batch_stats: bool,
-                   y: Optional[Tensor], relu: bool) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+                   y: Optional[Tensor], relu: bool, residual: bool) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
     """(grad_input, grad_weight, grad_bias, grad_sum): grad_sum = grad_out * (y > 0), the
-    gradient at BN(input) + residual, with relu (else None); the parameter gradients in the
-    parameter dtype of input, whether weight is given or not."""
+    gradient at BN(input) + residual, with relu and a residual (else None: without a
+    residual nobody needs it, and writing it costs a tensor's worth of memory traffic);
+    the parameter gradients in the parameter dtype of input, whether weight is given or not."""
     call = _Call(input)
     grad_input = _new_like(input, call.channels_last)
-    grads = _functional.backward(
+    grad_weight, grad_bias = call.new_vector(), call.new_vector()
+    grad_sum = _new_like(input, call.channels_last) if relu and residual else None
+    _core.backward(
         call.array(grad_out if grad_out.dtype == input.dtype else grad_out.to(input.dtype)), call.array(input),
-        call.vector(mean), call.vector(invstd), call.vector(weight), axis=call.axis, batch_stats=batch_stats,
-        activation="relu" if relu else None, y=call.array(y) if relu else None, out=call.array(grad_input),
-        stream=call.stream)
-    grad_sum = None
-    if relu:  # bnorm's fresh array in the layout it read: back to (N, C, ...) order
-        grad_sum = _tensor(grads[3])
-        grad_sum = grad_sum.movedim(-1, 1) if call.channels_last else grad_sum
-    return grad_input, _tensor(grads[1]), _tensor(grads[2]), grad_sum
+        call.shape, call.vector(mean), call.vector(invstd), call.vector(weight), batch_stats, call.array(grad_input),
+        call.export(grad_weight), call.export(grad_bias), call.stream, call.array(y) if relu else None, relu,
+        None if grad_sum is None else call.array(grad_sum))
+    return grad_input, grad_weight, grad_bias, grad_sum
 
 
 # ---- the custom operators: what torch.compile, torch.export and torch.func see ---------
@@ -206,19 +214,19 @@ def _(input, weight, bias, running_mean, running_var, training, momentum, eps, r
 @torch.library.custom_op("bnorm::batch_norm_backward", mutates_args=())
 def _batch_norm_backward_op(
     grad_out: Tensor, input: Tensor, weight: Optional[Tensor], mean: Tensor, invstd: Tensor, batch_stats: bool,
-    y: Optional[Tensor] = None, relu: bool = False,
+    y: Optional[Tensor] = None, relu: bool = False, residual: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(grad_input, grad_weight, grad_bias, grad_sum); grad_sum (relu: grad_out * (y > 0))
-    is empty without relu."""
+    """(grad_input, grad_weight, grad_bias, grad_sum); grad_sum (relu with a residual:
+    grad_out * (y > 0)) is empty otherwise."""
     grad_input, grad_weight, grad_bias, grad_sum = _backward_impl(
-        grad_out, input, weight, mean, invstd, batch_stats, y, relu)
+        grad_out, input, weight, mean, invstd, batch_stats, y, relu, residual)
     return grad_input, grad_weight, grad_bias, input.new_empty((0,)) if grad_sum is None else grad_sum
 
 
 @_batch_norm_backward_op.register_fake
-def _(grad_out, input, weight, mean, invstd, batch_stats, y=None, relu=False):
+def _(grad_out, input, weight, mean, invstd, batch_stats, y=None, relu=False, residual=False):
     vector = input.new_empty((input.shape[1],), dtype=_param_dtype(input))
-    grad_sum = _new_like(input, _channels_last(input)) if relu else input.new_empty((0,))
+    grad_sum = _new_like(input, _channels_last(input)) if relu and residual else input.new_empty((0,))
     return _new_like(input, _channels_last(input)), vector, torch.empty_like(vector), grad_sum
 
 
@@ -242,7 +250,7 @@ def _backward(ctx, grad_y, *grad_statistics):
         return (None,) * 10
     input, weight, mean, invstd, y = ctx.saved_tensors
     grad_input, grad_weight, grad_bias, grad_sum = torch.ops.bnorm.batch_norm_backward(
-        grad_y, input, weight, mean, invstd, ctx.batch_stats, y, ctx.relu)
+        grad_y, input, weight, mean, invstd, ctx.batch_stats, y, ctx.relu, ctx.residual)
     grad_residual = (grad_sum if ctx.relu else grad_y) if ctx.residual else None
     return (grad_input, *_parameter_grads(ctx, weight, grad_weight, grad_bias), None, None, None, None, None,
             grad_residual, None)
@@ -304,10 +312,10 @@ class _EagerBatchNorm(torch.autograd.Function):
         input, weight, mean, invstd, y = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: the operator's backward refuses double backward
             grad_input, grad_weight, grad_bias, grad_sum = torch.ops.bnorm.batch_norm_backward(
-                grad_y, input, weight, mean, invstd, ctx.batch_stats, y, ctx.relu)
+                grad_y, input, weight, mean, invstd, ctx.batch_stats, y, ctx.relu, ctx.residual)
         else:
             grad_input, grad_weight, grad_bias, grad_sum = _backward_impl(
-                grad_y, input, weight, mean, invstd, ctx.batch_stats, y, ctx.relu)
+                grad_y, input, weight, mean, invstd, ctx.batch_stats, y, ctx.relu, ctx.residual)
         grad_residual = (grad_sum if ctx.relu else grad_y) if ctx.residual else None
         return (grad_input, *_parameter_grads(ctx, weight, grad_weight, grad_bias), None, None, grad_residual,
                 None, None, None, None)
