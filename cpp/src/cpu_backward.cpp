@@ -39,7 +39,7 @@ struct BackwardSumsOp {
         const int64_t w = c1 - c0, C = s.channels;
         A sum_dy[kChannelBlock], sum_dy_xmu[kChannelBlock];
         for (int64_t j = 0; j < w; ++j) sum_dy[j] = sum_dy_xmu[j] = 0;
-        for_row_lanes<T>(r0, r1, w, [&](auto lanes, auto acc_lanes, auto group, int64_t r, int64_t j) {
+        for_row_lanes<T>(r0, r1, w, grouped_rows<T>(s, 2), [&](auto lanes, auto acc_lanes, auto group, int64_t r, int64_t j) {
             using L = decltype(lanes);
             using P = decltype(acc_lanes);
             const auto m = P::load(mean + c0 + j);

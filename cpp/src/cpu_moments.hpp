@@ -47,7 +47,8 @@ struct MomentsOp {
             shift[j] = load(x + r0 * C + c0 + j);
             sum[j] = dev[j] = dev_sq[j] = 0;
         }
-        for_row_lanes<T>(r0, r1, w, [&](auto lanes, auto acc_lanes, auto group, int64_t r, int64_t j) {
+        // (pass 1 reads the tile from memory; pass 2 finds it in L2, where groups pay)
+        for_row_lanes<T>(r0, r1, w, grouped_rows<T>(s, 1), [&](auto lanes, auto acc_lanes, auto group, int64_t r, int64_t j) {
             using L = decltype(lanes);
             using P = decltype(acc_lanes);
             const auto k0 = P::load(shift + j);
@@ -55,7 +56,7 @@ struct MomentsOp {
             P::store(sum + j, P::load(sum + j) + rows_sum<group()>([&](int64_t k) { return L::load(p + k * C) - k0; }));
         });
         for (int64_t j = 0; j < w; ++j) shift[j] += A(sum[j] / A(n));  // now the pass-1 mean
-        for_row_lanes<T>(r0, r1, w, [&](auto lanes, auto acc_lanes, auto group, int64_t r, int64_t j) {
+        for_row_lanes<T>(r0, r1, w, true, [&](auto lanes, auto acc_lanes, auto group, int64_t r, int64_t j) {
             using L = decltype(lanes);
             using P = decltype(acc_lanes);
             const auto m = P::load(shift + j);

@@ -230,17 +230,18 @@ inline Pair<param_t<T>> chained_sums(int64_t rows, int64_t stride, int64_t len, 
 }
 
 // Calls body(L{}, P{}, G{}, r, j) for the rows of a rows-schedule tile, [r0, r1), in groups
-// of G = 4 rows (then single rows), and its columns j in [0, w), a vector of columns at a
-// time: L = Simd<T> loads x, P = Simd<A> loads and stores the tile's per-column
-// accumulators (arrays of the accumulation type A, in L1), with the same lanes; the columns
-// past the last whole vector with Scalar. The body adds a group's terms in registers
-// (rows_sum) and touches the accumulators once per group instead of once per row: fewer
-// L1 loads and stores ((50176, 256) training 4.7 -> 4.1 ms).
+// of G = 4 rows (then single rows) when `grouped`, else one row at a time, and its columns
+// j in [0, w), a vector of columns at a time: L = Simd<T> loads x, P = Simd<A> loads and
+// stores the tile's per-column accumulators (arrays of the accumulation type A, in L1),
+// with the same lanes; the columns past the last whole vector with Scalar. The body adds
+// a group's terms in registers (rows_sum) and touches the accumulators once per group
+// instead of once per row: fewer L1 loads and stores ((50176, 256) training 4.7 -> 4.1 ms
+// on an Intel Xeon). grouped_rows() says where groups do not pay.
 template <int64_t G>
 using Rows = std::integral_constant<int64_t, G>;
 
 template <class T, class Body>
-inline void for_row_lanes(int64_t r0, int64_t r1, int64_t w, const Body& body) {
+inline void for_row_lanes(int64_t r0, int64_t r1, int64_t w, bool grouped, const Body& body) {
     using A = param_t<T>;
     using S = Simd<T>;
     using P = std::conditional_t<S::width == 1, Scalar<A>, Simd<A>>;
@@ -250,9 +251,35 @@ inline void for_row_lanes(int64_t r0, int64_t r1, int64_t w, const Body& body) {
         for (; j + S::width <= w; j += S::width) body(S{}, P{}, group, r, j);
         for (; j < w; ++j) body(Scalar<T>{}, Scalar<A>{}, group, r, j);
     };
+    // (a loop of its own: sharing the tail loop below slowed the grouped path, (64, 56, 56,
+    // 64) statistics 1.6 -> 1.8 ms)
+    if (!grouped) {
+        for (int64_t r = r0; r < r1; ++r) row_group(Rows<1>{}, r);
+        return;
+    }
     int64_t r = r0;
     for (; r + 4 <= r1; r += 4) row_group(Rows<4>{}, r);
     for (; r < r1; ++r) row_group(Rows<1>{}, r);
+}
+
+// Whether a rows reduction reading `arrays` arrays of shape s (rows of s.channels) runs in
+// groups of rows. A group reads its 4 rows interleaved, a line of each in turn; where the
+// rows come from memory and those runs share 4 KiB pages (rows of 512 B to 2 KiB), the
+// hardware prefetchers of an AMD Zen 4 lose track: (50176, 256) backward sums read 12 GB/s
+// in groups and 19 GB/s a row at a time on one thread (benchmarks/cpp/row_reduction.cpp;
+// rows of 256 B, whose group is one nearly sequential KiB, and of a page or more read
+// faster in groups). Data that may be in the last-level cache (under kCachedBytes read;
+// an EPYC's CCD has 32 MiB) keeps the groups: one row at a time, (256, 512) statistics
+// took 0.020 ms instead of 0.016 and (4096, 512) backward sums 0.18 instead of 0.16;
+// (64, 14, 14, 256) sums (25 MiB read) 0.33-0.40 instead of 0.43-0.52. The grouping changes
+// the order of the additions and is a function of the shape alone, as results must be.
+constexpr int64_t kCachedBytes = int64_t(20) << 20;
+
+template <class T>
+inline bool grouped_rows(Shape s, int arrays) {
+    const int64_t row = s.channels * int64_t(sizeof(T));
+    const bool from_memory = s.size() * int64_t(sizeof(T)) * arrays >= kCachedBytes;
+    return !(from_memory && row >= 512 && row < 4096);
 }
 
 // The sum of term(k) over the k < G rows of a group, pairwise in a fixed order.

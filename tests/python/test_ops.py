@@ -192,8 +192,10 @@ def test_backward_elemt(case, rng, affine, use_out):
 
 
 # Larger arrays: the multi-threaded, vectorised paths (the `case` arrays are tiny).
+# (84, 16, 16, 256) channels-last: rows of 512 B to 2 KiB from over 20 MiB, which the rows
+# reductions read one row at a time (cpu_reduce.hpp, grouped_rows)
 LARGE = [((32, 16, 40, 40), 1), ((8, 48, 48, 24), -1), ((3, 5, 65537), 1),
-         ((100003, 3), 1)]
+         ((100003, 3), 1), ((84, 16, 16, 256), -1)]
 
 
 @pytest.fixture(params=[(lay, dt) for lay in LARGE for dt in ref.DTYPES],

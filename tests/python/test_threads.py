@@ -27,6 +27,7 @@ BIG_LAYOUTS = [
     ((2, 1048593), 1, np.float32),          # few rows, huge C: column strips
     ((96, 5000), 1, np.float64),            # column strips, rows in several splits
     ((4, 7, 7, 2048), -1, np.float16),      # channels-last, column strips
+    ((84, 16, 16, 256), -1, np.float32),    # 22 MiB of 1 KiB rows: reductions a row at a time
 ]
 
 # Around the thread policy's steps (a thread per 2^15 elements), so that 1, 2 and 3 threads
