@@ -179,17 +179,15 @@ BNORM_INLINE void write_run(T* out, int64_t n, bool stream, const Value& value) 
     if constexpr (StoresGroups<S>::value) {  // (Simd<bfloat16> in the avx512bf16 build)
         constexpr int64_t G = S::kGroup;
         static_assert(G * W % line == 0, "groups of whole cache lines");
-        typename S::R group[G];
-        if (lines)
+        const auto groups = [&](auto streamed) {
+            typename S::R group[G];
             for (; i + G * W <= n; i += G * W) {
                 for (int64_t k = 0; k < G; ++k) group[k] = value(S{}, i + k * W);
-                S::template store_group<true>(out + i, group);
+                S::template store_group<decltype(streamed)::value>(out + i, group);
             }
-        else
-            for (; i + G * W <= n; i += G * W) {
-                for (int64_t k = 0; k < G; ++k) group[k] = value(S{}, i + k * W);
-                S::template store_group<false>(out + i, group);
-            }
+        };
+        if (lines) groups(std::true_type{});
+        else groups(std::false_type{});
     }
     if (lines)
         for (; i + line <= n; i += line)
