@@ -177,22 +177,17 @@ void backward_dx_fused(const T* dy, const T* x, Shape s, int threads, const para
         }
         return;
     }
-    const int team = team_size(s, threads);
-    const bool stream = streams<T>(s);
-    const int64_t C = s.channels;
-    if (s.inner > 1) {
-        parallel_writes(team, s.outer * C, rows_per_chunk(s, team, s.inner), stream, [&](int64_t row, int) {
-            const int64_t c = row % C, offset = row * s.inner;
+    for_each_write<T>(
+        s, threads,
+        [&](int64_t c, int64_t offset, bool stream) {
             if (x)
                 backward_run(dy + offset, x + offset, dx + offset, s.inner, mean[c],
                              {dy_mean[c], xmu_scale[c], scale[c]}, stream, mask.at(offset));
             else
                 backward_run(dy + offset, x, dx + offset, s.inner, param_t<T>(0), {0, 0, scale[c]}, stream,
                              mask.at(offset));
-        });
-    } else {
-        for_row_blocks(s, team, stream, [&](int64_t r, int64_t c0, int64_t c1) {
-            const int64_t offset = r * C + c0;
+        },
+        [&](int64_t offset, int64_t c0, int64_t c1, bool stream) {
             if (x)
                 backward_row(dy + offset, x + offset, dx + offset, c1 - c0, mean + c0, dy_mean + c0, xmu_scale + c0,
                              scale + c0, stream, mask.at(offset));
@@ -200,7 +195,6 @@ void backward_dx_fused(const T* dy, const T* x, Shape s, int threads, const para
                 backward_row(dy + offset, x, dx + offset, c1 - c0, mean, dy_mean, xmu_scale, scale + c0, stream,
                              mask.at(offset));
         });
-    }
 }
 
 template <class T, class Mask>

@@ -47,22 +47,16 @@ void affine_fused(const T* x, Shape s, int threads, const param_t<T>* center, co
                          epilogue.at(pos.view.size()));
         return;
     }
-    const int team = team_size(s, threads);
-    const bool stream = streams<T>(s);
-    const int64_t C = s.channels;
-    if (s.inner > 1) {
-        parallel_writes(team, s.outer * C, rows_per_chunk(s, team, s.inner), stream, [&](int64_t row, int) {
-            const int64_t c = row % C;
-            affine_run(x + row * s.inner, y + row * s.inner, s.inner, {center[c], center_lo[c], scale[c], shift[c]},
-                       stream, epilogue.at(row * s.inner));
-        });
-    } else {
-        for_row_blocks(s, team, stream, [&](int64_t r, int64_t c0, int64_t c1) {
-            const int64_t offset = r * C + c0;
+    for_each_write<T>(
+        s, threads,
+        [&](int64_t c, int64_t offset, bool stream) {
+            affine_run(x + offset, y + offset, s.inner, {center[c], center_lo[c], scale[c], shift[c]}, stream,
+                       epilogue.at(offset));
+        },
+        [&](int64_t offset, int64_t c0, int64_t c1, bool stream) {
             affine_row(x + offset, y + offset, c1 - c0, center + c0, center_lo + c0, scale + c0, shift + c0, stream,
                        epilogue.at(offset));
         });
-    }
 }
 
 template <class T, class E>

@@ -235,5 +235,21 @@ bool streams(Shape s) {
     return s.size() * int64_t(sizeof(T)) >= kStreamBytes;
 }
 
+// The schedule of the unfused write passes (an output of T written from per-channel
+// coefficients), in parallel, streaming when the output is large: planes (s.inner > 1)
+// call run(c, offset, stream) for each run of s.inner elements (channel c, at offset),
+// rows call row(offset, c0, c1, stream) for the columns [c0, c1) of each row (at offset).
+template <class T, class Run, class Row>
+void for_each_write(Shape s, int threads, const Run& run, const Row& row) {
+    const int team = team_size(s, threads);
+    const bool stream = streams<T>(s);
+    const int64_t C = s.channels;
+    if (s.inner > 1)
+        parallel_writes(team, s.outer * C, rows_per_chunk(s, team, s.inner), stream,
+                        [&](int64_t r, int) { run(r % C, r * s.inner, stream); });
+    else
+        for_row_blocks(s, team, stream, [&](int64_t r, int64_t c0, int64_t c1) { row(r * C + c0, c0, c1, stream); });
+}
+
 }  // namespace
 }  // namespace bnorm::kernels::BNORM_KERNEL_ISA
