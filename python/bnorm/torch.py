@@ -129,7 +129,6 @@ class _Call:
         return torch.empty(self.channels, dtype=self.param_dtype, device=self.device)
 
 
-
 # ---- the computation, shared by the operators and the eager path ---------------------------
 
 def _forward(call: "_Call", input: Tensor, weight, bias, stats, training: bool, momentum: float, eps: float,
