@@ -3,7 +3,8 @@
 For each shape and op, bnorm on a bfloat16 array and on a float16 array of the same shape
 (and PyTorch's bfloat16 batch norm with --torch) are timed in rotating order, so machine
 load hits both alike. Prints the medians, the bf16/f16 ratio (target: <= 1.0, "as fast as
-float16 per byte") and, with --torch, torch_bf16/bnorm_bf16.
+float16 per byte"), the same ratio of the minimum times (steadier on a busy VM for calls
+that run in cache) and, with --torch, torch_bf16/bnorm_bf16.
 
     python benchmarks/bench_bf16.py --threads 2,1 [--torch] [--budget 1.5]
 """
@@ -30,7 +31,7 @@ def main(argv=None):
     shapes = parse_shapes(args.shapes)
     ops = args.ops.split(",")
     print(f"bnorm isa {bnorm.cpu_isa()}, load {os.getloadavg()[0]:.2f}")
-    print(f"{'threads':>7} {'op':>8} {'shape':>14} {'f16 ms':>8} {'bf16 ms':>8} {'bf16/f16':>8}"
+    print(f"{'threads':>7} {'op':>8} {'shape':>14} {'f16 ms':>8} {'bf16 ms':>8} {'bf16/f16':>8} {'(min)':>6}"
           + (f" {'torch ms':>8} {'torch/bnorm':>11}" if torch else ""))
     for threads in (int(t) for t in args.threads.split(",")):
         bnorm.set_num_threads(threads)
@@ -45,7 +46,9 @@ def main(argv=None):
                     fns["torch"] = cases["bfloat16"].torch_fn(op)
                 r = time_interleaved(fns, None, budget=args.budget)
                 f16, bf16 = r["float16"]["median_s"] * 1e3, r["bfloat16"]["median_s"] * 1e3
-                line = f"{threads:>7} {op:>8} {'x'.join(map(str, shape)):>14} {f16:8.3f} {bf16:8.3f} {bf16 / f16:8.2f}"
+                by_min = r["bfloat16"]["min_s"] / r["float16"]["min_s"]
+                line = (f"{threads:>7} {op:>8} {'x'.join(map(str, shape)):>14} {f16:8.3f} {bf16:8.3f} {bf16 / f16:8.2f}"
+                        f" {by_min:6.2f}")
                 if torch is not None:
                     tm = r["torch"]["median_s"] * 1e3
                     line += f" {tm:8.3f} {tm / bf16:11.2f}"

@@ -152,9 +152,10 @@ struct StoresGroups<S, std::void_t<decltype(S::kGroup)>> : std::true_type {};
 // ordinary stores forces a partial write-combining flush: 32-byte float16 vectors
 // streamed from a 32-byte boundary made channels-last float16 4x slower.) The ends are
 // vectors too, the last one of each overlapping its neighbour: a scalar loop would cost
-// more than the vector loop on short runs (a 256-channel row, a 14x14 plane). The
+// more than the vector loop on short runs (a 14x14 plane, a 100-channel row). The
 // overlapping vectors are computed before anything is written, as out may be an input
-// (in-place calls).
+// (in-place calls); runs that the loops cover whole (a multiple of a vector from the first
+// whole line) compute no tail vector.
 template <class T, class Value>
 BNORM_INLINE void write_run(T* out, int64_t n, bool stream, const Value& value) {
     using S = Simd<T>;
@@ -171,30 +172,34 @@ BNORM_INLINE void write_run(T* out, int64_t n, bool stream, const Value& value) 
     const int64_t head_at = std::max<int64_t>(start - W, 0);
     typename S::R head_end{};  // (none without streaming: start is 0)
     if (start > 0) head_end = value(S{}, head_at);
-    const auto tail = value(S{}, n - W);
+    const bool ragged = (n - start) % W != 0;  // the loops leave a partial vector at the end
+    typename S::R tail{};
+    if (ragged) tail = value(S{}, n - W);
     int64_t i = 0;
     for (; i + W <= start; i += W) S::store(out + i, value(S{}, i));
     const int64_t head_done = i;
     i = start;
-    if constexpr (StoresGroups<S>::value) {  // (Simd<bfloat16> in the avx512bf16 build)
-        constexpr int64_t G = S::kGroup;
-        static_assert(G * W % line == 0, "groups of whole cache lines");
-        const auto groups = [&](auto streamed) {
+    if constexpr (StoresGroups<S>::value) {  // (Simd<bfloat16> in the avx512bf16 build): groups, then pairs
+        static_assert(2 * W % line == 0, "groups of whole cache lines");
+        const auto groups = [&](auto streamed, auto size) {
+            constexpr int G = decltype(size)::value;
             typename S::R group[G];
             for (; i + G * W <= n; i += G * W) {
                 for (int64_t k = 0; k < G; ++k) group[k] = value(S{}, i + k * W);
-                S::template store_group<decltype(streamed)::value>(out + i, group);
+                S::template store_group<decltype(streamed)::value, G>(out + i, group);
             }
         };
-        if (lines) groups(std::true_type{});
-        else groups(std::false_type{});
+        using Group = std::integral_constant<int, S::kGroup>;
+        using Pair = std::integral_constant<int, 2>;
+        if (lines) groups(std::true_type{}, Group{}), groups(std::true_type{}, Pair{});
+        else groups(std::false_type{}, Group{}), groups(std::false_type{}, Pair{});
     }
     if (lines)
         for (; i + line <= n; i += line)
             for (int64_t v = 0; v < line; v += W) S::stream(out + i + v, value(S{}, i + v));
     for (; i + W <= n; i += W) S::store(out + i, value(S{}, i));
     if (start > head_done) store_lanes<T>(out + head_at, head_end, head_done - head_at, start - head_at);
-    store_lanes<T>(out + n - W, tail, i - (n - W), W);
+    if (ragged) store_lanes<T>(out + n - W, tail, i - (n - W), W);
 }
 
 // Rows (runs of row_length elements) handed out at a time by the elementwise loops of s:
