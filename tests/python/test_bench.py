@@ -121,3 +121,16 @@ def test_fused_table_is_printed(tmp_path):
         assert all("| ok |" in r for r in rows), "bnorm disagrees with PyTorch's op sequence"
     data = json.loads(jpath.read_text())
     assert len(data["fused_rows"]) == 10 and data["fused_rows"][0]["vs_floor"] > 0
+
+
+def test_ab_builds_script_runs():
+    """benchmarks/ab_builds.py (run from a checkout only), here with one build as both A and B."""
+    script = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "ab_builds.py")
+    if not os.path.exists(script):
+        pytest.skip("benchmarks/ab_builds.py is in the source tree only")
+    proc = subprocess.run([sys.executable, script, "bnorm", "bnorm", "4x3x5x5:1,6x16:-1", "--ops",
+                           "infer,train,backward,infer_relu,backward_relu", "--dtype", "float32", "--threads", "1",
+                           "--budget", "0.01"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if " B/A " in line]
+    assert len(rows) == 10, proc.stdout

@@ -1,0 +1,97 @@
+"""Two builds of bnorm in one process, their calls alternated one by one (A B, then B A).
+
+On a shared VM, timings drift by 10-50% over seconds (other tenants' memory traffic, page
+placement); builds compared in separate processes, even alternating process by process,
+then differ by more than most kernel changes do. Here both builds run on the same arrays,
+in the same process and thread pool, a call of each in turn, so a drift hits both alike.
+An A/A run (a build against a copy of itself) on the 2-CPU AMD EPYC VM gave ratios of
+0.92-1.04 on DRAM-sized inputs and 0.98-1.02 on cached ones.
+
+Setup: install each build, then copy its package under a name of its own, e.g.
+
+    pip install . && cp -r $(python -c "import bnorm, os; print(os.path.dirname(bnorm.__file__))") /tmp/ab/bnorm_a
+    (change, rebuild, install) && cp -r ... /tmp/ab/bnorm_b
+    PYTHONPATH=/tmp/ab python benchmarks/ab_builds.py bnorm_a bnorm_b 64x256x28x28:1,256x512:1 \\
+        --ops infer,train,backward --dtype float32 --threads 1
+
+(the compiled module's name is `_core` in either package, so both load side by side).
+Prints, per op and shape, the median time of each build and B/A (< 1: B is faster).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import time
+
+import numpy as np
+
+
+def _calls(m, a, axis):
+    """The timed calls of module m on the arrays a (one dict per shape, shared by both builds)."""
+    x, dy, y, dx, w, b, rm, rv, mean, invstd = (a[k] for k in "x dy y dx w b rm rv mean invstd".split())
+    return {
+        "infer": lambda: m.forward_infer(x, rm, rv, w, b, axis=axis, out=y),
+        "train": lambda: m.forward_train(x, w, b, rm, rv, axis=axis, out=y),
+        "backward": lambda: m.backward(dy, x, mean, invstd, w, axis=axis, out=dx),
+        "infer_relu": lambda: m.forward_infer(x, rm, rv, w, b, axis=axis, out=y, activation="relu"),
+        "backward_relu": lambda: m.backward(dy, x, mean, invstd, w, axis=axis, out=dx, activation="relu", y=y),
+    }
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("a", help="module name of build A (the baseline)")
+    p.add_argument("b", help="module name of build B (the change)")
+    p.add_argument("shapes", help="comma list of SHAPE:AXIS, e.g. 64x256x28x28:1,64x28x28x256:-1")
+    p.add_argument("--ops", default="infer,train,backward",
+                   help="comma list of infer, train, backward, infer_relu, backward_relu (default: %(default)s)")
+    p.add_argument("--dtype", default="float32", help="float32 (default), float64, float16 or bfloat16")
+    p.add_argument("--threads", type=int, default=0, help="threads of both builds (default: their default)")
+    p.add_argument("--budget", type=float, default=1.0, help="seconds per op and shape (default: %(default)s)")
+    args = p.parse_args(argv)
+    A, B = importlib.import_module(args.a), importlib.import_module(args.b)
+    if args.dtype == "bfloat16":
+        import ml_dtypes
+
+        dtype = np.dtype(ml_dtypes.bfloat16)
+    else:
+        dtype = np.dtype(args.dtype)
+    if args.threads:
+        A.set_num_threads(args.threads)
+        B.set_num_threads(args.threads)
+    pdt = np.float64 if dtype == np.float64 else np.float32
+    rng = np.random.default_rng(0)
+    print(f"A = {args.a} ({A.__file__}), B = {args.b} ({B.__file__}); {dtype.name}, "
+          f"threads {args.threads or 'default'}")
+    for spec in args.shapes.split(","):
+        dims, _, ax = spec.partition(":")
+        shape, axis = tuple(int(v) for v in dims.split("x")), int(ax or 1)
+        C = shape[axis]
+        a = {"x": rng.standard_normal(shape, dtype=np.float32).astype(dtype),
+             "dy": rng.standard_normal(shape, dtype=np.float32).astype(dtype),
+             "w": np.ones(C, pdt), "b": np.zeros(C, pdt), "rm": np.zeros(C, pdt), "rv": np.ones(C, pdt)}
+        a["y"], a["dx"] = np.zeros_like(a["x"]), np.zeros_like(a["x"])
+        A.forward_train(a["x"], a["w"], a["b"], axis=axis, out=a["y"])
+        _, a["mean"], a["invstd"] = A.forward_train(a["x"], a["w"], a["b"], axis=axis)
+        fa, fb = _calls(A, a, axis), _calls(B, a, axis)
+        for op in args.ops.split(","):
+            ta, tb = [], []
+            for f in (fa[op], fb[op], fa[op], fb[op]):  # warm-up: outputs touched, both pools started
+                f()
+            end = time.perf_counter() + args.budget
+            while time.perf_counter() < end or len(ta) < 10:
+                for first, second, t_first, t_second in ((fa, fb, ta, tb), (fb, fa, tb, ta)):
+                    t0 = time.perf_counter()
+                    first[op]()
+                    t1 = time.perf_counter()
+                    second[op]()
+                    t2 = time.perf_counter()
+                    t_first.append(t1 - t0)
+                    t_second.append(t2 - t1)
+            ma, mb = float(np.median(ta)), float(np.median(tb))
+            print(f"{op:14s} {spec:18s} A {ma * 1e3:8.3f} ms  B {mb * 1e3:8.3f} ms  B/A {mb / ma:5.2f}  "
+                  f"({len(ta)} calls each)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
