@@ -58,19 +58,19 @@ struct BackwardSumsOp {
 
 // dx = (g - dy_mean - (x - mean) * xmu_scale) * scale over one run of a single channel, g
 // being dy or ReLU's gradient of it (mask, which also stores dsum = g); with x null (eval
-// mode), dx = g * scale.
-template <class T, class Mask>
+// mode), dx = g * scale. (kInputsFromMemory: see write_run; the unfused pass.)
+template <bool kInputsFromMemory = false, class T, class Mask>
 BNORM_INLINE void backward_run(const T* dy, const T* x, T* dx, int64_t n, param_t<T> mean,
                                detail::BackwardCoefficients<param_t<T>> k, bool stream, const Mask& mask) {
     if (!x) {
-        write_run(dx, n, stream, [&](auto lanes, int64_t i) {
+        write_run<kInputsFromMemory>(dx, n, stream, [&](auto lanes, int64_t i) {
             const auto g = mask.load(lanes, dy, i);
             mask.write(lanes, g, i, stream);
             return g * decltype(lanes)::set(k.scale);
         });
         return;
     }
-    write_run(dx, n, stream, [&](auto lanes, int64_t i) {
+    write_run<kInputsFromMemory>(dx, n, stream, [&](auto lanes, int64_t i) {
         using L = decltype(lanes);
         const auto g = mask.load(L{}, dy, i);
         mask.write(L{}, g, i, stream);
@@ -78,13 +78,13 @@ BNORM_INLINE void backward_run(const T* dy, const T* x, T* dx, int64_t n, param_
     });
 }
 
-template <class T, class Mask>
+template <bool kInputsFromMemory = false, class T, class Mask>
 BNORM_FLATTEN void backward_row(const T* dy, const T* x, T* dx, int64_t n, const param_t<T>* mean,
                                 const param_t<T>* dy_mean, const param_t<T>* xmu_scale, const param_t<T>* scale,
                                 bool stream, const Mask& mask) {
     using P = Simd<param_t<T>>;
     if (!x) {
-        write_run(dx, n, stream, [&](auto lanes, int64_t c) {
+        write_run<kInputsFromMemory>(dx, n, stream, [&](auto lanes, int64_t c) {
             using L = decltype(lanes);
             using C = std::conditional_t<L::width == 1, Scalar<param_t<T>>, P>;
             const auto g = mask.load(L{}, dy, c);
@@ -93,7 +93,7 @@ BNORM_FLATTEN void backward_row(const T* dy, const T* x, T* dx, int64_t n, const
         });
         return;
     }
-    write_run(dx, n, stream, [&](auto lanes, int64_t c) {
+    write_run<kInputsFromMemory>(dx, n, stream, [&](auto lanes, int64_t c) {
         using L = decltype(lanes);
         using C = std::conditional_t<L::width == 1, Scalar<param_t<T>>, P>;
         static_assert(C::width == L::width, "x and coefficient vectors have the same lanes");
@@ -181,19 +181,19 @@ void backward_dx_fused(const T* dy, const T* x, Shape s, int threads, const para
         s, threads,
         [&](int64_t c, int64_t offset, bool stream) {
             if (x)
-                backward_run(dy + offset, x + offset, dx + offset, s.inner, mean[c],
-                             {dy_mean[c], xmu_scale[c], scale[c]}, stream, mask.at(offset));
+                backward_run<true>(dy + offset, x + offset, dx + offset, s.inner, mean[c],
+                                   {dy_mean[c], xmu_scale[c], scale[c]}, stream, mask.at(offset));
             else
-                backward_run(dy + offset, x, dx + offset, s.inner, param_t<T>(0), {0, 0, scale[c]}, stream,
-                             mask.at(offset));
+                backward_run<true>(dy + offset, x, dx + offset, s.inner, param_t<T>(0), {0, 0, scale[c]}, stream,
+                                   mask.at(offset));
         },
         [&](int64_t offset, int64_t c0, int64_t c1, bool stream) {
             if (x)
-                backward_row(dy + offset, x + offset, dx + offset, c1 - c0, mean + c0, dy_mean + c0, xmu_scale + c0,
-                             scale + c0, stream, mask.at(offset));
+                backward_row<true>(dy + offset, x + offset, dx + offset, c1 - c0, mean + c0, dy_mean + c0,
+                                   xmu_scale + c0, scale + c0, stream, mask.at(offset));
             else
-                backward_row(dy + offset, x, dx + offset, c1 - c0, mean, dy_mean, xmu_scale, scale + c0, stream,
-                             mask.at(offset));
+                backward_row<true>(dy + offset, x, dx + offset, c1 - c0, mean, dy_mean, xmu_scale, scale + c0, stream,
+                                   mask.at(offset));
         });
 }
 

@@ -8,11 +8,12 @@
 namespace bnorm::kernels::BNORM_KERNEL_ISA {
 namespace {
 
-// y = epilogue(((x - center) - lo) * scale + shift) over one run of a single channel.
-template <class T, class E>
+// y = epilogue(((x - center) - lo) * scale + shift) over one run of a single channel
+// (kInputsFromMemory: see write_run; the unfused pass).
+template <bool kInputsFromMemory = false, class T, class E>
 BNORM_INLINE void affine_run(const T* x, T* y, int64_t n, detail::Affine<param_t<T>> k, bool stream,
                              const E& epilogue) {
-    write_run(y, n, stream, [&](auto lanes, int64_t i) {
+    write_run<kInputsFromMemory>(y, n, stream, [&](auto lanes, int64_t i) {
         using L = decltype(lanes);
         return epilogue(
             L{}, ((L::load(x + i) - L::set(k.center)) - L::set(k.center_lo)) * L::set(k.scale) + L::set(k.shift), i);
@@ -20,11 +21,11 @@ BNORM_INLINE void affine_run(const T* x, T* y, int64_t n, detail::Affine<param_t
 }
 
 // The same over one row of the rows schedule, coefficients varying along it.
-template <class T, class E>
+template <bool kInputsFromMemory = false, class T, class E>
 BNORM_FLATTEN void affine_row(const T* x, T* y, int64_t n, const param_t<T>* center, const param_t<T>* lo,
                               const param_t<T>* scale, const param_t<T>* shift, bool stream, const E& epilogue) {
     using P = Simd<param_t<T>>;  // the coefficients are arrays of the accumulation type
-    write_run(y, n, stream, [&](auto lanes, int64_t c) {
+    write_run<kInputsFromMemory>(y, n, stream, [&](auto lanes, int64_t c) {
         using L = decltype(lanes);
         using C = std::conditional_t<L::width == 1, Scalar<param_t<T>>, P>;
         static_assert(C::width == L::width, "x and coefficient vectors have the same lanes");
@@ -50,12 +51,12 @@ void affine_fused(const T* x, Shape s, int threads, const param_t<T>* center, co
     for_each_write<T>(
         s, threads,
         [&](int64_t c, int64_t offset, bool stream) {
-            affine_run(x + offset, y + offset, s.inner, {center[c], center_lo[c], scale[c], shift[c]}, stream,
-                       epilogue.at(offset));
+            affine_run<true>(x + offset, y + offset, s.inner, {center[c], center_lo[c], scale[c], shift[c]}, stream,
+                             epilogue.at(offset));
         },
         [&](int64_t offset, int64_t c0, int64_t c1, bool stream) {
-            affine_row(x + offset, y + offset, c1 - c0, center + c0, center_lo + c0, scale + c0, shift + c0, stream,
-                       epilogue.at(offset));
+            affine_row<true>(x + offset, y + offset, c1 - c0, center + c0, center_lo + c0, scale + c0, shift + c0,
+                             stream, epilogue.at(offset));
         });
 }
 

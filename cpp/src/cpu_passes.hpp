@@ -152,11 +152,22 @@ struct StoresGroups<S, std::void_t<decltype(S::kGroup)>> : std::true_type {};
 // ordinary stores forces a partial write-combining flush: 32-byte float16 vectors
 // streamed from a 32-byte boundary made channels-last float16 4x slower.) The ends are
 // vectors too, the last one of each overlapping its neighbour: a scalar loop would cost
-// more than the vector loop on short runs (a 14x14 plane, a 100-channel row). The
-// overlapping vectors are computed before anything is written, as out may be an input
-// (in-place calls); runs that the loops cover whole (a multiple of a vector from the first
-// whole line) compute no tail vector.
-template <class T, class Value>
+// more than the vector loop on short runs (a 14x14 plane, a 100-channel row). As out may be
+// an input (in-place calls), an overlapping vector is computed before anything it overlaps
+// is written: the head's first, the tail's first too, except in the unfused passes
+// (kInputsFromMemory) over streamed runs of kLateTailBytes or more: there the tail's
+// inputs, read first, lay a run ahead of the hardware prefetchers (a miss to memory per
+// input and run that stalls the loop), so the loops stop short of it and the last line and
+// vector get ordinary stores after it. (In one process against the tail-first build,
+// benchmarks/ab_builds.py, 2 threads: (8192, 1024) float32 inference 0.85-0.86x the time,
+// training 0.92-0.95x, backward 0.87-0.89x; channels-last (64, 28, 28, 512) backward
+// 0.85-0.96x; where the inputs are cached, the fused per-channel passes of 28x28 planes,
+// the ordinary stores made training and backward 3-8% slower, and runs of 256 B 20-30%.)
+// Runs that the loops cover whole (a multiple of a vector from the first whole line) have
+// no tail.
+constexpr int64_t kLateTailBytes = 2048;
+
+template <bool kInputsFromMemory = false, class T, class Value>
 BNORM_INLINE void write_run(T* out, int64_t n, bool stream, const Value& value) {
     using S = Simd<T>;
     constexpr int64_t W = S::width;
@@ -173,8 +184,11 @@ BNORM_INLINE void write_run(T* out, int64_t n, bool stream, const Value& value) 
     typename S::R head_end{};  // (none without streaming: start is 0)
     if (start > 0) head_end = value(S{}, head_at);
     const bool ragged = (n - start) % W != 0;  // the loops leave a partial vector at the end
+    // (streaming, the tail is computed when the loops reach it, see above)
+    const bool late_tail = kInputsFromMemory && ragged && lines && n * int64_t(sizeof(T)) >= kLateTailBytes;
+    const int64_t end = late_tail ? n - W : n;  // where the groups and lines stop
     typename S::R tail{};
-    if (ragged) tail = value(S{}, n - W);
+    if (ragged && !late_tail) tail = value(S{}, n - W);
     int64_t i = 0;
     for (; i + W <= start; i += W) S::store(out + i, value(S{}, i));
     const int64_t head_done = i;
@@ -184,7 +198,7 @@ BNORM_INLINE void write_run(T* out, int64_t n, bool stream, const Value& value) 
         const auto groups = [&](auto streamed, auto size) {
             constexpr int G = decltype(size)::value;
             typename S::R group[G];
-            for (; i + G * W <= n; i += G * W) {
+            for (; i + G * W <= end; i += G * W) {
                 for (int64_t k = 0; k < G; ++k) group[k] = value(S{}, i + k * W);
                 S::template store_group<decltype(streamed)::value, G>(out + i, group);
             }
@@ -195,9 +209,10 @@ BNORM_INLINE void write_run(T* out, int64_t n, bool stream, const Value& value) 
         else groups(std::false_type{}, Group{}), groups(std::false_type{}, Pair{});
     }
     if (lines)
-        for (; i + line <= n; i += line)
+        for (; i + line <= end; i += line)
             for (int64_t v = 0; v < line; v += W) S::stream(out + i + v, value(S{}, i + v));
-    for (; i + W <= n; i += W) S::store(out + i, value(S{}, i));
+    if (late_tail) tail = value(S{}, n - W);
+    for (; i + W <= n; i += W) S::store(out + i, value(S{}, i));  // (after a late tail: up to a line and a vector)
     if (start > head_done) store_lanes<T>(out + head_at, head_end, head_done - head_at, start - head_at);
     if (ragged) store_lanes<T>(out + n - W, tail, i - (n - W), W);
 }

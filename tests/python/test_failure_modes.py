@@ -298,11 +298,12 @@ def test_nonfinite_stays_in_its_channel(rng, dtype, bad, layout):
 
 # --- aliasing -------------------------------------------------------------------------------------
 
-# The last three are streamed (over 4 MB), their runs starting anywhere in a cache line, so
-# that write_run's overlapping head and tail vectors meet the aliased input: runs of 20001,
-# rows of 100, and runs of 17 (the head's vector overlaps the tail's).
+# The last four are streamed (over 4 MB in float32), their runs starting anywhere in a cache
+# line, so that write_run's overlapping head and tail vectors meet the aliased input: runs
+# of 20001 and rows of 600 (the unfused passes compute their tail late), rows of 100, and
+# runs of 17 (the head's vector overlaps the tail's).
 ALIAS_LAYOUTS = [((16, 5, 33), 1), ((50, 7), 1), ((256, 3, 1024), 1), ((4096, 3, 2, 64), -1),
-                 ((8, 7, 20001), 1), ((12000, 100), 1), ((80, 1000, 17), 1)]
+                 ((8, 7, 20001), 1), ((2000, 600), 1), ((12000, 100), 1), ((80, 1000, 17), 1)]
 
 
 def _alias_ops():
