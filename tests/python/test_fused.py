@@ -410,3 +410,23 @@ def test_fused_vs_torch(rng, dtype, layout, training):
     if training:
         assert_close(brm, trm.numpy(), tol, "running_mean")
         assert_close(brv, trv.numpy(), tol, "running_var")
+
+
+@pytest.mark.parametrize("shift", [0, 1, 3])
+def test_dsum_shares_dx_alignment(rng, shift):
+    """dsum is allocated at dx's address modulo 64 bytes, so that the pass writing both can
+    stream whole cache lines of each; its values are those of a plain allocation."""
+    shape = (4, 6, 9, 9)
+    x = rng.standard_normal(shape).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    y, mean, invstd = bnorm.forward_train(x, activation="relu")
+    buf = np.zeros(x.size + 16, np.float32)
+    out = buf[shift:shift + x.size].reshape(shape)
+    dx, _, _, dsum = bnorm.backward(dy, x, mean, invstd, activation="relu", y=y, out=out)
+    assert dx is out and (dsum.ctypes.data - dx.ctypes.data) % 64 == 0
+    np.testing.assert_array_equal(dsum, dy * (y > 0))
+    sdy, sdyx = bnorm.backward_reduce(dy, x, mean, invstd, activation="relu", y=y)
+    dx2, dsum2 = bnorm.backward_elemt(dy, x, mean, invstd, None, sdy, sdyx, x.size // 6, activation="relu", y=y,
+                                      out=out)
+    assert (dsum2.ctypes.data - dx2.ctypes.data) % 64 == 0 and dsum2.flags.c_contiguous
+    np.testing.assert_array_equal(dsum2, dy * (y > 0))
