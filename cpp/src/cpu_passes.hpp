@@ -159,7 +159,7 @@ struct StoresGroups<S, std::void_t<decltype(S::kGroup)>> : std::true_type {};
 // inputs, read first, lay a run ahead of the hardware prefetchers (a miss to memory per
 // input and run that stalls the loop), so the loops stop short of it and the last line and
 // vector get ordinary stores after it. (In one process against the tail-first build,
-// benchmarks/ab_builds.py, 2 threads: (8192, 1024) float32 inference 0.85-0.86x the time,
+// benchmarks/ab_builds.py, 2 threads: (8192, 1024) float32 inference 0.80-0.86x the time,
 // training 0.92-0.95x, backward 0.87-0.89x; channels-last (64, 28, 28, 512) backward
 // 0.85-0.96x; where the inputs are cached, the fused per-channel passes of 28x28 planes,
 // the ordinary stores made training and backward 3-8% slower, and runs of 256 B 20-30%.)

@@ -411,8 +411,8 @@ class _Call:
         a plain fresh output). A pass writing both streams whole cache lines of each with
         non-temporal stores, where it streams: at another alignment the second output took
         ordinary stores, each line read before it was written (the ReLU backward's dsum
-        beside dx: 0.85-0.91x the time on NCHW planes of 7x7 to 56x56 with it,
-        benchmarks/ab_builds.py)."""
+        beside dx: 0.85-0.91x the time on NCHW planes of 14x14 to 56x56 with it, unchanged on
+        7x7 planes and channels-last; benchmarks/ab_builds.py)."""
         if self.xp is not _NumPy:
             return self.output(None)
         target = other.target
