@@ -4,8 +4,8 @@ On a shared VM, timings drift by 10-50% over seconds (other tenants' memory traf
 placement); builds compared in separate processes, even alternating process by process,
 then differ by more than most kernel changes do. Here both builds run on the same arrays,
 in the same process and thread pool, a call of each in turn, so a drift hits both alike.
-An A/A run (a build against a copy of itself) on the 2-CPU AMD EPYC VM gave ratios of
-0.92-1.04 on DRAM-sized inputs and 0.98-1.02 on cached ones.
+An A/A run on the 2-CPU AMD EPYC VM gave ratios of 0.92-1.04 on DRAM-sized inputs (a build
+against a copy of itself) and 0.99-1.00 on cached ones (one build as both A and B).
 
 Setup: install each build, then copy its package under a name of its own, e.g.
 
