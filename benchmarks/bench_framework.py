@@ -11,9 +11,11 @@ for a copy converted with bnorm.torch.convert, and for a copy whose blocks call 
 fused BN + add + ReLU (bnorm.torch.BatchNorm2d(activation="relu") with the identity as
 residual), interleaved step by step, median over the steps. Batch norm's own time in each
 step comes from torch.profiler: the inclusive CPU time of the forward op (aten::batch_norm,
-or bnorm.torch's _EagerBatchNorm, which includes the running-buffer update) plus the
-backward node (NativeBatchNormBackward0, or _EagerBatchNormBackward), summed over the
-step's batch-norm layers.
+or bnorm.torch's bnorm_cpp::batch_norm, which includes the running-buffer update) plus the
+backward node (NativeBatchNormBackward0, or CppNode<bnorm_torch::BatchNormFunction>),
+summed over the step's batch-norm layers; the median of 9 profiled steps per model,
+interleaved like the timed ones; where bnorm was built without its PyTorch
+operator library, bnorm.torch's Python path (_EagerBatchNorm and its backward node).
 
 JAX: a jitted SGD step of a small CNN (conv-BN-ReLU x3, global pool, dense) with
 bnorm.jax.batch_norm vs the same network with batch norm written in jax.numpy (what XLA
@@ -85,10 +87,12 @@ def _resnet18(torch, num_classes=10, fused=None):
 
 _BN_EVENTS = {
     "stock": ("aten::batch_norm", "NativeBatchNormBackward0"),
-    # eager: bnorm.torch's autograd.Function (its forward includes the running-buffer update)
-    "bnorm": ("_EagerBatchNorm", "_EagerBatchNormBackward"),
-    "fused": ("_EagerBatchNorm", "_EagerBatchNormBackward"),
+    # eager: bnorm.torch's C++ operator (its forward includes the running-buffer update)
+    "bnorm": ("bnorm_cpp::batch_norm", "torch::autograd::CppNode<bnorm_torch::BatchNormFunction>"),
+    "fused": ("bnorm_cpp::batch_norm", "torch::autograd::CppNode<bnorm_torch::BatchNormFunction>"),
 }
+# without it (bnorm built without torch, BNORM_TORCH_OPS=0): its Python autograd.Function
+_BN_EVENTS_PYTHON = ("_EagerBatchNorm", "_EagerBatchNormBackward")
 
 
 def bench_torch(args) -> dict:
@@ -124,20 +128,29 @@ def bench_torch(args) -> dict:
             step(name)
             times[name].append(time.perf_counter() - t0)
 
-    shares = {}
-    for name in models:
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            for _ in range(args.profile_steps):
+    # Batch norm's own time, per profiled step, the models interleaved as above (bursts of
+    # load on a shared machine then hit all of them alike); medians over the steps.
+    samples = {name: [] for name in models}
+    for _ in range(args.profile_steps):
+        for name in models:
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
                 step(name)
-        events = {e.key: e for e in prof.key_averages()}
-        fwd, bwd = (events[k].cpu_time_total / args.profile_steps / 1e3 if k in events else float("nan")
-                    for k in _BN_EVENTS[name])
-        # the profiled step's own total: the sum of the top-level events' inclusive times
-        total = sum(e.cpu_time_total for e in prof.events() if e.cpu_parent is None) / args.profile_steps / 1e3
-        shares[name] = {"bn_forward_ms": fwd, "bn_backward_ms": bwd, "bn_ms": fwd + bwd,
-                        "profiled_step_ms": total, "bn_share": (fwd + bwd) / total}
+            events = {e.key: e for e in prof.key_averages()}
+            keys = _BN_EVENTS[name] if name == "stock" or bt._OPS is not None else _BN_EVENTS_PYTHON
+            fwd, bwd = (events[k].cpu_time_total / 1e3 if k in events else float("nan") for k in keys)
+            # the profiled step's own total: the sum of the top-level events' inclusive times
+            total = sum(e.cpu_time_total for e in prof.events() if e.cpu_parent is None) / 1e3
+            samples[name].append((fwd, bwd, total))
+    shares = {}
+    for name, rows in samples.items():
+        fwd, bwd, total = (statistics.median(column) for column in zip(*rows))
+        bn = statistics.median(f + b for f, b, _ in rows)
+        shares[name] = {"bn_forward_ms": fwd, "bn_backward_ms": bwd, "bn_ms": bn,
+                        "profiled_step_ms": total, "bn_share": bn / total}
     result = {"model": "resnet18", "batch": args.batch, "size": args.size, "threads": args.threads,
-              "bn_layers": sum(isinstance(m, torch.nn.BatchNorm2d) for m in stock.modules())}
+              "bn_layers": sum(isinstance(m, torch.nn.BatchNorm2d) for m in stock.modules()),
+              "profile_steps": args.profile_steps,
+              "bnorm_eager_path": "C++ operator library" if bt._OPS is not None else "Python autograd.Function"}
     for name in models:
         result[name] = {"step_ms_median": 1e3 * statistics.median(times[name]),
                         "step_ms_min": 1e3 * min(times[name]), **shares[name]}
@@ -233,8 +246,9 @@ def report(results: dict) -> str:
         for name, label in labels[1:]:
             lines.append(f"{label}: step speedup {t[name]['step_speedup']:.2f}x; batch norm's own time "
                          f"{t[name]['bn_speedup']:.2f}x lower.")
-        lines += ["", "Batch norm's own time: torch.profiler, inclusive CPU time of the forward op and backward "
-                  "node; the fused rows' include the residual adds and ReLUs they absorb, which the others "
+        lines += ["", f"bnorm.torch's eager path: {t.get('bnorm_eager_path', 'Python autograd.Function')}. "
+                  "Batch norm's own time: torch.profiler, inclusive CPU time of the forward op and backward "
+                  f"node, median of {t.get('profile_steps', 2)} profiled steps per model (interleaved); the fused rows' include the residual adds and ReLUs they absorb, which the others "
                   "count outside batch norm.", ""]
     j = results.get("jax")
     if j:
@@ -256,7 +270,7 @@ def main(argv=None) -> dict:
     p.add_argument("--size", type=int, default=64, help="input height and width (default 64)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per model (default 10)")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--profile-steps", type=int, default=2, help="steps under torch.profiler (default 2)")
+    p.add_argument("--profile-steps", type=int, default=9, help="steps per model under torch.profiler (default 9)")
     p.add_argument("--only", choices=("torch", "jax"), default=None)
     p.add_argument("--record", action="store_true", help="write results/<date>-framework-<cpu>.{md,json}")
     args = p.parse_args(argv)

@@ -22,17 +22,20 @@ section "install PyTorch and JAX (CPU), which bnorm.torch and bnorm.jax are test
 "$PYTHON" -m pip install "torch==2.13.0" "jax==0.10.2" "jaxlib==0.10.2"
 
 section "install bnorm[test,demo,mpi,docs] (BNORM_CUDA=$BNORM_CUDA; a few minutes, compiler output shown)"
-echo "   with bnorm.jax's XLA FFI handlers (headers from jaxlib)"
+echo "   with bnorm.jax's XLA FFI handlers (headers from jaxlib) and bnorm.torch's operator library (this torch)"
 JAX_FFI_INCLUDE_DIR=$("$PYTHON" -c "import jax.ffi; print(jax.ffi.include_dir())")
 # (CUDA for one architecture here, sm_80 with its PTX, which newer GPUs compile at load: the
 # C++ build below compiles the wheel's four.)
 CUDA_ARCH_ARGS=()
 if [ "$BNORM_CUDA" = ON ]; then CUDA_ARCH_ARGS=(-Ccmake.define.CMAKE_CUDA_ARCHITECTURES=80); fi
+TORCH_PYTHON=$("$PYTHON" -c "import sys; print(sys.executable)")
 "$PYTHON" -m pip install -v ".[test,demo,mpi,docs]" -Ccmake.define.BNORM_JAX_FFI=ON \
-  "-Ccmake.define.BNORM_JAX_FFI_INCLUDE_DIR=$JAX_FFI_INCLUDE_DIR" "${CUDA_ARCH_ARGS[@]}"
+  "-Ccmake.define.BNORM_JAX_FFI_INCLUDE_DIR=$JAX_FFI_INCLUDE_DIR" "${CUDA_ARCH_ARGS[@]}" \
+  -Ccmake.define.BNORM_TORCH_OPS=ON "-Ccmake.define.BNORM_TORCH_OPS_PYTHON=$TORCH_PYTHON"
 
 section "pytest"
-BNORM_REQUIRE_MPI=1 "$PYTHON" -m pytest tests/python -q
+# (the wheel's tests below run bnorm.torch without its operator library: the Python path)
+BNORM_REQUIRE_MPI=1 BNORM_REQUIRE_TORCH_OPS=1 "$PYTHON" -m pytest tests/python -q
 
 # The C++ test builds below compile the kernels for the instruction set this CPU runs only
 # (what bnorm.cpu_isa() reports; none beyond the baseline where it is "baseline"): a test

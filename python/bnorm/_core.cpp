@@ -20,6 +20,7 @@
 #include <type_traits>
 
 #include "bnorm/bnorm.hpp"
+#include "core_capi.h"
 
 #if defined(__GLIBCXX__) && defined(__GLIBC__)
 #include <cxxabi.h>
@@ -354,6 +355,8 @@ bool cuda_available() {
 
 }  // namespace
 
+const bnorm_core_capi* bnorm_core_capi_table();  // _core_capi.cpp
+
 #if BNORM_JAX_FFI
 void bind_jax_ffi(nb::module_& m);  // _jax_ffi.cpp: bnorm.jax's XLA FFI handlers
 #endif
@@ -402,6 +405,8 @@ NB_MODULE(_core, m) {
 #if BNORM_JAX_FFI
     bind_jax_ffi(m);
 #endif
+    // the C interface of bnorm's PyTorch operators library (core_capi.h), as a named capsule
+    m.attr("_capi") = nb::capsule(bnorm_core_capi_table(), "bnorm._core.capi");
     m.attr("built_with_cuda") = bool(BNORM_HAS_CUDA);
     m.attr("__version__") = BNORM_VERSION_STRING;
 }

@@ -29,7 +29,10 @@ Importing this module needs PyTorch; ``import bnorm`` never imports it.
 
 from __future__ import annotations
 
+import ctypes
 import math
+import os
+import warnings
 from typing import Optional, Tuple
 
 try:
@@ -50,6 +53,36 @@ __all__ = ["batch_norm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert"]
 # no bfloat16, so a CPU bfloat16 path needs the NumPy dtype bnorm adopts for it.
 _CPU_DTYPES = tuple(getattr(torch, name) for name in _functional._CPU_DTYPES if name != "bfloat16")
 _CUDA_DTYPES = (torch.float16, torch.float32, torch.float64, torch.bfloat16)
+
+
+# ---- the C++ operator library ------------------------------------------------------------
+
+def _load_ops():
+    """torch.ops.bnorm_cpp.batch_norm from bnorm's operator library (_torch_ops.cpp), or
+    None: not built (bnorm was built without torch: cmake/torch_ops.cmake), built for
+    another torch (its C++ ABI changes between releases: a warning says so), or turned off
+    with the environment variable BNORM_TORCH_OPS=0. Without it the eager path is the
+    autograd.Function below: the same results, slower inside a model (docs/frameworks.md)."""
+    if os.environ.get("BNORM_TORCH_OPS", "1") == "0":
+        return None
+    here = os.path.dirname(os.path.abspath(__file__))
+    library = os.path.join(here, "_torch_ops.so")
+    if not os.path.exists(library):
+        return None
+    with open(os.path.join(here, "_torch_ops.version")) as f:
+        built_for = f.read().strip()
+    if built_for != torch.__version__:
+        warnings.warn(f"bnorm.torch: bnorm's operator library was built for torch {built_for}, this is torch "
+                      f"{torch.__version__}: running the slower Python path; reinstall bnorm to rebuild it",
+                      RuntimeWarning, stacklevel=3)
+        return None
+    torch.ops.load_library(library)
+    get_pointer = ctypes.pythonapi.PyCapsule_GetPointer
+    get_pointer.restype, get_pointer.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
+    table = get_pointer(_core._capi, b"bnorm._core.capi")
+    if ctypes.CDLL(library).bnorm_torch_ops_init(ctypes.c_void_p(table)) != 0:
+        raise ImportError(f"bnorm.torch: {library} does not match this bnorm's core; reinstall bnorm")
+    return torch.ops.bnorm_cpp.batch_norm
 
 
 # ---- layout: how a tensor is handed to bnorm ---------------------------------------------
@@ -267,6 +300,9 @@ def _refuse_double_backward(ctx, *grads):
 
 _batch_norm_backward_op.register_autograd(_refuse_double_backward, setup_context=lambda ctx, inputs, output: None)
 
+# After the operators above: the C++ backward calls bnorm::batch_norm_backward for create_graph.
+_OPS = _load_ops()
+
 
 # ---- the eager path: plain tensors, no tracing --------------------------------------------
 
@@ -357,6 +393,8 @@ def batch_norm(
                 f"device {input.device}, got {tuple(residual.shape)}, {residual.dtype}, {residual.device}")
     training, momentum, eps, relu = bool(training), float(momentum), float(eps), activation == "relu"
     if _eager(input, residual):
+        if _OPS is not None and input.device.type == "cpu" and input.dtype in _CPU_DTYPES:
+            return _OPS(input, weight, bias, running_mean, running_var, residual, training, momentum, eps, relu)
         return _EagerBatchNorm.apply(
             input, weight, bias, running_mean, running_var, residual, training, momentum, eps, relu)
     y, _, _, new_running_mean, new_running_var = torch.ops.bnorm.batch_norm(

@@ -71,3 +71,20 @@ def case(request, rng):
     c = shape[ref.norm_axis(len(shape), axis)]
     w, b, rm, rv = ref.make_params(rng, c, dtype)
     return ref.Case(x, dy, axis, np.dtype(dtype), w, b, rm, rv)
+
+
+@pytest.fixture(params=["cpp", "python"])
+def torch_eager_path(request, monkeypatch):
+    """Runs a bnorm.torch test on each eager path: the C++ operator library (skipped, with
+    the reason, where bnorm was built without it; BNORM_REQUIRE_TORCH_OPS=1 fails instead)
+    and the Python autograd.Function that serves when it is absent."""
+    import bnorm.torch as bt
+
+    if request.param == "cpp" and bt._OPS is None:
+        reason = "bnorm was built without its PyTorch operator library (cmake/torch_ops.cmake)"
+        if os.environ.get("BNORM_REQUIRE_TORCH_OPS") == "1":
+            pytest.fail(f"BNORM_REQUIRE_TORCH_OPS=1 but {reason}")
+        pytest.skip(reason)
+    if request.param == "python":
+        monkeypatch.setattr(bt, "_OPS", None)
+    return request.param

@@ -11,6 +11,9 @@ import torch.nn.functional as F  # noqa: E402
 
 import bnorm.torch as bt  # noqa: E402
 
+# every test on both eager paths: the C++ operator library and the Python one (conftest.py)
+pytestmark = pytest.mark.usefixtures("torch_eager_path")
+
 CL = {4: torch.channels_last, 5: torch.channels_last_3d}
 # (shape, memory format): NCHW and channels_last, 1d (N, C) and (N, C, L), 3d both formats
 CASES = [((8, 5), None), ((6, 4, 9), None), ((4, 3, 5, 6), None), ((4, 3, 5, 6), "cl"),
@@ -291,3 +294,62 @@ def test_torch_export_keeps_the_op(mode):
     assert targets.count("bnorm.batch_norm.default") == 3
     x = torch.randn(4, 3, 8, 8)
     torch.testing.assert_close(program.module()(x), copy.deepcopy(model)(x))
+
+
+# ---- the C++ operator library (python/bnorm/_torch_ops.cpp) --------------------------------
+
+@pytest.mark.parametrize("fmt", [None, "cl", "strided"])
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_cpp_and_python_paths_agree_bitwise(torch_eager_path, monkeypatch, dtype, relu, fmt):
+    """The C++ operator runs the same kernels as the Python path: outputs, all gradients
+    and the running buffers are bitwise equal (plain and fused, each layout)."""
+    if torch_eager_path == "python":
+        pytest.skip("compares the C++ path with the Python path")
+    x = _input((4, 3, 5, 6), fmt, dtype)
+    z = _input((4, 3, 5, 6), fmt, dtype, seed=2) if relu else None
+    w, b, rm, rv = _params(3, torch.float32)
+    dy = _input((4, 3, 5, 6), None, dtype, seed=3)
+
+    def run():
+        xs, ws, bs = (t.detach().clone().requires_grad_() for t in (x, w, b))
+        zs = None if z is None else z.detach().clone().requires_grad_()
+        m, v = rm.clone(), rv.clone()
+        y = bt.batch_norm(xs, m, v, ws, bs, training=True, momentum=0.2, residual=zs,
+                          activation="relu" if relu else None)
+        y.backward(dy)
+        return [y, xs.grad, ws.grad, bs.grad, m, v] + ([] if zs is None else [zs.grad])
+
+    cpp = run()
+    monkeypatch.setattr(bt, "_OPS", None)
+    python = run()
+    for a, e in zip(cpp, python):
+        assert a.dtype == e.dtype and a.stride() == e.stride()
+        assert torch.equal(a, e)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_inference_mode(training):
+    """Under torch.inference_mode (no autograd keys), as F.batch_norm."""
+    x = _input((4, 3, 5, 6), "cl")
+    w, b, rm, rv = _params(3, torch.float32)
+    m1, v1, m2, v2 = rm.clone(), rv.clone(), rm.clone(), rv.clone()
+    with torch.inference_mode():
+        y = bt.batch_norm(x, m1, v1, w, b, training=training)
+        expected = F.batch_norm(x, m2, v2, w, b, training=training)
+    torch.testing.assert_close(y, expected, **TOL[torch.float32])
+    torch.testing.assert_close(m1, m2, **TOL[torch.float32])
+    torch.testing.assert_close(v1, v2, **TOL[torch.float32])
+
+
+def test_operator_library_of_another_torch_is_not_loaded(torch_eager_path, monkeypatch):
+    """A library built for another torch release (its C++ ABI differs) is left alone, with a
+    warning; BNORM_TORCH_OPS=0 turns it off."""
+    if torch_eager_path == "python":
+        pytest.skip("needs the operator library")
+    monkeypatch.setattr(torch, "__version__", "0.0.0")
+    with pytest.warns(RuntimeWarning, match="built for torch .* this is torch 0.0.0"):
+        assert bt._load_ops() is None
+    monkeypatch.undo()
+    monkeypatch.setenv("BNORM_TORCH_OPS", "0")
+    assert bt._load_ops() is None

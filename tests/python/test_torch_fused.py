@@ -8,6 +8,9 @@ import torch.nn.functional as F  # noqa: E402
 
 import bnorm.torch as bt  # noqa: E402
 
+# every test on both eager paths: the C++ operator library and the Python one (conftest.py)
+pytestmark = pytest.mark.usefixtures("torch_eager_path")
+
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-12)}
 
 
