@@ -12,9 +12,11 @@ torch.export, torch.func transforms and tensor modes it is the custom operator
 ``torch.ops.bnorm.batch_norm`` (torch.library): one opaque op with a shape function and a
 registered backward (itself the op ``torch.ops.bnorm.batch_norm_backward``). On plain
 tensors in eager mode it skips the operator's Python dispatch (which costs more than
-bnorm's kernel on a ResNet's tensors) through an autograd.Function of the same computation,
-and updates the running buffers in place. Double backward (a gradient of the gradient) is
-refused with a RuntimeError.
+bnorm's kernel on a ResNet's tensors) and updates the running buffers in place: on CPU
+through bnorm's C++ operator ``torch.ops.bnorm_cpp.batch_norm`` (one dispatcher call, its
+autograd node in C++) where bnorm was built with it against this torch (see _load_ops),
+else through an autograd.Function of the same computation, bitwise the same results.
+Double backward (a gradient of the gradient) is refused with a RuntimeError.
 
 Tensors reach bnorm without copies: CPU tensors as NumPy views of their memory, CUDA tensors
 through DLPack, run by bnorm's CUDA backend on PyTorch's current stream. Contiguous and

@@ -134,3 +134,15 @@ def test_ab_builds_script_runs():
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if " B/A " in line]
     assert len(rows) == 10, proc.stdout
+
+
+def test_cold_cache_script_runs():
+    """benchmarks/bench_cold_cache.py (source tree only; needs torch), tiny sizes."""
+    pytest.importorskip("torch", reason="benchmarks/bench_cold_cache.py compares with PyTorch")
+    script = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "bench_cold_cache.py")
+    if not os.path.exists(script):
+        pytest.skip("benchmarks/bench_cold_cache.py is in the source tree only")
+    proc = subprocess.run([sys.executable, script, "--shapes", "4x3x2x2,2x5x3x1", "--calls", "2", "--flush", "1",
+                           "--threads", "1"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sum(" | forward " in line or " | backward " in line for line in proc.stdout.splitlines()) == 4, proc.stdout
