@@ -13,7 +13,7 @@ residual), interleaved step by step, median over the steps. Batch norm's own tim
 step comes from torch.profiler: the inclusive CPU time of the forward op (aten::batch_norm,
 or bnorm.torch's bnorm_cpp::batch_norm, which includes the running-buffer update) plus the
 backward node (NativeBatchNormBackward0, or CppNode<bnorm_torch::BatchNormFunction>),
-summed over the step's batch-norm layers; the median of 9 profiled steps per model,
+summed over the step's batch-norm layers; the median of 15 profiled steps per model,
 interleaved like the timed ones; where bnorm was built without its PyTorch
 operator library, bnorm.torch's Python path (_EagerBatchNorm and its backward node).
 
@@ -270,7 +270,7 @@ def main(argv=None) -> dict:
     p.add_argument("--size", type=int, default=64, help="input height and width (default 64)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per model (default 10)")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--profile-steps", type=int, default=9, help="steps per model under torch.profiler (default 9)")
+    p.add_argument("--profile-steps", type=int, default=15, help="steps per model under torch.profiler (default 15)")
     p.add_argument("--only", choices=("torch", "jax"), default=None)
     p.add_argument("--record", action="store_true", help="write results/<date>-framework-<cpu>.{md,json}")
     args = p.parse_args(argv)

@@ -217,7 +217,9 @@ struct BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
         return y;
     }
 
-    static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    // grads by reference: CppNode passes the gradients it moved out of the engine's buffer,
+    // so a use count of 1 below means nothing else holds grad_y.
+    static variable_list backward(AutogradContext* ctx, variable_list& grads) {
         variable_list result(10);
         const Tensor& grad_y_ = grads[0];
         if (!grad_y_.defined()) return result;  // y did not reach the loss
@@ -233,13 +235,21 @@ struct BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
             const Layout layout(input);
             const int64_t C = layout.channels;
             const at::ScalarType pdt = param_dtype(input.scalar_type());
+            // An output in grad_y's memory (bnorm's backward may write dx, or dsum, over dy)
+            // when grad_y is this node's alone (no other reference to it or its storage: not
+            // kept by a hook, retain_grad or the caller) and laid out as input: no fresh
+            // tensor to fault in, and the lines just read are the ones written. dx, unless
+            // grad_y is also the residual's gradient (a residual without relu); dsum with relu.
+            const bool exclusive = grad_y_.use_count() == 1 && grad_y_.storage().use_count() == 1 &&
+                                   !grad_y_.is_view() && grad_y_.scalar_type() == input.scalar_type() &&
+                                   grad_y_.sizes() == input.sizes() && grad_y_.strides() == input.strides();
             const Tensor grad_y = layout.array(grad_y_.scalar_type() == input.scalar_type() ? grad_y_
                                                                                           : grad_y_.to(input.scalar_type()));
             const Tensor w = vector(weight.defined() ? OptTensor(weight) : std::nullopt, pdt, C, "weight");
-            grad_input = at::empty_like(input);
+            grad_input = exclusive && !residual ? grad_y : at::empty_like(input);
             grad_weight = at::empty({C}, input.options().dtype(pdt));
             grad_bias = at::empty({C}, input.options().dtype(pdt));
-            if (relu && residual) grad_sum = at::empty_like(input);
+            if (relu && residual) grad_sum = exclusive ? grad_y : at::empty_like(input);
             bnorm_capi_params p{};
             p.dtype = dtype_code(input.scalar_type());
             p.outer = layout.outer, p.channels = C, p.inner = layout.inner;

@@ -353,3 +353,48 @@ def test_operator_library_of_another_torch_is_not_loaded(torch_eager_path, monke
     monkeypatch.undo()
     monkeypatch.setenv("BNORM_TORCH_OPS", "0")
     assert bt._load_ops() is None
+
+
+@pytest.mark.parametrize("epilogue", ["none", "residual", "residual+relu"])
+@pytest.mark.parametrize("fmt", [None, "cl"])
+def test_gradient_memory_reused_only_when_unshared(torch_eager_path, monkeypatch, fmt, epilogue):
+    """The C++ backward writes grad_input (or, with relu and a residual, the residual's
+    gradient) over grad_y when nothing else holds grad_y (here the fresh gradient of y * 3):
+    results bitwise those of the Python path, and a gradient that someone kept
+    (retain_grad, a hook, the caller's own tensor) is left intact."""
+    if torch_eager_path == "python":
+        pytest.skip("compares the C++ path with the Python path")
+    x = _input((4, 3, 5, 6), fmt)
+    z = _input((4, 3, 5, 6), fmt, seed=4) if epilogue != "none" else None
+    w, b, rm, rv = _params(3, torch.float32)
+
+    def run(keep):
+        xs = x.detach().clone().requires_grad_()
+        zs = None if z is None else z.detach().clone().requires_grad_()
+        y = bt.batch_norm(xs, rm.clone(), rv.clone(), w, b, training=True, residual=zs,
+                          activation="relu" if epilogue == "residual+relu" else None)
+        kept = []
+        if keep == "retain_grad":
+            y.retain_grad()
+        elif keep == "hook":
+            y.register_hook(lambda g: kept.append(g))
+        (y * 3).sum().backward()
+        if keep == "retain_grad":
+            kept.append(y.grad)
+        return [xs.grad] + ([] if zs is None else [zs.grad]), kept
+
+    for keep in (None, "retain_grad", "hook"):
+        cpp_grads, kept = run(keep)
+        for g in kept:  # the gradient at y: 3 everywhere, not grad_input
+            assert torch.equal(g, torch.full_like(g, 3.0))
+        with monkeypatch.context() as m:
+            m.setattr(bt, "_OPS", None)
+            python_grads, _ = run(keep)
+        for a, e in zip(cpp_grads, python_grads):
+            assert a.stride() == e.stride() and torch.equal(a, e)
+    # the caller's gradient tensor
+    xs = x.detach().clone().requires_grad_()
+    dy = torch.randn(x.shape).contiguous(memory_format=x.dim() == 4 and fmt and torch.channels_last or torch.contiguous_format)
+    dy0 = dy.clone()
+    bt.batch_norm(xs, None, None, w, b, training=True).backward(dy)
+    assert torch.equal(dy, dy0)
