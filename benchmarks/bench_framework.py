@@ -12,7 +12,7 @@ fused BN + add + ReLU (bnorm.torch.BatchNorm2d(activation="relu") with the ident
 residual), interleaved step by step, median over the steps. Batch norm's own time in each
 step comes from torch.profiler: the inclusive CPU time of the forward op (aten::batch_norm,
 or bnorm.torch's bnorm_cpp::batch_norm, which includes the running-buffer update) plus the
-backward node (NativeBatchNormBackward0, or CppNode<bnorm_torch::BatchNormFunction>),
+backward node (NativeBatchNormBackward0, or bnorm_torch::BatchNormBackward),
 summed over the step's batch-norm layers; the median of 15 profiled steps per model,
 interleaved like the timed ones; where bnorm was built without its PyTorch
 operator library, bnorm.torch's Python path (_EagerBatchNorm and its backward node).
@@ -88,8 +88,8 @@ def _resnet18(torch, num_classes=10, fused=None):
 _BN_EVENTS = {
     "stock": ("aten::batch_norm", "NativeBatchNormBackward0"),
     # eager: bnorm.torch's C++ operator (its forward includes the running-buffer update)
-    "bnorm": ("bnorm_cpp::batch_norm", "torch::autograd::CppNode<bnorm_torch::BatchNormFunction>"),
-    "fused": ("bnorm_cpp::batch_norm", "torch::autograd::CppNode<bnorm_torch::BatchNormFunction>"),
+    "bnorm": ("bnorm_cpp::batch_norm", "bnorm_torch::BatchNormBackward"),
+    "fused": ("bnorm_cpp::batch_norm", "bnorm_torch::BatchNormBackward"),
 }
 # without it (bnorm built without torch, BNORM_TORCH_OPS=0): its Python autograd.Function
 _BN_EVENTS_PYTHON = ("_EagerBatchNorm", "_EagerBatchNormBackward")

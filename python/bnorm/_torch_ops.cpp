@@ -20,7 +20,9 @@
 // would let a kernel touch memory it was not given.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
 #include <torch/library.h>
 
 #include <array>
@@ -33,7 +35,6 @@
 namespace {
 
 using at::Tensor;
-using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using OptTensor = std::optional<Tensor>;
 
@@ -144,129 +145,143 @@ variable_list backward_op(const Tensor& grad_y, const Tensor& input, const Tenso
     return out;  // grad_input, grad_weight, grad_bias, grad_sum (empty without relu and residual)
 }
 
+// The forward's results: y, and what its backward needs.
+struct Forward {
+    Tensor input;          // as the kernels read it (a copy when input was neither layout)
+    Tensor y, mean, invstd;  // mean, invstd: batch statistics, or eval's constants
+};
+
+Forward forward(const Tensor& input_, const OptTensor& weight_, const OptTensor& bias_, const OptTensor& running_mean,
+                const OptTensor& running_var, const OptTensor& residual_, bool training, double momentum, double eps,
+                bool relu) {
+    TORCH_CHECK_VALUE(input_.device().is_cpu(), "bnorm.torch: bnorm_cpp.batch_norm takes CPU tensors");
+    TORCH_CHECK_VALUE(input_.dim() >= 2, "bnorm.torch: input must have at least 2 dimensions (N, C, ...)");
+    const Layout layout(input_);
+    Forward f;
+    f.input = layout.array(input_);
+    const Tensor& input = f.input;
+    const int64_t C = layout.channels;
+    const at::ScalarType pdt = param_dtype(input.scalar_type());
+    bnorm_capi_params p{};
+    p.dtype = dtype_code(input.scalar_type());
+    p.outer = layout.outer, p.channels = C, p.inner = layout.inner;
+    const Tensor weight = vector(weight_, pdt, C, "weight"), bias = vector(bias_, pdt, C, "bias");
+    Tensor residual;
+    if (residual_ && residual_->defined()) {
+        TORCH_CHECK_VALUE(residual_->sizes() == input.sizes() && residual_->scalar_type() == input.scalar_type() &&
+                              residual_->device().is_cpu(),
+                          "bnorm.torch: residual must have input's shape, dtype and device");
+        residual = layout.array(*residual_);
+    }
+    f.y = at::empty_like(input);  // input is dense: y gets its strides
+    p.x = input.const_data_ptr(), p.weight = data(weight), p.bias = data(bias);
+    p.residual = data(residual), p.relu = relu, p.eps = eps, p.y = f.y.mutable_data_ptr();
+    if (training) {
+        // buffers bnorm cannot write in place: a converted copy, written back below
+        std::array<Tensor, 2> buffers, written;
+        const std::array<const OptTensor*, 2> given{&running_mean, &running_var};
+        for (size_t i = 0; i < 2; ++i) {
+            const OptTensor& b = *given[i];
+            if (!b || !b->defined() || b->numel() == 0) continue;
+            TORCH_CHECK_VALUE(b->device().is_cpu() && b->numel() == C,
+                              "bnorm.torch: running statistics must be CPU tensors of C elements");
+            buffers[i] = *b;
+            written[i] = b->scalar_type() == pdt && b->is_contiguous()
+                             ? *b : b->to(pdt, /*non_blocking=*/false, /*copy=*/true, at::MemoryFormat::Contiguous);
+        }
+        f.mean = at::empty({C}, input.options().dtype(pdt));
+        f.invstd = at::empty({C}, input.options().dtype(pdt));
+        p.running_mean = mutable_data(written[0]), p.running_var = mutable_data(written[1]);
+        p.momentum = momentum, p.mean = f.mean.mutable_data_ptr(), p.invstd = f.invstd.mutable_data_ptr();
+        run(capi->forward_train, p);
+        for (size_t i = 0; i < 2; ++i) {
+            if (!buffers[i].defined()) continue;
+            if (written[i].is_same(buffers[i])) buffers[i].unsafeGetTensorImpl()->bump_version();
+            else buffers[i].copy_(written[i]);
+        }
+    } else {
+        TORCH_CHECK_VALUE(running_mean && running_var && running_mean->defined() && running_var->defined(),
+                          "bnorm.torch: running_mean and running_var are required when training=False");
+        const Tensor rm = vector(running_mean, pdt, C, "running_mean");
+        const Tensor rv = vector(running_var, pdt, C, "running_var");
+        p.running_mean = const_cast<void*>(rm.const_data_ptr());  // read only by forward_infer
+        p.running_var = const_cast<void*>(rv.const_data_ptr());
+        run(capi->forward_infer, p);
+        f.mean = rm.clone();
+        f.invstd = at::rsqrt(rv + eps);
+    }
+    return f;
+}
+
 }  // namespace
 
 // Named (not anonymous): the profiler and autograd errors show the backward node as
-// torch::autograd::CppNode<bnorm_torch::BatchNormFunction>.
+// bnorm_torch::BatchNormBackward.
 namespace bnorm_torch {
 
-struct BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
-    static Tensor forward(AutogradContext* ctx, const Tensor& input_, const OptTensor& weight_, const OptTensor& bias_,
-                          const OptTensor& running_mean, const OptTensor& running_var, const OptTensor& residual_,
-                          bool training, double momentum, double eps, bool relu) {
-        TORCH_CHECK_VALUE(input_.device().is_cpu(), "bnorm.torch: bnorm_cpp.batch_norm takes CPU tensors");
-        TORCH_CHECK_VALUE(input_.dim() >= 2, "bnorm.torch: input must have at least 2 dimensions (N, C, ...)");
-        const Layout layout(input_);
-        const Tensor input = layout.array(input_);
-        const int64_t C = layout.channels;
-        const at::ScalarType pdt = param_dtype(input.scalar_type());
-        bnorm_capi_params p{};
-        p.dtype = dtype_code(input.scalar_type());
-        p.outer = layout.outer, p.channels = C, p.inner = layout.inner;
-        const Tensor weight = vector(weight_, pdt, C, "weight"), bias = vector(bias_, pdt, C, "bias");
-        Tensor residual;
-        if (residual_ && residual_->defined()) {
-            TORCH_CHECK_VALUE(residual_->sizes() == input.sizes() && residual_->scalar_type() == input.scalar_type() &&
-                                  residual_->device().is_cpu(),
-                              "bnorm.torch: residual must have input's shape, dtype and device");
-            residual = layout.array(*residual_);
-        }
-        const Tensor y = at::empty_like(input);  // input is dense: y gets its strides
-        p.x = input.const_data_ptr(), p.weight = data(weight), p.bias = data(bias);
-        p.residual = data(residual), p.relu = relu, p.eps = eps, p.y = y.mutable_data_ptr();
-        Tensor mean, invstd;
-        if (training) {
-            // buffers bnorm cannot write in place: a converted copy, written back below
-            std::array<Tensor, 2> buffers, written;
-            const std::array<const OptTensor*, 2> given{&running_mean, &running_var};
-            for (size_t i = 0; i < 2; ++i) {
-                const OptTensor& b = *given[i];
-                if (!b || !b->defined() || b->numel() == 0) continue;
-                TORCH_CHECK_VALUE(b->device().is_cpu() && b->numel() == C,
-                                  "bnorm.torch: running statistics must be CPU tensors of C elements");
-                buffers[i] = *b;
-                written[i] = b->scalar_type() == pdt && b->is_contiguous()
-                                 ? *b : b->to(pdt, /*non_blocking=*/false, /*copy=*/true, at::MemoryFormat::Contiguous);
-            }
-            mean = at::empty({C}, input.options().dtype(pdt));
-            invstd = at::empty({C}, input.options().dtype(pdt));
-            p.running_mean = mutable_data(written[0]), p.running_var = mutable_data(written[1]);
-            p.momentum = momentum, p.mean = mean.mutable_data_ptr(), p.invstd = invstd.mutable_data_ptr();
-            run(capi->forward_train, p);
-            for (size_t i = 0; i < 2; ++i) {
-                if (!buffers[i].defined()) continue;
-                if (written[i].is_same(buffers[i])) buffers[i].unsafeGetTensorImpl()->bump_version();
-                else buffers[i].copy_(written[i]);
-            }
-        } else {
-            TORCH_CHECK_VALUE(running_mean && running_var && running_mean->defined() && running_var->defined(),
-                              "bnorm.torch: running_mean and running_var are required when training=False");
-            const Tensor rm = vector(running_mean, pdt, C, "running_mean");
-            const Tensor rv = vector(running_var, pdt, C, "running_var");
-            p.running_mean = const_cast<void*>(rm.const_data_ptr());  // read only by forward_infer
-            p.running_var = const_cast<void*>(rv.const_data_ptr());
-            run(capi->forward_infer, p);
-            mean = rm.clone();
-            invstd = at::rsqrt(rv + eps);
-        }
-        ctx->save_for_backward({input, weight_ ? *weight_ : Tensor(), mean, invstd, relu ? y : Tensor()});
-        ctx->saved_data["batch_stats"] = training;
-        ctx->saved_data["relu"] = relu;
-        ctx->saved_data["residual"] = residual.defined();
-        ctx->saved_data["bias_dtype"] = bias_ && bias_->defined() ? c10::IValue(bias_->scalar_type()) : c10::IValue();
-        return y;
+// The backward node of bnorm_cpp::batch_norm, as PyTorch's generated nodes are (e.g.
+// NativeBatchNormBackward0): a torch::autograd::Function would do the same with generic
+// bookkeeping (inputs and outputs wrapped and recorded, saved values in an IValue map)
+// that costs ~30 us a layer inside a training step, where it runs with cold caches.
+// Gradients for (input, weight, bias, residual).
+struct BatchNormBackward : public torch::autograd::Node {
+    torch::autograd::SavedVariable input, weight, mean, invstd, y;
+    bool batch_stats = false, relu = false, residual = false;
+    std::optional<at::ScalarType> bias_dtype;
+
+    std::string name() const override { return "bnorm_torch::BatchNormBackward"; }
+
+    void release_variables() override {
+        input.reset_data(), weight.reset_data(), mean.reset_data(), invstd.reset_data(), y.reset_data();
     }
 
-    // grads by reference: CppNode passes the gradients it moved out of the engine's buffer,
-    // so a use count of 1 below means nothing else holds grad_y.
-    static variable_list backward(AutogradContext* ctx, variable_list& grads) {
-        variable_list result(10);
+    variable_list apply(variable_list&& grads) override {
+        std::lock_guard<std::mutex> lock(mutex_);  // (as generated nodes: retain_graph backwards may race)
+        variable_list result(4);
         const Tensor& grad_y_ = grads[0];
         if (!grad_y_.defined()) return result;  // y did not reach the loss
-        const variable_list saved = ctx->get_saved_variables();
-        const Tensor &input = saved[0], &weight = saved[1], &mean = saved[2], &invstd = saved[3], &y = saved[4];
-        const bool batch_stats = ctx->saved_data["batch_stats"].toBool();
-        const bool relu = ctx->saved_data["relu"].toBool(), residual = ctx->saved_data["residual"].toBool();
+        const Tensor x = input.unpack(), w_ = weight.unpack(), mean_ = mean.unpack(), invstd_ = invstd.unpack();
+        const Tensor y_ = y.unpack(getptr());
         Tensor grad_input, grad_weight, grad_bias, grad_sum;
         if (at::GradMode::is_enabled()) {  // create_graph=True
-            const variable_list g = backward_op(grad_y_, input, weight, mean, invstd, batch_stats, y, relu, residual);
+            const variable_list g = backward_op(grad_y_, x, w_, mean_, invstd_, batch_stats, y_, relu, residual);
             grad_input = g[0], grad_weight = g[1], grad_bias = g[2], grad_sum = g[3];
         } else {
-            const Layout layout(input);
+            const Layout layout(x);
             const int64_t C = layout.channels;
-            const at::ScalarType pdt = param_dtype(input.scalar_type());
+            const at::ScalarType pdt = param_dtype(x.scalar_type());
             // An output in grad_y's memory (bnorm's backward may write dx, or dsum, over dy)
             // when grad_y is this node's alone (no other reference to it or its storage: not
-            // kept by a hook, retain_grad or the caller) and laid out as input: no fresh
-            // tensor to fault in, and the lines just read are the ones written. dx, unless
-            // grad_y is also the residual's gradient (a residual without relu); dsum with relu.
+            // kept by a hook, retain_grad or the caller; the engine moved it here) and laid
+            // out as input: no fresh tensor to fault in, and the lines just read are the ones
+            // written. dx, unless grad_y is also the residual's gradient (a residual without
+            // relu); dsum with relu.
             const bool exclusive = grad_y_.use_count() == 1 && grad_y_.storage().use_count() == 1 &&
-                                   !grad_y_.is_view() && grad_y_.scalar_type() == input.scalar_type() &&
-                                   grad_y_.sizes() == input.sizes() && grad_y_.strides() == input.strides();
-            const Tensor grad_y = layout.array(grad_y_.scalar_type() == input.scalar_type() ? grad_y_
-                                                                                          : grad_y_.to(input.scalar_type()));
-            const Tensor w = vector(weight.defined() ? OptTensor(weight) : std::nullopt, pdt, C, "weight");
-            grad_input = exclusive && !residual ? grad_y : at::empty_like(input);
-            grad_weight = at::empty({C}, input.options().dtype(pdt));
-            grad_bias = at::empty({C}, input.options().dtype(pdt));
-            if (relu && residual) grad_sum = exclusive ? grad_y : at::empty_like(input);
+                                   !grad_y_.is_view() && grad_y_.scalar_type() == x.scalar_type() &&
+                                   grad_y_.sizes() == x.sizes() && grad_y_.strides() == x.strides();
+            const Tensor grad_y = layout.array(grad_y_.scalar_type() == x.scalar_type() ? grad_y_
+                                                                                    : grad_y_.to(x.scalar_type()));
+            const Tensor w = vector(w_.defined() ? OptTensor(w_) : std::nullopt, pdt, C, "weight");
+            grad_input = exclusive && !residual ? grad_y : at::empty_like(x);
+            grad_weight = at::empty({C}, x.options().dtype(pdt));
+            grad_bias = at::empty({C}, x.options().dtype(pdt));
+            if (relu && residual) grad_sum = exclusive ? grad_y : at::empty_like(x);
             bnorm_capi_params p{};
-            p.dtype = dtype_code(input.scalar_type());
+            p.dtype = dtype_code(x.scalar_type());
             p.outer = layout.outer, p.channels = C, p.inner = layout.inner;
-            p.dy = grad_y.const_data_ptr(), p.x = input.const_data_ptr(), p.mean = const_cast<void*>(data(mean));
-            p.invstd = const_cast<void*>(data(invstd)), p.weight = data(w), p.batch_stats = batch_stats;
-            p.relu = relu, p.y = relu ? const_cast<void*>(data(y)) : nullptr;
+            p.dy = grad_y.const_data_ptr(), p.x = x.const_data_ptr(), p.mean = const_cast<void*>(data(mean_));
+            p.invstd = const_cast<void*>(data(invstd_)), p.weight = data(w), p.batch_stats = batch_stats;
+            p.relu = relu, p.y = relu ? const_cast<void*>(data(y_)) : nullptr;
             p.dx = grad_input.mutable_data_ptr(), p.dweight = grad_weight.mutable_data_ptr();
             p.dbias = grad_bias.mutable_data_ptr(), p.dsum = mutable_data(grad_sum);
             run(capi->backward, p);
         }
         // the parameters' gradients in their dtypes (a no-op .to() is still a dispatched op)
         const auto as = [](const Tensor& t, at::ScalarType dtype) { return t.scalar_type() == dtype ? t : t.to(dtype); };
-        result[0] = grad_input;
-        if (weight.defined()) result[1] = as(grad_weight, weight.scalar_type());
-        const c10::IValue& bias_dtype = ctx->saved_data["bias_dtype"];
-        if (!bias_dtype.isNone()) result[2] = as(grad_bias, bias_dtype.toScalarType());
-        if (residual) result[5] = relu ? grad_sum : grad_y_;
+        if (should_compute_output(0)) result[0] = grad_input;
+        if (w_.defined() && should_compute_output(1)) result[1] = as(grad_weight, w_.scalar_type());
+        if (bias_dtype && should_compute_output(2)) result[2] = as(grad_bias, *bias_dtype);
+        if (residual && should_compute_output(3)) result[3] = relu ? grad_sum : grad_y_;
         return result;
     }
 };
@@ -278,8 +293,28 @@ namespace {
 Tensor batch_norm(const Tensor& input, const OptTensor& weight, const OptTensor& bias, const OptTensor& running_mean,
                   const OptTensor& running_var, const OptTensor& residual, bool training, double momentum, double eps,
                   bool relu) {
-    return bnorm_torch::BatchNormFunction::apply(input, weight, bias, running_mean, running_var, residual, training, momentum,
-                                    eps, relu);
+    using namespace torch::autograd;
+    c10::intrusive_ptr<bnorm_torch::BatchNormBackward> node;
+    if (compute_requires_grad(input, weight, bias, residual)) {
+        node = c10::make_intrusive<bnorm_torch::BatchNormBackward>();
+        node->set_next_edges(collect_next_edges(input, weight, bias, residual));
+    }
+    Forward f;
+    {
+        at::NoGradGuard no_grad;  // the forward's own tensor ops (buffer updates, conversions) record nothing
+        f = forward(input, weight, bias, running_mean, running_var, residual, training, momentum, eps, relu);
+    }
+    if (node) {
+        set_history(f.y, node);
+        node->input = SavedVariable(f.input, false);
+        node->weight = SavedVariable(weight, false);
+        node->mean = SavedVariable(f.mean, false);
+        node->invstd = SavedVariable(f.invstd, false);
+        node->y = SavedVariable(relu ? f.y : Tensor(), relu);
+        node->batch_stats = training, node->relu = relu, node->residual = residual && residual->defined();
+        if (bias && bias->defined()) node->bias_dtype = bias->scalar_type();
+    }
+    return f.y;
 }
 
 }  // namespace
@@ -296,7 +331,7 @@ TORCH_LIBRARY(bnorm_cpp, m) {
           "Tensor(b!)? running_var, Tensor? residual, bool training, float momentum, float eps, bool relu) -> Tensor");
 }
 
-// CompositeImplicitAutograd: the kernel records its own autograd node (BatchNormFunction),
+// CompositeImplicitAutograd: the kernel records its own autograd node (BatchNormBackward),
 // and serves inference_mode too, where the autograd keys are skipped.
 TORCH_LIBRARY_IMPL(bnorm_cpp, CompositeImplicitAutograd, m) {
     m.impl("batch_norm", &batch_norm);
