@@ -18,10 +18,13 @@ if(NOT BNORM_TORCH_OPS STREQUAL "OFF" AND NOT WIN32)
   if(NOT torch_python)
     set(torch_python "${Python_EXECUTABLE}")
   endif()
+  # (PYTHONPATH unset: pip's isolated build points it at the build environment's packages,
+  # which are not the ones torch was installed with)
   execute_process(
-    COMMAND "${torch_python}" -c
+    COMMAND "${CMAKE_COMMAND}" -E env --unset=PYTHONPATH "${torch_python}" -c
             "import os, torch; print(torch.__version__); print(os.path.dirname(torch.__file__)); print(int(torch._C._GLIBCXX_USE_CXX11_ABI))"
-    OUTPUT_VARIABLE torch_probe OUTPUT_STRIP_TRAILING_WHITESPACE RESULT_VARIABLE torch_probe_result ERROR_QUIET)
+    OUTPUT_VARIABLE torch_probe OUTPUT_STRIP_TRAILING_WHITESPACE RESULT_VARIABLE torch_probe_result
+    ERROR_VARIABLE torch_probe_error ERROR_STRIP_TRAILING_WHITESPACE)
   if(torch_probe_result EQUAL 0)
     string(REPLACE "\n" ";" torch_probe "${torch_probe}")
     list(GET torch_probe 0 BNORM_TORCH_VERSION)
@@ -47,8 +50,9 @@ if(NOT BNORM_TORCH_OPS STREQUAL "OFF" AND NOT WIN32)
     install(FILES ${CMAKE_CURRENT_BINARY_DIR}/_torch_ops.version DESTINATION bnorm)
     message(STATUS "bnorm: bnorm.torch's operator library ON (torch ${BNORM_TORCH_VERSION}, ${torch_dir})")
   elseif(BNORM_TORCH_OPS STREQUAL "ON")
-    message(FATAL_ERROR "BNORM_TORCH_OPS=ON but ${torch_python} has no torch with its C++ headers: install "
-                        "torch there or set BNORM_TORCH_OPS_PYTHON to a Python that has it")
+    string(REGEX REPLACE ".*\n" "" torch_probe_error "${torch_probe_error}")  # the exception's line
+    message(FATAL_ERROR "BNORM_TORCH_OPS=ON but ${torch_python} has no torch with its C++ headers "
+                        "(${torch_probe_error}): install torch there or set BNORM_TORCH_OPS_PYTHON to a Python that has it")
   else()
     message(STATUS "bnorm: bnorm.torch's operator library OFF (no torch in ${torch_python}); "
                    "bnorm.torch runs its Python path")
