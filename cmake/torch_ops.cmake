@@ -14,14 +14,19 @@ set(BNORM_TORCH_OPS_PYTHON "" CACHE FILEPATH
     "The Python whose torch the operator library is built against (default: the build Python)")
 
 if(NOT BNORM_TORCH_OPS STREQUAL "OFF" AND NOT WIN32)
+  # AUTO asks the build environment as it is: pip's isolated build (the wheels) points
+  # PYTHONPATH at packages without torch, even where the Python it runs on has torch, so no
+  # wheel gets the library. A Python named in BNORM_TORCH_OPS_PYTHON is asked with
+  # PYTHONPATH unset, i.e. with its own packages.
   set(torch_python "${BNORM_TORCH_OPS_PYTHON}")
-  if(NOT torch_python)
+  set(torch_probe_env "")
+  if(torch_python)
+    set(torch_probe_env --unset=PYTHONPATH)
+  else()
     set(torch_python "${Python_EXECUTABLE}")
   endif()
-  # (PYTHONPATH unset: pip's isolated build points it at the build environment's packages,
-  # which are not the ones torch was installed with)
   execute_process(
-    COMMAND "${CMAKE_COMMAND}" -E env --unset=PYTHONPATH "${torch_python}" -c
+    COMMAND "${CMAKE_COMMAND}" -E env ${torch_probe_env} "${torch_python}" -c
             "import os, torch; print(torch.__version__); print(os.path.dirname(torch.__file__)); print(int(torch._C._GLIBCXX_USE_CXX11_ABI))"
     OUTPUT_VARIABLE torch_probe OUTPUT_STRIP_TRAILING_WHITESPACE RESULT_VARIABLE torch_probe_result
     ERROR_VARIABLE torch_probe_error ERROR_STRIP_TRAILING_WHITESPACE)

@@ -119,6 +119,10 @@ missing = [f for f in sys.argv[2:] if f not in names]
 if missing:
     sys.exit(f"build_wheel.sh: the wheel lacks files of the tree's package python/bnorm: {missing}")
 print(f"the wheel holds all {len(sys.argv) - 2} files of python/bnorm")
+# bnorm.torch's operator library is built against one torch release: never in a wheel
+# (cmake/torch_ops.cmake's AUTO finds no torch in pip's isolated build)
+if any("_torch_ops" in n for n in names):
+    sys.exit("build_wheel.sh: the wheel holds bnorm.torch's operator library (bound to one torch release)")
 PY
 
 echo "== auditwheel repair"
