@@ -120,9 +120,12 @@ if missing:
     sys.exit(f"build_wheel.sh: the wheel lacks files of the tree's package python/bnorm: {missing}")
 print(f"the wheel holds all {len(sys.argv) - 2} files of python/bnorm")
 # bnorm.torch's operator library is built against one torch release: never in a wheel
-# (cmake/torch_ops.cmake's AUTO finds no torch in pip's isolated build)
-if any("_torch_ops" in n for n in names):
+# (cmake/torch_ops.cmake's AUTO finds no torch in pip's isolated build); its source is,
+# for bnorm.torch.build_operator_library()
+if any("_torch_ops" in n and not n.endswith(".cpp") for n in names):
     sys.exit("build_wheel.sh: the wheel holds bnorm.torch's operator library (bound to one torch release)")
+if not {"bnorm/_torch_ops.cpp", "bnorm/core_capi.h"} <= names:
+    sys.exit("build_wheel.sh: the wheel lacks the sources of bnorm.torch.build_operator_library()")
 PY
 
 echo "== auditwheel repair"

@@ -34,6 +34,7 @@ from __future__ import annotations
 import ctypes
 import math
 import os
+import subprocess
 import warnings
 from typing import Optional, Tuple
 
@@ -49,7 +50,7 @@ from torch import Tensor
 
 from . import _core, _functional
 
-__all__ = ["batch_norm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert"]
+__all__ = ["batch_norm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert", "build_operator_library"]
 
 # What bnorm's CPU backend takes, as far as torch can hand it over as a NumPy view: NumPy has
 # no bfloat16, so a CPU bfloat16 path needs the NumPy dtype bnorm adopts for it.
@@ -59,32 +60,105 @@ _CUDA_DTYPES = (torch.float16, torch.float32, torch.float64, torch.bfloat16)
 
 # ---- the C++ operator library ------------------------------------------------------------
 
-def _load_ops():
-    """torch.ops.bnorm_cpp.batch_norm from bnorm's operator library (_torch_ops.cpp), or
-    None: not built (bnorm was built without torch: cmake/torch_ops.cmake), built for
-    another torch (its C++ ABI changes between releases: a warning says so), or turned off
-    with the environment variable BNORM_TORCH_OPS=0. Without it the eager path is the
-    autograd.Function below: the same results, slower inside a model (docs/frameworks.md)."""
-    if os.environ.get("BNORM_TORCH_OPS", "1") == "0":
-        return None
-    here = os.path.dirname(os.path.abspath(__file__))
-    library = os.path.join(here, "_torch_ops.so")
-    if not os.path.exists(library):
-        return None
-    with open(os.path.join(here, "_torch_ops.version")) as f:
-        built_for = f.read().strip()
-    if built_for != torch.__version__:
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _cache_dir() -> str:
+    """Where build_operator_library puts the library for this bnorm and this torch:
+    $BNORM_CACHE_DIR, else $XDG_CACHE_HOME/bnorm, else ~/.cache/bnorm."""
+    root = os.environ.get("BNORM_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "bnorm")
+    return os.path.join(root, f"torch-ops-bnorm-{_core.__version__}-torch-{torch.__version__}")
+
+
+def _find_library() -> Optional[str]:
+    """The operator library to load: the one built with bnorm (next to this module) when it
+    was built for this torch, else one build_operator_library compiled, else None. A library
+    built with bnorm for another torch release (its C++ ABI differs) is left alone, with a
+    warning."""
+    built_with_bnorm = os.path.join(_HERE, "_torch_ops.so")
+    if os.path.exists(built_with_bnorm):
+        with open(os.path.join(_HERE, "_torch_ops.version")) as f:
+            built_for = f.read().strip()
+        if built_for == torch.__version__:
+            return built_with_bnorm
+        compiled = os.path.join(_cache_dir(), "_torch_ops.so")
+        if os.path.exists(compiled):
+            return compiled
         warnings.warn(f"bnorm.torch: bnorm's operator library was built for torch {built_for}, this is torch "
-                      f"{torch.__version__}: running the slower Python path; reinstall bnorm to rebuild it",
-                      RuntimeWarning, stacklevel=3)
+                      f"{torch.__version__}: running the slower Python path; reinstall bnorm, or call "
+                      "bnorm.torch.build_operator_library()", RuntimeWarning, stacklevel=4)
         return None
+    compiled = os.path.join(_cache_dir(), "_torch_ops.so")
+    return compiled if os.path.exists(compiled) else None
+
+
+def _load_library(library: str):
+    """Loads the operator library, hands it _core's C interface, returns its operator."""
     torch.ops.load_library(library)
     get_pointer = ctypes.pythonapi.PyCapsule_GetPointer
     get_pointer.restype, get_pointer.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
     table = get_pointer(_core._capi, b"bnorm._core.capi")
     if ctypes.CDLL(library).bnorm_torch_ops_init(ctypes.c_void_p(table)) != 0:
-        raise ImportError(f"bnorm.torch: {library} does not match this bnorm's core; reinstall bnorm")
+        raise ImportError(f"bnorm.torch: {library} does not match this bnorm's core; rebuild it")
     return torch.ops.bnorm_cpp.batch_norm
+
+
+def _load_ops():
+    """torch.ops.bnorm_cpp.batch_norm from bnorm's operator library (_torch_ops.cpp), or
+    None: not built (a wheel, or bnorm built without torch: cmake/torch_ops.cmake; see
+    build_operator_library), built for another torch, or turned off with the environment
+    variable BNORM_TORCH_OPS=0. Without it the eager path is the autograd.Function below:
+    the same results, slower inside a model (docs/frameworks.md)."""
+    if os.environ.get("BNORM_TORCH_OPS", "1") == "0":
+        return None
+    library = _find_library()
+    return None if library is None else _load_library(library)
+
+
+def build_operator_library(verbose: bool = False) -> str:
+    """Compiles bnorm's PyTorch operator library (the C++ eager path of batch_norm and the
+    modules: docs/frameworks.md) for the running torch, loads it, and returns its path.
+
+    For installs from a wheel, which cannot carry it (it is bound to one torch release);
+    bnorm built from source next to torch has it already, and then this returns at once.
+    Needs a C++17 compiler ($CXX, else c++); about 15 s. The library goes to bnorm's cache
+    ($BNORM_CACHE_DIR, else ~/.cache/bnorm), one per bnorm and torch version, where later
+    imports of bnorm.torch find it. Linux and macOS.
+    """
+    global _OPS, _OPS_LIBRARY
+    if _OPS is not None:
+        return _OPS_LIBRARY
+    if os.name == "nt":
+        raise RuntimeError("bnorm.torch.build_operator_library: not supported on Windows")
+    source = os.path.join(_HERE, "_torch_ops.cpp")
+    if not os.path.exists(source):
+        raise RuntimeError(f"bnorm.torch.build_operator_library: {source} is missing from this install")
+    out_dir = _cache_dir()
+    os.makedirs(out_dir, exist_ok=True)
+    library = os.path.join(out_dir, "_torch_ops.so")
+    if not os.path.exists(library):
+        torch_dir = os.path.dirname(os.path.abspath(torch.__file__))
+        partial = f"{library}.{os.getpid()}.tmp"  # renamed when complete: concurrent builds are safe
+        command = [os.environ.get("CXX", "c++"), "-std=c++17", "-O2", "-fPIC", "-shared", "-fvisibility=hidden",
+                   f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+                   "-isystem", os.path.join(torch_dir, "include"),
+                   "-isystem", os.path.join(torch_dir, "include", "torch", "csrc", "api", "include"),
+                   "-I", _HERE, source, "-o", partial, "-L" + os.path.join(torch_dir, "lib"), "-lc10", "-ltorch_cpu",
+                   "-Wl,-rpath," + os.path.join(torch_dir, "lib")]
+        if verbose:
+            print(" ".join(command))
+        try:
+            done = subprocess.run(command, capture_output=not verbose, text=True)
+        except OSError as e:
+            raise RuntimeError(f"bnorm.torch.build_operator_library: cannot run the compiler {command[0]}: {e}") from e
+        if done.returncode != 0:
+            raise RuntimeError(f"bnorm.torch.build_operator_library: the compiler failed ({' '.join(command)}):\n"
+                               f"{(done.stderr or '')[-3000:]}")
+        os.replace(partial, library)
+    _OPS = _load_library(library)
+    _OPS_LIBRARY = library
+    return library
 
 
 # ---- layout: how a tensor is handed to bnorm ---------------------------------------------
@@ -304,6 +378,7 @@ _batch_norm_backward_op.register_autograd(_refuse_double_backward, setup_context
 
 # After the operators above: the C++ backward calls bnorm::batch_norm_backward for create_graph.
 _OPS = _load_ops()
+_OPS_LIBRARY = None if _OPS is None else _find_library()
 
 
 # ---- the eager path: plain tensors, no tracing --------------------------------------------
