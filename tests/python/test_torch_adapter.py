@@ -439,3 +439,18 @@ torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-5)
     assert done.returncode == 0, done.stderr[-3000:]
     found = done.stdout.strip()
     assert found == with_bnorm or found.startswith(str(tmp_path)), found
+
+
+def test_bad_sizes_raise_and_modify_nothing():
+    """Per-channel tensors of the wrong size, and batch statistics of one value per channel:
+    ValueError on both eager paths, with the running buffers untouched."""
+    x = _input((4, 3, 5), None)
+    w, b, rm, rv = _params(3, torch.float32)
+    rm0, rv0 = rm.clone(), rv.clone()
+    for args in ((x, rm, rv, torch.ones(4), b), (x, rm, rv, w, torch.zeros(2)),
+                 (x, torch.zeros(4), rv, w, b), (x[:1, :, :1], rm, rv, w, b)):
+        with pytest.raises(ValueError):
+            bt.batch_norm(*args, training=True)
+        assert torch.equal(rm, rm0) and torch.equal(rv, rv0)
+    with pytest.raises(ValueError):
+        bt.batch_norm(x, rm, torch.ones(5), w, b, training=False)
