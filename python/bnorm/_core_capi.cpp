@@ -80,7 +80,8 @@ int backward(const bnorm_capi_params* p, char* message, size_t size) {
     });
 }
 
-const bnorm_core_capi kTable{BNORM_CORE_CAPI_VERSION, &forward_train, &forward_infer, &backward};
+const bnorm_core_capi kTable{BNORM_CORE_CAPI_VERSION, sizeof(bnorm_capi_params), &forward_train, &forward_infer,
+                             &backward};
 
 }  // namespace
 

@@ -26,9 +26,12 @@
 #include <torch/library.h>
 
 #include <array>
-#include <numeric>
+#include <atomic>
+#include <cstdint>
+#include <mutex>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "core_capi.h"
 
@@ -39,18 +42,30 @@ using torch::autograd::variable_list;
 using OptTensor = std::optional<Tensor>;
 
 const bnorm_core_capi* capi = nullptr;
+std::atomic<uint64_t> reused_gradients{0};  // backward outputs written over grad_y (tests read it)
 
-// Whether t's memory is dense in the order of `dims`, innermost first (size-1 dimensions
-// may have any stride, as in torch's own is_contiguous).
-template <size_t N>
-bool dense_in_order(const Tensor& t, const std::array<int64_t, N>& dims, int64_t count) {
+// Whether t (at least 3-D) is dense with its channel dimension innermost: channels 1,
+// then the spatial dimensions from the last, then the batch 0 (size-1 dimensions may have
+// any stride, as in torch's own is_contiguous).
+bool channels_innermost(const Tensor& t) {
     int64_t expected = 1;
-    for (int64_t i = 0; i < count; ++i) {
-        const int64_t d = dims[size_t(i)], size = t.size(d);
+    const auto dense = [&](int64_t d) {
+        const int64_t size = t.size(d);
         if (size != 1 && t.stride(d) != expected) return false;
         expected *= size;
-    }
-    return true;
+        return true;
+    };
+    if (!dense(1)) return false;
+    for (int64_t d = t.dim() - 1; d >= 2; --d)
+        if (!dense(d)) return false;
+    return dense(0);
+}
+
+// t as the kernels may read its memory: strided, with no lazy negation or conjugation
+// bit and not a ZeroTensor (no memory), else materialized.
+Tensor plain(const Tensor& t) {
+    if (t._is_zerotensor()) return at::zeros(t.sizes(), t.options());
+    return t.is_neg() || t.is_conj() ? t.resolve_conj().resolve_neg() : t;
 }
 
 // How bnorm reads an (N, C, ...) tensor: NC... as (N, C, spatial), channels-last
@@ -64,13 +79,7 @@ struct Layout {
         const int64_t dim = input.dim();
         channels = input.size(1);
         const int64_t spatial = input.numel() == 0 ? 0 : input.numel() / (input.size(0) * channels);
-        if (dim >= 3 && dim <= 8 && !input.is_contiguous()) {
-            std::array<int64_t, 8> order{};  // innermost first: C, then the spatial dims, then N
-            order[0] = 1;
-            for (int64_t d = dim - 1, i = 1; d >= 2; --d, ++i) order[size_t(i)] = d;
-            order[size_t(dim - 1)] = 0;
-            channels_last = dense_in_order(input, order, dim);
-        }
+        if (dim >= 3 && !input.is_contiguous()) channels_last = channels_innermost(input);
         if (channels_last) {
             outer = input.size(0) * spatial;
             inner = 1;
@@ -81,7 +90,8 @@ struct Layout {
     }
 
     // t (input-shaped) in this layout: itself when it already is, else a copy.
-    Tensor array(const Tensor& t) const {
+    Tensor array(const Tensor& t_) const {
+        const Tensor t = plain(t_);
         if (channels_last) {
             const Tensor moved = t.movedim(1, -1);
             return moved.is_contiguous() ? t : moved.contiguous().movedim(-1, 1);
@@ -123,7 +133,7 @@ Tensor vector(const OptTensor& v, at::ScalarType dtype, int64_t channels, const 
     TORCH_CHECK_VALUE(v->device().is_cpu(), "bnorm.torch: ", name, " must be on the CPU like input, got ", v->device());
     TORCH_CHECK_VALUE(v->numel() == channels, "bnorm.torch: ", name, " has ", v->numel(),
                       " elements, expected the number of channels ", channels);
-    const Tensor t = v->scalar_type() == dtype ? *v : v->to(dtype);
+    const Tensor t = plain(v->scalar_type() == dtype ? *v : v->to(dtype));
     return t.is_contiguous() ? t : t.contiguous();
 }
 
@@ -145,9 +155,8 @@ variable_list backward_op(const Tensor& grad_y, const Tensor& input, const Tenso
     return out;  // grad_input, grad_weight, grad_bias, grad_sum (empty without relu and residual)
 }
 
-// The forward's results: y, and what its backward needs.
+// The forward's results: y, and what its backward needs besides input.
 struct Forward {
-    Tensor input;          // as the kernels read it (a copy when input was neither layout)
     Tensor y, mean, invstd;  // mean, invstd: batch statistics, or eval's constants
 };
 
@@ -158,8 +167,7 @@ Forward forward(const Tensor& input_, const OptTensor& weight_, const OptTensor&
     TORCH_CHECK_VALUE(input_.dim() >= 2, "bnorm.torch: input must have at least 2 dimensions (N, C, ...)");
     const Layout layout(input_);
     Forward f;
-    f.input = layout.array(input_);
-    const Tensor& input = f.input;
+    const Tensor input = layout.array(input_);
     const int64_t C = layout.channels;
     const at::ScalarType pdt = param_dtype(input.scalar_type());
     bnorm_capi_params p{};
@@ -196,8 +204,8 @@ Forward forward(const Tensor& input_, const OptTensor& weight_, const OptTensor&
         run(capi->forward_train, p);
         for (size_t i = 0; i < 2; ++i) {
             if (!buffers[i].defined()) continue;
-            if (written[i].is_same(buffers[i])) buffers[i].unsafeGetTensorImpl()->bump_version();
-            else buffers[i].copy_(written[i]);
+            if (!written[i].is_same(buffers[i])) buffers[i].copy_(written[i]);
+            else if (!buffers[i].is_inference()) buffers[i].unsafeGetTensorImpl()->bump_version();
         }
     } else {
         TORCH_CHECK_VALUE(running_mean && running_var && running_mean->defined() && running_var->defined(),
@@ -232,6 +240,7 @@ struct BatchNormBackward : public torch::autograd::Node {
     std::string name() const override { return "bnorm_torch::BatchNormBackward"; }
 
     void release_variables() override {
+        std::lock_guard<std::mutex> lock(mutex_);
         input.reset_data(), weight.reset_data(), mean.reset_data(), invstd.reset_data(), y.reset_data();
     }
 
@@ -240,25 +249,34 @@ struct BatchNormBackward : public torch::autograd::Node {
         variable_list result(4);
         const Tensor& grad_y_ = grads[0];
         if (!grad_y_.defined()) return result;  // y did not reach the loss
-        const Tensor x = input.unpack(), w_ = weight.unpack(), mean_ = mean.unpack(), invstd_ = invstd.unpack();
+        // (saved tensors come back through any saved_tensors_hooks: their layouts and dtypes
+        // are checked and normalized below as the forward's were)
+        const Tensor x_ = input.unpack(), w_ = weight.unpack(), mean_ = mean.unpack(), invstd_ = invstd.unpack();
         const Tensor y_ = y.unpack(getptr());
         Tensor grad_input, grad_weight, grad_bias, grad_sum;
         if (at::GradMode::is_enabled()) {  // create_graph=True
-            const variable_list g = backward_op(grad_y_, x, w_, mean_, invstd_, batch_stats, y_, relu, residual);
+            const variable_list g = backward_op(grad_y_, x_, w_, mean_, invstd_, batch_stats, y_, relu, residual);
             grad_input = g[0], grad_weight = g[1], grad_bias = g[2], grad_sum = g[3];
         } else {
-            const Layout layout(x);
+            const Layout layout(x_);
+            const Tensor x = layout.array(x_);
             const int64_t C = layout.channels;
             const at::ScalarType pdt = param_dtype(x.scalar_type());
+            TORCH_CHECK_TYPE(!relu || y_.scalar_type() == x.scalar_type(), "bnorm.torch: the saved output's dtype changed");
+            const Tensor y = relu ? layout.array(y_) : Tensor();
+            TORCH_CHECK_VALUE(!y.defined() || y.sizes() == x.sizes(), "bnorm.torch: the saved output's shape changed");
+            const Tensor mean_v = vector(mean_, pdt, C, "saved mean"), invstd_v = vector(invstd_, pdt, C, "saved invstd");
             // An output in grad_y's memory (bnorm's backward may write dx, or dsum, over dy)
             // when grad_y is this node's alone (no other reference to it or its storage: not
             // kept by a hook, retain_grad or the caller; the engine moved it here) and laid
             // out as input: no fresh tensor to fault in, and the lines just read are the ones
             // written. dx, unless grad_y is also the residual's gradient (a residual without
             // relu); dsum with relu.
-            const bool exclusive = grad_y_.use_count() == 1 && grad_y_.storage().use_count() == 1 &&
-                                   !grad_y_.is_view() && grad_y_.scalar_type() == x.scalar_type() &&
-                                   grad_y_.sizes() == x.sizes() && grad_y_.strides() == x.strides();
+            const bool exclusive = grad_y_.use_count() == 1 && grad_y_.layout() == at::kStrided &&
+                                   grad_y_.storage().use_count() == 1 && !grad_y_.is_view() &&
+                                   !grad_y_._is_zerotensor() && !grad_y_.is_neg() && !grad_y_.is_conj() &&
+                                   grad_y_.scalar_type() == x.scalar_type() && grad_y_.sizes() == x.sizes() &&
+                                   grad_y_.strides() == x.strides();
             const Tensor grad_y = layout.array(grad_y_.scalar_type() == x.scalar_type() ? grad_y_
                                                                                     : grad_y_.to(x.scalar_type()));
             const Tensor w = vector(w_.defined() ? OptTensor(w_) : std::nullopt, pdt, C, "weight");
@@ -266,22 +284,23 @@ struct BatchNormBackward : public torch::autograd::Node {
             grad_weight = at::empty({C}, x.options().dtype(pdt));
             grad_bias = at::empty({C}, x.options().dtype(pdt));
             if (relu && residual) grad_sum = exclusive ? grad_y : at::empty_like(x);
+            if (exclusive) reused_gradients.fetch_add(1, std::memory_order_relaxed);
             bnorm_capi_params p{};
             p.dtype = dtype_code(x.scalar_type());
             p.outer = layout.outer, p.channels = C, p.inner = layout.inner;
-            p.dy = grad_y.const_data_ptr(), p.x = x.const_data_ptr(), p.mean = const_cast<void*>(data(mean_));
-            p.invstd = const_cast<void*>(data(invstd_)), p.weight = data(w), p.batch_stats = batch_stats;
-            p.relu = relu, p.y = relu ? const_cast<void*>(data(y_)) : nullptr;
+            p.dy = grad_y.const_data_ptr(), p.x = x.const_data_ptr(), p.mean = const_cast<void*>(data(mean_v));
+            p.invstd = const_cast<void*>(data(invstd_v)), p.weight = data(w), p.batch_stats = batch_stats;
+            p.relu = relu, p.y = relu ? const_cast<void*>(data(y)) : nullptr;
             p.dx = grad_input.mutable_data_ptr(), p.dweight = grad_weight.mutable_data_ptr();
             p.dbias = grad_bias.mutable_data_ptr(), p.dsum = mutable_data(grad_sum);
             run(capi->backward, p);
         }
         // the parameters' gradients in their dtypes (a no-op .to() is still a dispatched op)
         const auto as = [](const Tensor& t, at::ScalarType dtype) { return t.scalar_type() == dtype ? t : t.to(dtype); };
-        if (should_compute_output(0)) result[0] = grad_input;
-        if (w_.defined() && should_compute_output(1)) result[1] = as(grad_weight, w_.scalar_type());
-        if (bias_dtype && should_compute_output(2)) result[2] = as(grad_bias, *bias_dtype);
-        if (residual && should_compute_output(3)) result[3] = relu ? grad_sum : grad_y_;
+        if (task_should_compute_output(0)) result[0] = grad_input;
+        if (w_.defined() && task_should_compute_output(1)) result[1] = as(grad_weight, w_.scalar_type());
+        if (bias_dtype && task_should_compute_output(2)) result[2] = as(grad_bias, *bias_dtype);
+        if (residual && task_should_compute_output(3)) result[3] = relu ? grad_sum : grad_y_;
         return result;
     }
 };
@@ -294,6 +313,11 @@ Tensor batch_norm(const Tensor& input, const OptTensor& weight, const OptTensor&
                   const OptTensor& running_var, const OptTensor& residual, bool training, double momentum, double eps,
                   bool relu) {
     using namespace torch::autograd;
+    // forward-mode AD (dual tensors): the kernels would drop the tangents silently
+    TORCH_CHECK_NOT_IMPLEMENTED(!(isFwGradDefined(input) || isFwGradDefined(weight) || isFwGradDefined(bias) ||
+                                  isFwGradDefined(residual)),
+                                "bnorm.torch.batch_norm does not support forward-mode AD: use "
+                                "torch.nn.functional.batch_norm there");
     c10::intrusive_ptr<bnorm_torch::BatchNormBackward> node;
     if (compute_requires_grad(input, weight, bias, residual)) {
         node = c10::make_intrusive<bnorm_torch::BatchNormBackward>();
@@ -306,7 +330,7 @@ Tensor batch_norm(const Tensor& input, const OptTensor& weight, const OptTensor&
     }
     if (node) {
         set_history(f.y, node);
-        node->input = SavedVariable(f.input, false);
+        node->input = SavedVariable(input, false);  // the original: create_graph differentiates through it
         node->weight = SavedVariable(weight, false);
         node->mean = SavedVariable(f.mean, false);
         node->invstd = SavedVariable(f.invstd, false);
@@ -319,9 +343,15 @@ Tensor batch_norm(const Tensor& input, const OptTensor& weight, const OptTensor&
 
 }  // namespace
 
+// How many backward calls wrote an output over their incoming gradient (for the tests).
+extern "C" __attribute__((visibility("default"))) uint64_t bnorm_torch_ops_reused_gradients() {
+    return reused_gradients.load(std::memory_order_relaxed);
+}
+
 // Called once by bnorm.torch (ctypes) with _core's table; 0 when accepted.
 extern "C" __attribute__((visibility("default"))) int bnorm_torch_ops_init(const bnorm_core_capi* table) {
-    if (table == nullptr || table->version != BNORM_CORE_CAPI_VERSION) return 1;
+    if (table == nullptr || table->version != BNORM_CORE_CAPI_VERSION || table->params_size != sizeof(bnorm_capi_params))
+        return 1;
     capi = table;
     return 0;
 }

@@ -45,7 +45,8 @@ typedef struct bnorm_capi_params {
 typedef int (*bnorm_capi_fn)(const bnorm_capi_params* params, char* message, size_t message_size);
 
 typedef struct bnorm_core_capi {
-    int version; /* BNORM_CORE_CAPI_VERSION */
+    int version;        /* BNORM_CORE_CAPI_VERSION */
+    size_t params_size; /* sizeof(bnorm_capi_params) in _core: a second guard against a stale library */
     bnorm_capi_fn forward_train;
     bnorm_capi_fn forward_infer;
     bnorm_capi_fn backward;

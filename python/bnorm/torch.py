@@ -15,7 +15,7 @@ tensors in eager mode it skips the operator's Python dispatch (which costs more 
 bnorm's kernel on a ResNet's tensors) and updates the running buffers in place: on CPU
 through bnorm's C++ operator ``torch.ops.bnorm_cpp.batch_norm`` (one dispatcher call, its
 autograd node in C++) where bnorm was built with it against this torch (see _load_ops),
-else through an autograd.Function of the same computation, bitwise the same results.
+else through an autograd.Function of the same computation, with the same results.
 Double backward (a gradient of the gradient) is refused with a RuntimeError.
 
 Tensors reach bnorm without copies: CPU tensors as NumPy views of their memory, CUDA tensors
@@ -32,9 +32,12 @@ Importing this module needs PyTorch; ``import bnorm`` never imports it.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import math
 import os
+import platform
 import subprocess
+import tempfile
 import warnings
 from typing import Optional, Tuple
 
@@ -64,11 +67,20 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _cache_dir() -> str:
-    """Where build_operator_library puts the library for this bnorm and this torch:
-    $BNORM_CACHE_DIR, else $XDG_CACHE_HOME/bnorm, else ~/.cache/bnorm."""
+    """Where build_operator_library puts the library: $BNORM_CACHE_DIR, else
+    $XDG_CACHE_HOME/bnorm, else ~/.cache/bnorm; one folder per torch version, machine and
+    source (a digest of _torch_ops.cpp and core_capi.h: a library compiled from other
+    sources is never loaded with this _core)."""
     root = os.environ.get("BNORM_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "bnorm")
-    return os.path.join(root, f"torch-ops-bnorm-{_core.__version__}-torch-{torch.__version__}")
+    digest = hashlib.sha256()
+    for name in ("_torch_ops.cpp", "core_capi.h"):
+        try:
+            with open(os.path.join(_HERE, name), "rb") as f:
+                digest.update(f.read())
+        except OSError:  # an install without the sources: nothing there can match
+            digest.update(b"missing " + name.encode())
+    return os.path.join(root, f"torch-ops-{torch.__version__}-{platform.machine()}-{digest.hexdigest()[:16]}")
 
 
 def _find_library() -> Optional[str]:
@@ -93,27 +105,38 @@ def _find_library() -> Optional[str]:
     return compiled if os.path.exists(compiled) else None
 
 
+_LOADED_LIBRARY: Optional[str] = None  # a process registers the operator library once
+
+
 def _load_library(library: str):
     """Loads the operator library, hands it _core's C interface, returns its operator."""
+    global _LOADED_LIBRARY
     torch.ops.load_library(library)
-    get_pointer = ctypes.pythonapi.PyCapsule_GetPointer
-    get_pointer.restype, get_pointer.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
+    _LOADED_LIBRARY = library
+    get_pointer = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.py_object, ctypes.c_char_p)(
+        ("PyCapsule_GetPointer", ctypes.pythonapi))
     table = get_pointer(_core._capi, b"bnorm._core.capi")
     if ctypes.CDLL(library).bnorm_torch_ops_init(ctypes.c_void_p(table)) != 0:
-        raise ImportError(f"bnorm.torch: {library} does not match this bnorm's core; rebuild it")
-    return torch.ops.bnorm_cpp.batch_norm
+        raise RuntimeError(f"{library} does not match this bnorm's core")
+    return torch.ops.bnorm_cpp.batch_norm.default
 
 
 def _load_ops():
     """torch.ops.bnorm_cpp.batch_norm from bnorm's operator library (_torch_ops.cpp), or
     None: not built (a wheel, or bnorm built without torch: cmake/torch_ops.cmake; see
-    build_operator_library), built for another torch, or turned off with the environment
-    variable BNORM_TORCH_OPS=0. Without it the eager path is the autograd.Function below:
-    the same results, slower inside a model (docs/frameworks.md)."""
+    build_operator_library), built for another torch, failing to load (a warning says
+    why), or turned off with the environment variable BNORM_TORCH_OPS=0. Without it the
+    eager path is the autograd.Function below: the same results, slower inside a model
+    (docs/frameworks.md)."""
     if os.environ.get("BNORM_TORCH_OPS", "1") == "0":
         return None
-    library = _find_library()
-    return None if library is None else _load_library(library)
+    try:
+        library = _find_library()
+        return None if library is None else _load_library(library)
+    except (OSError, RuntimeError, ImportError) as e:
+        warnings.warn(f"bnorm.torch: bnorm's operator library could not be loaded ({e}): running the slower "
+                      "Python path", RuntimeWarning, stacklevel=3)
+        return None
 
 
 def build_operator_library(verbose: bool = False) -> str:
@@ -121,14 +144,15 @@ def build_operator_library(verbose: bool = False) -> str:
     modules: docs/frameworks.md) for the running torch, loads it, and returns its path.
 
     For installs from a wheel, which cannot carry it (it is bound to one torch release);
-    bnorm built from source next to torch has it already, and then this returns at once.
+    bnorm built from source next to torch has it already: when a library is loaded, this
+    returns its path at once.
     Needs a C++17 compiler ($CXX, else c++); about 15 s. The library goes to bnorm's cache
     ($BNORM_CACHE_DIR, else ~/.cache/bnorm), one per bnorm and torch version, where later
     imports of bnorm.torch find it. Linux and macOS.
     """
-    global _OPS, _OPS_LIBRARY
-    if _OPS is not None:
-        return _OPS_LIBRARY
+    global _OPS
+    if _LOADED_LIBRARY is not None:
+        return _LOADED_LIBRARY
     if os.name == "nt":
         raise RuntimeError("bnorm.torch.build_operator_library: not supported on Windows")
     source = os.path.join(_HERE, "_torch_ops.cpp")
@@ -139,7 +163,8 @@ def build_operator_library(verbose: bool = False) -> str:
     library = os.path.join(out_dir, "_torch_ops.so")
     if not os.path.exists(library):
         torch_dir = os.path.dirname(os.path.abspath(torch.__file__))
-        partial = f"{library}.{os.getpid()}.tmp"  # renamed when complete: concurrent builds are safe
+        handle, partial = tempfile.mkstemp(dir=out_dir, suffix=".so.tmp")  # renamed when complete
+        os.close(handle)
         command = [os.environ.get("CXX", "c++"), "-std=c++17", "-O2", "-fPIC", "-shared", "-fvisibility=hidden",
                    f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
                    "-isystem", os.path.join(torch_dir, "include"),
@@ -149,15 +174,18 @@ def build_operator_library(verbose: bool = False) -> str:
         if verbose:
             print(" ".join(command))
         try:
-            done = subprocess.run(command, capture_output=not verbose, text=True)
-        except OSError as e:
-            raise RuntimeError(f"bnorm.torch.build_operator_library: cannot run the compiler {command[0]}: {e}") from e
-        if done.returncode != 0:
-            raise RuntimeError(f"bnorm.torch.build_operator_library: the compiler failed ({' '.join(command)}):\n"
-                               f"{(done.stderr or '')[-3000:]}")
-        os.replace(partial, library)
+            try:
+                done = subprocess.run(command, capture_output=not verbose, text=True)
+            except OSError as e:
+                raise RuntimeError(f"bnorm.torch.build_operator_library: cannot run the compiler {command[0]}: {e}") from e
+            if done.returncode != 0:
+                raise RuntimeError(f"bnorm.torch.build_operator_library: the compiler failed ({' '.join(command)}):\n"
+                                   f"{(done.stderr or '')[-3000:]}")
+            os.replace(partial, library)
+        finally:
+            if os.path.exists(partial):
+                os.remove(partial)
     _OPS = _load_library(library)
-    _OPS_LIBRARY = library
     return library
 
 
@@ -378,7 +406,6 @@ _batch_norm_backward_op.register_autograd(_refuse_double_backward, setup_context
 
 # After the operators above: the C++ backward calls bnorm::batch_norm_backward for create_graph.
 _OPS = _load_ops()
-_OPS_LIBRARY = None if _OPS is None else _find_library()
 
 
 # ---- the eager path: plain tensors, no tracing --------------------------------------------

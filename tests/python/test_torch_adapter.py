@@ -348,6 +348,8 @@ def test_operator_library_of_another_torch_is_not_loaded(torch_eager_path, monke
     warning; BNORM_TORCH_OPS=0 turns it off."""
     if torch_eager_path == "python":
         pytest.skip("needs the operator library")
+    if not os.path.exists(os.path.join(os.path.dirname(bt.__file__), "_torch_ops.so")):
+        pytest.skip("the operator library was not built with bnorm (build_operator_library's cache)")
     monkeypatch.setattr(torch, "__version__", "0.0.0")
     with pytest.warns(RuntimeWarning, match="built for torch .* this is torch 0.0.0"):
         assert bt._load_ops() is None
@@ -401,46 +403,6 @@ def test_gradient_memory_reused_only_when_unshared(torch_eager_path, monkeypatch
     assert torch.equal(dy, dy0)
 
 
-def test_build_operator_library(torch_eager_path, tmp_path):
-    """build_operator_library() (for wheel installs) compiles the library into bnorm's
-    cache, and a later import finds it there. In a subprocess: a process registers the
-    operator library once. Skipped without a C++ compiler or the source."""
-    import shutil
-    import subprocess
-    import sys
-
-    if torch_eager_path == "python":
-        pytest.skip("one build is enough")
-    if shutil.which(os.environ.get("CXX", "c++")) is None:
-        pytest.skip("no C++ compiler ($CXX or c++)")
-    if not os.path.exists(os.path.join(os.path.dirname(bt.__file__), "_torch_ops.cpp")):
-        pytest.skip("this install has no _torch_ops.cpp")
-    build = """
-import os, torch, bnorm.torch as bt
-assert bt._OPS is None  # BNORM_TORCH_OPS=0
-path = bt.build_operator_library()
-assert path.startswith(os.environ["BNORM_CACHE_DIR"]) and bt._OPS is not None
-assert bt.build_operator_library() == path  # once per process
-x = torch.randn(8, 3, 5, 5, requires_grad=True)
-y = bt.batch_norm(x, None, None, training=True)
-y.backward(torch.ones_like(y))
-expected = torch.nn.functional.batch_norm(x.detach(), None, None, training=True)
-torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-5)
-"""
-    env = {**os.environ, "BNORM_CACHE_DIR": str(tmp_path), "BNORM_TORCH_OPS": "0"}
-    done = subprocess.run([sys.executable, "-c", build], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    # a later import: the cache's library is found (the one built with bnorm, when it
-    # matches this torch, comes first)
-    env.pop("BNORM_TORCH_OPS")
-    find = "import bnorm.torch as bt; print(bt._find_library())"
-    with_bnorm = os.path.join(os.path.dirname(bt.__file__), "_torch_ops.so")
-    done = subprocess.run([sys.executable, "-c", find], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    found = done.stdout.strip()
-    assert found == with_bnorm or found.startswith(str(tmp_path)), found
-
-
 def test_bad_sizes_raise_and_modify_nothing():
     """Per-channel tensors of the wrong size, and batch statistics of one value per channel:
     ValueError on both eager paths, with the running buffers untouched."""
@@ -454,3 +416,62 @@ def test_bad_sizes_raise_and_modify_nothing():
         assert torch.equal(rm, rm0) and torch.equal(rv, rv0)
     with pytest.raises(ValueError):
         bt.batch_norm(x, rm, torch.ones(5), w, b, training=False)
+
+
+def test_forward_mode_ad_refused():
+    """Dual tensors (forward-mode AD): an error, never outputs without their tangents."""
+    import torch.autograd.forward_ad as fwAD
+
+    x = _input((4, 3, 5), None)
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x, torch.ones_like(x))
+        with pytest.raises(RuntimeError):
+            bt.batch_norm(dual, None, None, training=True)
+
+
+def test_saved_tensors_hooks_changing_layout():
+    """The backward reads its saved tensors as they come back from saved_tensors_hooks
+    (here re-laid out channels-last, and the weight as float64): same gradients."""
+    x = _input((4, 3, 5, 6), None)
+    w, b, _, _ = _params(3, torch.float32)
+    dy = _input((4, 3, 5, 6), None, seed=5)
+
+    def grads(hooked):
+        xs, ws = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+
+        def pack(t):
+            if t.dim() == 4:
+                return t.detach().contiguous(memory_format=torch.channels_last)
+            return t.detach().double() if t.shape == ws.shape and t.dtype == torch.float32 and hooked == 2 else t
+        if hooked:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                y = bt.batch_norm(xs, None, None, ws, b, training=True, activation="relu")
+        else:
+            y = bt.batch_norm(xs, None, None, ws, b, training=True, activation="relu")
+        y.backward(dy)
+        return xs.grad, ws.grad
+
+    expected = grads(0)
+    for hooked in (1, 2):
+        for a, e in zip(grads(hooked), expected):
+            torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_reuse_happens(torch_eager_path):
+    """On the C++ path the backward of a layer whose incoming gradient nobody else holds
+    (here ReLU's) writes grad_input in that gradient's memory: the optimization is
+    counted, not assumed; a gradient the caller holds is not reused."""
+    if torch_eager_path == "python":
+        pytest.skip("a C++ path optimization")
+    import ctypes
+
+    counter = ctypes.CDLL(bt._LOADED_LIBRARY).bnorm_torch_ops_reused_gradients
+    counter.restype = ctypes.c_uint64
+    xs = _input((4, 3, 5, 6), None).requires_grad_()
+    before = counter()
+    torch.relu(bt.batch_norm(xs, None, None, training=True)).sum().backward()
+    assert counter() == before + 1
+    y = bt.batch_norm(xs, None, None, training=True)
+    dy = torch.ones_like(y)
+    y.backward(dy)
+    assert counter() == before + 1 and torch.equal(dy, torch.ones_like(y))
