@@ -34,7 +34,8 @@ TORCH_PYTHON=$("$PYTHON" -c "import sys; print(sys.executable)")
   -Ccmake.define.BNORM_TORCH_OPS=ON "-Ccmake.define.BNORM_TORCH_OPS_PYTHON=$TORCH_PYTHON"
 
 section "pytest"
-# (the wheel's tests below run bnorm.torch without its operator library: the Python path)
+# (bnorm.torch's tests run each eager path here, the C++ one and the Python one, through
+# the fixture torch_eager_path; the wheel's fresh venv below has no torch)
 BNORM_REQUIRE_MPI=1 BNORM_REQUIRE_TORCH_OPS=1 "$PYTHON" -m pytest tests/python -q
 
 # The C++ test builds below compile the kernels for the instruction set this CPU runs only
