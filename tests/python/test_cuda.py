@@ -76,7 +76,7 @@ needs_torch_cuda = pytest.mark.skipif(torch_cuda is None or not bnorm.cuda_avail
 needs_cupy = pytest.mark.skipif(cupy is None or not bnorm.cuda_available(), reason="needs CuPy and a CUDA device")
 
 LAYOUTS = [((8, 6, 5, 7), 1), ((8, 5, 7, 6), -1), ((64, 33), 1), ((3, 2, 4096), 1)]
-TOL = {"float32": 2e-5, "float64": 1e-12, "float16": 2e-3}
+TOL = {"float32": 2e-5, "float64": 1e-12, "float16": 2e-3, "bfloat16": 1.6e-2}  # bfloat16: 2 units in the last place
 
 
 def _close(got, want, dtype):
@@ -88,25 +88,41 @@ def _close(got, want, dtype):
 def _inputs(rng, dtype, shape, axis, loc):
     """x (mean about loc), dy, weight, bias, running_mean, running_var (host arrays) and the
     (to device, to host) copies for torch CUDA tensors."""
-    x = (loc + 2 * rng.standard_normal(shape)).astype(dtype)
-    dy = rng.standard_normal(shape).astype(dtype)
+    npdtype = _ml_bfloat16() if dtype == "bfloat16" else dtype
+    x = (loc + 2 * rng.standard_normal(shape)).astype(npdtype)
+    dy = rng.standard_normal(shape).astype(npdtype)
     c = shape[axis]
-    pdtype = "float32" if dtype == "float16" else dtype
+    pdtype = _pdtype(dtype)
     w, b = rng.standard_normal(c).astype(pdtype), rng.standard_normal(c).astype(pdtype)
     rm, rv = np.zeros(c, pdtype), np.ones(c, pdtype)
-    dev = lambda a: torch_cuda.from_numpy(a.copy()).cuda()  # noqa: E731
-    host = lambda t: t.cpu().numpy()  # noqa: E731
+
+    def dev(a):
+        if a.dtype == npdtype and dtype == "bfloat16":  # (exact: every bfloat16 is a float32)
+            return torch_cuda.from_numpy(a.astype(np.float32)).cuda().to(torch_cuda.bfloat16)
+        return torch_cuda.from_numpy(a.copy()).cuda()
+
+    def host(t):
+        return (t.float() if t.dtype == torch_cuda.bfloat16 else t).cpu().numpy()
+
     return x, dy, w, b, rm, rv, dev, host
 
 
+def _pdtype(dtype):
+    return "float32" if dtype in ("float16", "bfloat16") else dtype
+
+
+def _ml_bfloat16():
+    return pytest.importorskip("ml_dtypes").bfloat16
+
+
 @needs_torch_cuda
-@pytest.mark.parametrize("dtype", ["float32", "float64", "float16"])
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "bfloat16"])
 @pytest.mark.parametrize("shape,axis", LAYOUTS)
 def test_torch_cuda_matches_cpu(dtype, shape, axis):
     torch = torch_cuda
     x, dy, w, b, rm, rv, dev, host = _inputs(np.random.default_rng(0), dtype, shape, axis, 3.0)
     c = shape[axis]
-    pdtype = "float32" if dtype == "float16" else dtype
+    pdtype = _pdtype(dtype)
 
     y, mean, invstd = bnorm.forward_train(x, w, b, rm, rv, axis=axis)
     grm, grv = dev(np.zeros(c, pdtype)), dev(np.ones(c, pdtype))
@@ -125,14 +141,14 @@ def test_torch_cuda_matches_cpu(dtype, shape, axis):
 
 
 @needs_torch_cuda
-@pytest.mark.parametrize("dtype", ["float32", "float64", "float16"])
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "bfloat16"])
 @pytest.mark.parametrize("shape,axis", LAYOUTS)
 def test_torch_cuda_fused_epilogue_matches_cpu(dtype, shape, axis):
     """residual= and activation="relu" on CUDA arrays against the CPU backend: forward
     (training, inference, normalize), backward with dsum, and the split phases."""
     rng = np.random.default_rng(1)
     x, dy, w, b, rm, rv, dev, host = _inputs(rng, dtype, shape, axis, 1.0)
-    z = rng.standard_normal(shape).astype(dtype)
+    z = rng.standard_normal(shape).astype(x.dtype)
     c = shape[axis]
 
     y, mean, invstd = bnorm.forward_train(x, w, b, axis=axis, residual=z, activation="relu")
@@ -269,3 +285,125 @@ def test_torch_cuda_partial_overlap_and_array_counts():
     for count in (torch.tensor(40, device="cuda"), torch.full((4,), 40.0, dtype=torch.float64, device="cuda")):
         got = bnorm.backward_elemt(dy, x, mean, invstd, None, *sums, count)
         assert torch.equal(got, want)
+
+
+def _jax_gpu():
+    try:
+        import jax
+
+        return jax if jax.devices("gpu") else None
+    except Exception:  # no jax, or no GPU platform
+        return None
+
+
+jax_gpu = _jax_gpu()
+needs_jax_gpu = pytest.mark.skipif(jax_gpu is None or not bnorm.cuda_available(),
+                                   reason="needs JAX with a GPU platform and a CUDA device")
+
+
+@needs_jax_gpu
+@pytest.mark.parametrize("shape,axis", LAYOUTS)
+def test_jax_cuda_matches_cpu(shape, axis):
+    """JAX arrays on the GPU in, JAX arrays on the same GPU out (bnorm allocates them and
+    hands them over through DLPack: JAX arrays are immutable)."""
+    jax = jax_gpu
+    gpu = jax.devices("gpu")[0]
+    rng = np.random.default_rng(2)
+    x = (1 + rng.standard_normal(shape)).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    c = shape[axis]
+    w, b = rng.standard_normal(c).astype(np.float32), rng.standard_normal(c).astype(np.float32)
+    put = lambda a: jax.device_put(a, gpu)  # noqa: E731
+    y, mean, invstd = bnorm.forward_train(x, w, b, axis=axis)
+    gy, gmean, ginvstd = bnorm.forward_train(put(x), put(w), put(b), axis=axis)
+    for got, want in ((gy, y), (gmean, mean), (ginvstd, invstd)):
+        assert isinstance(got, jax.Array) and got.devices() == {gpu}
+        _close(np.asarray(got), want, "float32")
+    want = bnorm.backward(dy, x, mean, invstd, w, axis=axis)
+    got = bnorm.backward(put(dy), put(x), put(mean), put(invstd), put(w), axis=axis)
+    for g, e in zip(got, want):
+        assert isinstance(g, jax.Array)
+        _close(np.asarray(g), e, "float32")
+    rm, rv = np.zeros(c, np.float32), np.full(c, 2.0, np.float32)
+    _close(np.asarray(bnorm.forward_infer(put(x), put(rm), put(rv), put(w), put(b), axis=axis)),
+           bnorm.forward_infer(x, rm, rv, w, b, axis=axis), "float32")
+    # the results stay valid after the inputs are gone (bnorm's buffers belong to JAX now)
+    del gy
+    assert np.isfinite(np.asarray(gmean)).all()
+
+
+@needs_cupy
+def test_cupy_on_a_non_default_stream():
+    x = cupy.asarray((2 + np.random.default_rng(3).standard_normal((32, 8, 13, 13))).astype(np.float32))
+    out = cupy.empty_like(x)
+    s = cupy.cuda.Stream(non_blocking=True)
+    with s:
+        y, mean, invstd = bnorm.forward_train(x, out=out, stream=s.ptr)
+        dx, dw, db = bnorm.backward(x, x, mean, invstd, stream=s.ptr)
+    s.synchronize()
+    assert y.data.ptr == out.data.ptr
+    ref, rmean, rinvstd = bnorm.forward_train(cupy.asnumpy(x))
+    _close(cupy.asnumpy(out), ref, "float32")
+    for g, e in zip((dx, dw, db), bnorm.backward(cupy.asnumpy(x), cupy.asnumpy(x), rmean, rinvstd)):
+        _close(cupy.asnumpy(g), e, "float32")
+
+
+@needs_torch_cuda
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_every_op_repeats_bitwise(dtype):
+    """Each CUDA op twice on the same input: identical bits (no atomics in the reductions)."""
+    torch = torch_cuda
+    g = torch.Generator(device="cuda").manual_seed(4)
+    dt = getattr(torch, dtype)
+    x = (torch.randn(64, 48, 15, 15, device="cuda", generator=g) + 3).to(dt)
+    z = torch.randn(64, 48, 15, 15, device="cuda", generator=g).to(dt)
+    dy = torch.randn(64, 48, 15, 15, device="cuda", generator=g).to(dt)
+    w = torch.randn(48, device="cuda", generator=g)
+    b = torch.randn(48, device="cuda", generator=g)
+
+    def run():
+        y, mean, invstd = bnorm.forward_train(x, w, b, residual=z, activation="relu")
+        grads = bnorm.backward(dy, x, mean, invstd, w, activation="relu", y=y)
+        stats = bnorm.batch_stats(x.to(memory_format=torch.channels_last).permute(0, 2, 3, 1), axis=-1)
+        return (y, mean, invstd, *grads, *stats[1:])
+
+    for u, v in zip(run(), run()):
+        assert torch.equal(u, v)
+
+
+@needs_torch_cuda
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_torch_adapter_on_cuda_matches_torch(channels_last, dtype):
+    """bnorm.torch.BatchNorm2d on CUDA tensors (DLPack, current stream) against
+    torch.nn.BatchNorm2d: outputs, gradients and running statistics over three steps."""
+    torch = torch_cuda
+    import bnorm.torch as bt
+
+    dt = getattr(torch, dtype)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    ours = bt.BatchNorm2d(24).cuda()
+    ref = torch.nn.BatchNorm2d(24).cuda()
+    with torch.no_grad():
+        for m in (ours, ref):
+            m.weight.copy_(torch.linspace(0.5, 2, 24))
+            m.bias.copy_(torch.linspace(-1, 1, 24))
+    tol = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2}[dtype]
+    g = torch.Generator(device="cuda").manual_seed(5)
+    for _ in range(3):
+        x = (torch.randn(16, 24, 10, 10, device="cuda", generator=g) * 2 + 1).to(dt).to(memory_format=fmt)
+        dy = torch.randn(16, 24, 10, 10, device="cuda", generator=g).to(dt)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya = ours(xa)
+        # (the reference in float32, as both compute 16-bit inputs)
+        yb = torch.nn.functional.batch_norm(xb.float(), ref.running_mean, ref.running_var, ref.weight, ref.bias,
+                                            True, 0.1, 1e-5).to(dt)
+        assert ya.is_cuda and ya.dtype == dt
+        ya.backward(dy)
+        yb.backward(dy)
+        assert float((ya.float() - yb.float()).abs().max()) <= tol * 4
+        assert float((xa.grad.float() - xb.grad.float()).abs().max()) <= tol * 8
+        torch.testing.assert_close(ours.running_mean, ref.running_mean, rtol=tol, atol=tol)
+        torch.testing.assert_close(ours.running_var, ref.running_var, rtol=tol, atol=tol)
+        torch.testing.assert_close(ours.weight.grad, ref.weight.grad, rtol=tol * 10, atol=tol * 10)
+        torch.testing.assert_close(ours.bias.grad, ref.bias.grad, rtol=tol * 10, atol=tol * 10)
