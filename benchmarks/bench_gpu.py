@@ -19,7 +19,8 @@ layout and dtype it times, on one CUDA stream with CUDA events:
 Contenders run interleaved, one call each per round in a rotating order, with L2 flushed
 (a write of 2x the L2 size) before every timed call unless ``--no-flush``; the median and
 the minimum over the rounds are reported. Before timing, each case checks bnorm against
-PyTorch native (outputs, saved statistics, running statistics, gradients).
+PyTorch native in float64 (outputs, saved statistics, running statistics, gradients; PyTorch
+native's own errors printed beside bnorm's).
 
 Columns: bnorm's effective bandwidth counts the transfers of issue 4's model (training
 forward 3S: x twice and y; inference 2S; backward 5S: dy and x twice, and dx), and
@@ -170,11 +171,14 @@ def _format(torch, t):
     return torch.channels_last if (t.dim() == 4 and not t.is_contiguous()) else torch.contiguous_format
 
 
-# ---- correctness check against PyTorch native ----------------------------------------------
+# ---- correctness check against a float64 reference ------------------------------------------
 
 
 def check_case(torch, bnorm, case, stream_handle):
-    """Max error of bnorm vs PyTorch native relative to the largest reference value, per output."""
+    """Max error of bnorm, and of PyTorch native, against PyTorch native in float64 on the
+    same (rounded) inputs, relative to the largest reference value, per output. bnorm's
+    decide the check; native's are reported beside them (a low-precision reduction of either
+    shows here, not as a difference between the two)."""
     c = case
     aten = torch.ops.aten
     out_tol = 2e-2 if c.dtype_name in ("float16", "bfloat16") else 1e-4
@@ -182,27 +186,36 @@ def check_case(torch, bnorm, case, stream_handle):
     y, mean, invstd = bnorm.forward_train(c.xb, c.w, c.b, rm_b, rv_b, axis=c.axis, momentum=MOMENTUM, eps=EPS,
                                           stream=stream_handle)
     yt, mt, it = aten.native_batch_norm(c.xt, c.w, c.b, rm_t, rv_t, True, MOMENTUM, EPS)
-    y_as_t = y.permute(0, 3, 1, 2) if c.layout == "nhwc" else y
     yi = bnorm.forward_infer(c.xb, rm_b, rv_b, c.w, c.b, axis=c.axis, eps=EPS, stream=stream_handle)
     yit, _, _ = aten.native_batch_norm(c.xt, c.w, c.b, rm_t, rv_t, False, MOMENTUM, EPS)
-    yi_as_t = yi.permute(0, 3, 1, 2) if c.layout == "nhwc" else yi
+    # both backwards from the same saved statistics (native's)
     dx, dw, db = bnorm.backward(c.dyb, c.xb, mt, it, c.w, axis=c.axis, batch_stats=True, stream=stream_handle)
     dxt, dwt, dbt = aten.native_batch_norm_backward(c.dyt, c.xt, c.w, rm_t, rv_t, mt, it, True, EPS, [True] * 3)
-    dx_as_t = dx.permute(0, 3, 1, 2) if c.layout == "nhwc" else dx
     torch.cuda.synchronize()
+
+    d = lambda t: t.double()  # noqa: E731
+    rm64, rv64 = d(c.rm_t), d(c.rv_t)
+    y64, m64, i64 = aten.native_batch_norm(d(c.xt), d(c.w), d(c.b), rm64, rv64, True, MOMENTUM, EPS)
+    yi64, _, _ = aten.native_batch_norm(d(c.xt), d(c.w), d(c.b), rm64, rv64, False, MOMENTUM, EPS)
+    dx64, dw64, db64 = aten.native_batch_norm_backward(d(c.dyt), d(c.xt), d(c.w), rm64, rv64, d(mt), d(it), True,
+                                                       EPS, [True] * 3)
+    as_t = (lambda a: a.permute(0, 3, 1, 2)) if c.layout == "nhwc" else (lambda a: a)  # noqa: E731
 
     def err(a, b):
         a, b = a.double(), b.double()
         return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
-    errors = {
-        "y": (err(y_as_t, yt), out_tol), "mean": (err(mean, mt), 1e-4), "invstd": (err(invstd, it), 1e-4),
-        "running_mean": (err(rm_b, rm_t), 1e-4), "running_var": (err(rv_b, rv_t), 1e-4),
-        "y_infer": (err(yi_as_t, yit), out_tol), "dx": (err(dx_as_t, dxt), out_tol * 5),
-        "dweight": (err(dw, dwt), 1e-3), "dbias": (err(db, dbt), 1e-3),
-    }
-    bad = [f"{k} {e:.1e}" for k, (e, tol) in errors.items() if not e <= tol]
-    return ("ok" if not bad else "DIFF " + ", ".join(bad)), {k: e for k, (e, _) in errors.items()}
+    # (name, bnorm's result, native's, the float64 reference, tolerance)
+    outputs = [
+        ("y", as_t(y), yt, y64, out_tol), ("mean", mean, mt, m64, 1e-4), ("invstd", invstd, it, i64, 1e-4),
+        ("running_mean", rm_b, rm_t, rm64, 1e-4), ("running_var", rv_b, rv_t, rv64, 1e-4),
+        ("y_infer", as_t(yi), yit, yi64, out_tol), ("dx", as_t(dx), dxt, dx64, out_tol * 5),
+        ("dweight", dw, dwt, dw64, 1e-3), ("dbias", db, dbt, db64, 1e-3),
+    ]
+    errors = {name: err(ours, ref) for name, ours, _, ref, _ in outputs}
+    native_errors = {name: err(theirs, ref) for name, _, theirs, ref, _ in outputs}
+    bad = [f"{name} {errors[name]:.1e}" for name, _, _, _, tol in outputs if not errors[name] <= tol]
+    return ("ok" if not bad else "DIFF " + ", ".join(bad)), errors, native_errors
 
 
 # ---- timing ------------------------------------------------------------------------------------
@@ -329,7 +342,9 @@ def main(argv=None):
     for shape, layout in args.shapes:
         for dtype in dtypes:
             case = Case(torch, shape, layout, dtype, device)
-            status, errors = check_case(torch, bnorm, case, stream_handle)
+            status, errors, native_errors = check_case(torch, bnorm, case, stream_handle)
+            print(f"    {case.label()} {dtype}: max error vs float64, bnorm/native: "
+                  + ", ".join(f"{k} {errors[k]:.0e}/{native_errors[k]:.0e}" for k in errors))
             for op in ops:
                 fns = contenders(torch, bnorm, case, op, stream_handle)
                 times = time_row(torch, fns, args.rounds, args.warmup, flush, args.graphs)
@@ -353,7 +368,7 @@ def main(argv=None):
                     "op": op, "shape": list(shape), "layout": layout, "dtype": dtype, "bytes": S,
                     "ms": {n: {"median": med[n], "min": low[n], "all": times[n]} for n in times},
                     "bnorm_gbs": gbs, "copy_fraction": copy_fraction, "x_native": x_native, "x_cudnn": x_cudnn,
-                    "check": status, "errors": errors, "targets_missed": missed,
+                    "check": status, "errors": errors, "native_errors": native_errors, "targets_missed": missed,
                 }
                 rows.append(row)
                 line = (f"| {op} | {case.label()} | {dtype} | {S / 2**20:.0f} | {b:.3f} ({low['bnorm']:.3f}) | "

@@ -44,13 +44,32 @@ struct GradOp {
 
     __device__ A center_of(int64_t c) const { return A(mean[c]); }
 
+    // The tile's sums first, in K interleaved partial sums (independent chains), then one
+    // addition to the thread's running sums: a thread rounds once per tile, not once per
+    // value. (Adding each value to the running sums left a relative error of 1.8e-5 in
+    // sum(dy * (x - mean)) over a 2^30-value channel of float16 on an H200, test_cuda's
+    // >2^31 case: ~4096 serial float additions per thread.)
     template <int N>
     __device__ __forceinline__ void tile(State& st, const A* xv, const A* gv, A m) const {
+        constexpr int K = N < 4 ? N : 4;
+        A dy[K], dyx[K];
 #pragma unroll
-        for (int i = 0; i < N; ++i) {
-            st.dy += gv[i];
-            st.dy_xmu += gv[i] * (xv[i] - m);
+        for (int k = 0; k < K; ++k) {
+            dy[k] = gv[k];
+            dyx[k] = gv[k] * (xv[k] - m);
         }
+#pragma unroll
+        for (int i = K; i < N; ++i) {
+            dy[i % K] += gv[i];
+            dyx[i % K] += gv[i] * (xv[i] - m);
+        }
+#pragma unroll
+        for (int k = 1; k < K; ++k) {
+            dy[0] += dy[k];
+            dyx[0] += dyx[k];
+        }
+        st.dy += dy[0];
+        st.dy_xmu += dyx[0];
     }
 
     __device__ __forceinline__ Final to_final(const State& s, A) const { return {double(s.dy), double(s.dy_xmu)}; }

@@ -4,7 +4,7 @@
 // (else scalars) and kEwIlp vectors in flight per thread (all loads issued before any math):
 //
 // flat_elementwise_kernel (inner > 1: NCHW, ...) streams the flat array with a grid-stride
-//   loop over a grid of about one wave. The channel of an element, (e / inner) % C, is
+//   loop over a grid of one full wave (resident_blocks). The channel of an element, (e / inner) % C, is
 //   tracked incrementally per slot (one 64-bit division per thread at start, none in the
 //   loop). When inner is a multiple of the vector width a vector lies in one channel and its
 //   coefficients are loaded once (a broadcast: the lanes of a warp share one or two
@@ -38,8 +38,22 @@ namespace {
 
 enum class Ew { Forward, BackwardTrain, BackwardEval };
 
-constexpr int kEwIlp = 4;          // vectors in flight per thread
-constexpr int kEwBlocksPerSm = 8;  // grid of about one full wave (2048 threads per SM)
+constexpr int kEwIlp = 4;  // vectors in flight per thread
+
+/// Blocks of `kernel` (kThreads threads each) that one SM holds at once, from its register
+/// and shared-memory use (cached per kernel; every device of a process is assumed to be of
+/// one architecture). The grids below are one full wave of it: their blocks all do the same
+/// work, so a grid of a fixed 8 blocks per SM on a kernel of which 5 fit (48 registers) ran
+/// in two rounds, the second 60% full: 82% of copy bandwidth for inference on an H200.
+template <auto kernel>
+int64_t resident_blocks() {
+    static const int64_t blocks = [] {
+        int n = 0;
+        BNORM_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, 0));
+        return std::max(n, 1);
+    }();
+    return blocks;
+}
 
 /// Per-channel coefficient arrays (length C). Null optional pointers mean 0 (center_lo,
 /// shift) or 1 (scale2).
@@ -296,9 +310,10 @@ void launch_elementwise(const T* a, const T* b, T* out, Shape s, const EwCoefs<a
         const int64_t ty = kThreads / tx;
         const int64_t slices = ceil_div(p.cvecs, tx);
         if (slices > INT32_MAX) throw ValueError("bnorm: too many channels for the CUDA backend: " + shape_string(s));
-        const int64_t target = int64_t(sm_count()) * kEwBlocksPerSm;
-        int64_t blocks = std::clamp<int64_t>(ceil_div(target, slices), 1,
-                                             std::min<int64_t>(65535, ceil_div(s.outer, ty * kEwIlp)));
+        const int64_t wave = int64_t(sm_count()) * (vec ? resident_blocks<rows_elementwise_kernel<T, V, MODE>>()
+                                                        : resident_blocks<rows_elementwise_kernel<T, 1, MODE>>());
+        // (rounded down: one block past the wave would take a whole second round)
+        int64_t blocks = std::clamp<int64_t>(wave / slices, 1, std::min<int64_t>(65535, ceil_div(s.outer, ty * kEwIlp)));
         p.rows_per_block = ceil_div(s.outer, blocks);
         blocks = ceil_div(s.outer, p.rows_per_block);
         const dim3 g{unsigned(slices), unsigned(blocks), 1u}, blk{unsigned(tx), unsigned(ty), 1u};
@@ -316,23 +331,28 @@ void launch_elementwise(const T* a, const T* b, T* out, Shape s, const EwCoefs<a
     ix.tail = int(n - ix.nvec * v);
     ix.inner = s.inner;
     ix.channels = s.channels;
+    using Kernel = void (*)(const T*, const T*, T*, EwCoefs<acc_t<T>>, EwIndex, EwEpilogue<T>);
+    Kernel kernel;
+    int64_t per_sm;
+    if (!vec) {
+        kernel = flat_elementwise_kernel<T, 1, true, MODE>;
+        per_sm = resident_blocks<flat_elementwise_kernel<T, 1, true, MODE>>();
+    } else if (s.inner % V == 0) {
+        kernel = flat_elementwise_kernel<T, V, true, MODE>;
+        per_sm = resident_blocks<flat_elementwise_kernel<T, V, true, MODE>>();
+    } else {
+        kernel = flat_elementwise_kernel<T, V, false, MODE>;
+        per_sm = resident_blocks<flat_elementwise_kernel<T, V, false, MODE>>();
+    }
     const int64_t needed = ceil_div(ix.nvec, int64_t(kThreads) * kEwIlp);
-    const int64_t grid = std::max<int64_t>(1, std::min<int64_t>(needed, int64_t(sm_count()) * kEwBlocksPerSm));
+    const int64_t grid = std::max<int64_t>(1, std::min<int64_t>(needed, int64_t(sm_count()) * per_sm));
     ix.vstride = grid * kThreads * kEwIlp;
     const int64_t block_elems = int64_t(kThreads) * v, grid_elems = ix.vstride * v;
     ix.block_col = block_elems % s.inner;
     ix.block_ch = (block_elems / s.inner) % s.channels;
     ix.grid_col = grid_elems % s.inner;
     ix.grid_ch = (grid_elems / s.inner) % s.channels;
-    const dim3 g{unsigned(grid), 1u, 1u}, blk{unsigned(kThreads), 1u, 1u};
-    if (vec) {
-        if (s.inner % V == 0)
-            flat_elementwise_kernel<T, V, true, MODE><<<g, blk, 0, stream>>>(a, b, out, k, ix, e);
-        else
-            flat_elementwise_kernel<T, V, false, MODE><<<g, blk, 0, stream>>>(a, b, out, k, ix, e);
-    } else {
-        flat_elementwise_kernel<T, 1, true, MODE><<<g, blk, 0, stream>>>(a, b, out, k, ix, e);
-    }
+    kernel<<<dim3(unsigned(grid)), dim3(unsigned(kThreads)), 0, stream>>>(a, b, out, k, ix, e);
     BNORM_LAUNCH_CHECK("flat_elementwise_kernel");
 }
 

@@ -1,4 +1,5 @@
-// bnorm CUDA backend: device selection and plain allocations for the bindings.
+// bnorm CUDA backend: device selection, plain allocations and stream synchronization for the
+// bindings.
 #include <cuda_runtime.h>
 
 #include "common.hpp"
@@ -18,5 +19,7 @@ void deallocate(void* pointer) noexcept {
     // would report it as that launch's failure.
     if (pointer && cudaFree(pointer) != cudaSuccess) (void)cudaGetLastError();
 }
+
+void synchronize(stream_t stream) { BNORM_CUDA_CHECK(cudaStreamSynchronize(stream)); }
 
 }  // namespace bnorm::cuda

@@ -40,7 +40,7 @@ step "build: C++ CUDA tests and Python package (logs: build.log)" 600 bash -c "
    cmake --build build/gpu -j $JOBS --target test_cuda >> $OUT/build-cpp.txt 2>&1; echo \"C++ build: exit \$?\" >> $OUT/build-cpp.txt) &
   BNORM_CUDA=ON CMAKE_BUILD_PARALLEL_LEVEL=$JOBS $PYTHON -m pip install --no-build-isolation --no-deps -v . \
     -Cbuild-dir=build/gpu-py -Ccmake.define.CMAKE_CUDA_ARCHITECTURES=$CUDA_ARCH \
-    -Ccmake.define.BNORM_TORCH_OPS=OFF > $OUT/build-py.txt 2>&1
+    -Ccmake.define.BNORM_TORCH_OPS=OFF -Ccmake.define.BNORM_KERNEL_ISAS=avx2 > $OUT/build-py.txt 2>&1
   py=\$?
   wait
   cat $OUT/build-cpp.txt $OUT/build-py.txt > $OUT/build.log; rm $OUT/build-cpp.txt $OUT/build-py.txt
@@ -70,6 +70,20 @@ grep -E "^== |ERROR SUMMARY|RACECHECK SUMMARY|test_cuda: " "$OUT/sanitizer.log"
 grep -q "compute-sanitizer .*: exit [^0]" "$OUT/sanitizer.log" && failed+=("compute-sanitizer (see sanitizer.log)")
 
 step "benchmarks/bench_gpu.py" 300 "$PYTHON" benchmarks/bench_gpu.py --out-dir "$OUT"
+step "benchmarks/bench_gpu.py --graphs (each call replayed from a CUDA graph: no host time)" 200 \
+  "$PYTHON" benchmarks/bench_gpu.py --graphs --no-record --rounds 20
+
+# Each kernel's time and DRAM traffic (Nsight Compute; see benchmarks/gpu_kernels.py)
+if command -v ncu > /dev/null; then
+  step "ncu: per-kernel time and traffic (kernels.csv)" 240 ncu --clock-control none --csv \
+    --kernel-name-base function \
+    --kernel-name "regex:plane_reduce|row_reduce|flat_elementwise|rows_elementwise|prep_kernel|bn_|batch_norm|BatchNorm|nhwc" \
+    --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,launch__grid_size \
+    "$PYTHON" benchmarks/gpu_kernels.py > "$OUT/kernels.csv" 2> "$OUT/kernels-stderr.txt"
+  grep -E "^##|n/a" "$OUT/kernels-stderr.txt"
+  "$PYTHON" benchmarks/gpu_kernels.py --summary "$OUT/kernels.csv" | head -150
+  rm -f "$OUT/kernels-stderr.txt"
+fi
 
 echo "== done at ${SECONDS} s; failed steps: ${#failed[@]}"
 for f in "${failed[@]}"; do echo "   $f"; done

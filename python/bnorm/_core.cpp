@@ -401,6 +401,9 @@ NB_MODULE(_core, m) {
     m.def("cuda_available", &cuda_available);
 #if BNORM_HAS_CUDA
     m.def("cuda_empty", &cuda_empty, "shape"_a, "dtype"_a, "device"_a);
+    m.def("cuda_synchronize", [](uintptr_t stream) {
+        bnorm::cuda::synchronize(reinterpret_cast<bnorm::cuda::stream_t>(stream));
+    }, "stream"_a, release);
 #endif
 #if BNORM_JAX_FFI
     bind_jax_ffi(m);

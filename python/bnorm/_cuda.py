@@ -187,8 +187,12 @@ class _Jax:
         return a
 
     def wrap(self, a):
-        # a fresh bnorm buffer (empty) becomes a JAX array without a copy
-        return a if isinstance(a, self.jax.Array) else self.jax.dlpack.from_dlpack(a)
+        # A fresh bnorm buffer (empty) becomes a JAX array without a copy. JAX reads it on
+        # streams of its own, which do not wait for bnorm's: the stream is synchronized first.
+        if isinstance(a, self.jax.Array):
+            return a
+        _core.cuda_synchronize(self.stream)
+        return self.jax.dlpack.from_dlpack(_DLPackBuffer(a, self.device.id))
 
     @staticmethod
     def is_writeable(a):
@@ -203,3 +207,22 @@ class _Jax:
         counts = self.jnp.asarray(counts, dtype="float64")
         table = self.jnp.broadcast_to(counts.reshape(parts, 1 if counts.ndim == 1 else channels), (parts, channels))
         return self.jax.device_put(table, self.device)
+
+
+class _DLPackBuffer:
+    """A bnorm device buffer offered through the DLPack protocol (__dlpack__ and
+    __dlpack_device__, which JAX's from_dlpack requires: it takes no bare capsules). `buffer`
+    is what _core.cuda_empty returned: an object with __dlpack__ (newer nanobind) or a DLPack
+    capsule; its work is done (synchronized) before it is offered, so any consumer stream may
+    read it."""
+
+    def __init__(self, buffer, device_id):
+        self.buffer, self.device_id = buffer, device_id
+
+    def __dlpack_device__(self):
+        return (2, self.device_id)  # kDLCUDA
+
+    def __dlpack__(self, *, stream=None, max_version=None, dl_device=None, copy=None):
+        if hasattr(self.buffer, "__dlpack__"):
+            return self.buffer.__dlpack__()
+        return self.buffer

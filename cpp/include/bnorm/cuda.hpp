@@ -49,6 +49,9 @@ void set_device(int device);
 void* allocate(size_t bytes);
 /// Frees memory from allocate (cudaFree); never throws.
 void deallocate(void* pointer) noexcept;
+/// Waits until the work enqueued on `stream` so far is done (cudaStreamSynchronize): before
+/// outputs are handed to a framework that reads them on streams of its own (JAX).
+void synchronize(stream_t stream);
 
 template <class T>
 void batch_stats(const T* x, Shape shape, param_t<T>* mean, param_t<T>* var,
