@@ -10,7 +10,7 @@ For every op (training forward, inference forward, backward with batch statistic
 layout and dtype it times, on one CUDA stream with CUDA events:
 
 - bnorm: ``bnorm.forward_train`` / ``forward_infer`` / ``backward`` on the PyTorch tensors
-  (zero-copy through DLPack), preallocated ``out=``, ``stream=`` the current stream;
+  (zero-copy through DLPack), preallocated ``out=``, on PyTorch's current stream (bnorm's default);
 - PyTorch native: ``torch.ops.aten.native_batch_norm`` / ``native_batch_norm_backward``;
 - cuDNN (when PyTorch has it): ``torch.ops.aten.cudnn_batch_norm`` / ``_backward``
   (what ``torch.nn.functional.batch_norm`` picks for most CUDA inputs);
@@ -121,24 +121,23 @@ class Case:
         return "x".join(str(d) for d in self.shape) + " " + self.layout
 
 
-def contenders(torch, bnorm, case, op, stream_handle):
+def contenders(torch, bnorm, case, op):
     """name -> zero-argument callable for this op (None where unavailable)."""
     aten = torch.ops.aten
     c = case
     fns = {}
     if op == "train":
         fns["bnorm"] = lambda: bnorm.forward_train(c.xb, c.w, c.b, c.rm_b, c.rv_b, axis=c.axis, momentum=MOMENTUM,
-                                                   eps=EPS, out=c.y, stream=stream_handle)
+                                                   eps=EPS, out=c.y)
         fns["native"] = lambda: aten.native_batch_norm(c.xt, c.w, c.b, c.rm_t, c.rv_t, True, MOMENTUM, EPS)
         fns["cudnn"] = lambda: aten.cudnn_batch_norm(c.xt, c.w, c.b, c.rm_t, c.rv_t, True, MOMENTUM, EPS)
     elif op == "infer":
-        fns["bnorm"] = lambda: bnorm.forward_infer(c.xb, c.rm_b, c.rv_b, c.w, c.b, axis=c.axis, eps=EPS, out=c.y,
-                                                   stream=stream_handle)
+        fns["bnorm"] = lambda: bnorm.forward_infer(c.xb, c.rm_b, c.rv_b, c.w, c.b, axis=c.axis, eps=EPS, out=c.y)
         fns["native"] = lambda: aten.native_batch_norm(c.xt, c.w, c.b, c.rm_t, c.rv_t, False, MOMENTUM, EPS)
         fns["cudnn"] = lambda: aten.cudnn_batch_norm(c.xt, c.w, c.b, c.rm_t, c.rv_t, False, MOMENTUM, EPS)
     else:
         fns["bnorm"] = lambda: bnorm.backward(c.dyb, c.xb, c.save_mean, c.save_invstd, c.w, axis=c.axis,
-                                              batch_stats=True, out=c.dx, stream=stream_handle)
+                                              batch_stats=True, out=c.dx)
         fns["native"] = lambda: aten.native_batch_norm_backward(
             c.dyt, c.xt, c.w, c.rm_t, c.rv_t, c.save_mean, c.save_invstd, True, EPS, [True, True, True])
         cudnn_fwd = {}
@@ -174,7 +173,7 @@ def _format(torch, t):
 # ---- correctness check against a float64 reference ------------------------------------------
 
 
-def check_case(torch, bnorm, case, stream_handle):
+def check_case(torch, bnorm, case):
     """Max error of bnorm, and of PyTorch native, against PyTorch native in float64 on the
     same (rounded) inputs, relative to the largest reference value, per output. bnorm's
     decide the check; native's are reported beside them (a low-precision reduction of either
@@ -183,13 +182,12 @@ def check_case(torch, bnorm, case, stream_handle):
     aten = torch.ops.aten
     out_tol = 2e-2 if c.dtype_name in ("float16", "bfloat16") else 1e-4
     rm_b, rv_b, rm_t, rv_t = c.rm_b.clone(), c.rv_b.clone(), c.rm_t.clone(), c.rv_t.clone()
-    y, mean, invstd = bnorm.forward_train(c.xb, c.w, c.b, rm_b, rv_b, axis=c.axis, momentum=MOMENTUM, eps=EPS,
-                                          stream=stream_handle)
+    y, mean, invstd = bnorm.forward_train(c.xb, c.w, c.b, rm_b, rv_b, axis=c.axis, momentum=MOMENTUM, eps=EPS)
     yt, mt, it = aten.native_batch_norm(c.xt, c.w, c.b, rm_t, rv_t, True, MOMENTUM, EPS)
-    yi = bnorm.forward_infer(c.xb, rm_b, rv_b, c.w, c.b, axis=c.axis, eps=EPS, stream=stream_handle)
+    yi = bnorm.forward_infer(c.xb, rm_b, rv_b, c.w, c.b, axis=c.axis, eps=EPS)
     yit, _, _ = aten.native_batch_norm(c.xt, c.w, c.b, rm_t, rv_t, False, MOMENTUM, EPS)
     # both backwards from the same saved statistics (native's)
-    dx, dw, db = bnorm.backward(c.dyb, c.xb, mt, it, c.w, axis=c.axis, batch_stats=True, stream=stream_handle)
+    dx, dw, db = bnorm.backward(c.dyb, c.xb, mt, it, c.w, axis=c.axis, batch_stats=True)
     dxt, dwt, dbt = aten.native_batch_norm_backward(c.dyt, c.xt, c.w, rm_t, rv_t, mt, it, True, EPS, [True] * 3)
     torch.cuda.synchronize()
 
@@ -323,7 +321,6 @@ def main(argv=None):
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     ops = [o.strip() for o in args.ops.split(",") if o.strip()]
     device = torch.device("cuda", torch.cuda.current_device())
-    stream_handle = torch.cuda.current_stream().cuda_stream
     info = machine_info(torch, bnorm)
     flush = None
     if not args.no_flush:
@@ -342,11 +339,11 @@ def main(argv=None):
     for shape, layout in args.shapes:
         for dtype in dtypes:
             case = Case(torch, shape, layout, dtype, device)
-            status, errors, native_errors = check_case(torch, bnorm, case, stream_handle)
+            status, errors, native_errors = check_case(torch, bnorm, case)
             print(f"    {case.label()} {dtype}: max error vs float64, bnorm/native: "
                   + ", ".join(f"{k} {errors[k]:.0e}/{native_errors[k]:.0e}" for k in errors))
             for op in ops:
-                fns = contenders(torch, bnorm, case, op, stream_handle)
+                fns = contenders(torch, bnorm, case, op)
                 times = time_row(torch, fns, args.rounds, args.warmup, flush, args.graphs)
                 med = {n: statistics.median(t) for n, t in times.items()}
                 low = {n: min(t) for n, t in times.items()}

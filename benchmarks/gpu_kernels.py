@@ -30,7 +30,6 @@ def run(dtypes):
     from bench_gpu import DEFAULT_CASES, EPS, MOMENTUM, Case
 
     device = torch.device("cuda", torch.cuda.current_device())
-    stream = torch.cuda.current_stream().cuda_stream
     aten = torch.ops.aten
     for shape, layout in DEFAULT_CASES:
         for dtype in dtypes:
@@ -39,11 +38,11 @@ def run(dtypes):
             label = f"{c.label()} {dtype}"
             ops = {
                 "bnorm train": lambda: bnorm.forward_train(c.xb, c.w, c.b, c.rm_b, c.rv_b, axis=c.axis,
-                                                           momentum=MOMENTUM, eps=EPS, out=c.y, stream=stream),
+                                                           momentum=MOMENTUM, eps=EPS, out=c.y),
                 "bnorm infer": lambda: bnorm.forward_infer(c.xb, c.rm_b, c.rv_b, c.w, c.b, axis=c.axis, eps=EPS,
-                                                           out=c.y, stream=stream),
+                                                           out=c.y),
                 "bnorm backward": lambda: bnorm.backward(c.dyb, c.xb, c.save_mean, c.save_invstd, c.w, axis=c.axis,
-                                                         out=c.dx, stream=stream),
+                                                         out=c.dx),
                 "native train": lambda: aten.native_batch_norm(c.xt, c.w, c.b, c.rm_t, c.rv_t, True, MOMENTUM, EPS),
                 "cudnn train": lambda: aten.cudnn_batch_norm(c.xt, c.w, c.b, c.rm_t, c.rv_t, True, MOMENTUM, EPS),
             }
@@ -68,7 +67,8 @@ def summary(path):
         key = (int(row["ID"]), row["Kernel Name"])
         value = float(row["Metric Value"].replace(",", ""))
         unit = row["Metric Unit"]
-        scale = {"byte": 1, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9, "nsecond": 1e-3, "usecond": 1, "msecond": 1e3}
+        scale = {"byte": 1, "Kbyte": 1e3, "KB": 1e3, "Mbyte": 1e6, "MB": 1e6, "Gbyte": 1e9, "GB": 1e9,
+                 "ns": 1e-3, "nsecond": 1e-3, "us": 1, "usecond": 1, "ms": 1e3, "msecond": 1e3}
         launches.setdefault(key, {})[row["Metric Name"]] = value * scale.get(unit, 1)
     print(f"{'id':>4} {'kernel':42} {'us':>8} {'MB read':>8} {'MB write':>8} {'GB/s':>7} {'grid':>7}")
     for (i, name), m in sorted(launches.items()):

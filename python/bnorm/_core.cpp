@@ -10,9 +10,11 @@
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/tuple.h>
+#include <nanobind/stl/unique_ptr.h>
 #include <nanobind/stl/vector.h>
 
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -327,21 +329,41 @@ void fold(const In& weight, const OptIn& bias, ShapeTuple shape_, const In& runn
 }
 
 #if BNORM_HAS_CUDA
-// A fresh device buffer owned by Python (freed with the last reference), exported through
-// DLPack: the outputs of frameworks whose arrays are immutable (JAX).
-nb::ndarray<> cuda_empty(const std::vector<size_t>& shape, const std::string& dtype, int device) {
-    nb::dlpack::dtype dt;
-    if (dtype == "float32") dt = nb::dtype<float>();
-    else if (dtype == "float64") dt = nb::dtype<double>();
-    else if (dtype == "float16") dt = kHalf;
-    else if (dtype == "bfloat16") dt = kBfloat16;
+// A device buffer owned by Python (freed when the last reference to it, or to an array exported
+// from it, goes): the outputs of frameworks whose arrays are immutable (JAX), which bnorm
+// first writes, taking them as an op's input, then hands over. Each export() is a fresh DLPack
+// view: a DLPack capsule can be consumed only once.
+struct DeviceBuffer {
+    void* data = nullptr;
+    std::vector<size_t> shape;
+    nb::dlpack::dtype dtype{};
+    int device = 0;
+    DeviceBuffer() = default;
+    DeviceBuffer(const DeviceBuffer&) = delete;
+    DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+    ~DeviceBuffer() { bnorm::cuda::deallocate(data); }
+};
+
+std::unique_ptr<DeviceBuffer> cuda_empty(const std::vector<size_t>& shape, const std::string& dtype, int device) {
+    auto buffer = std::make_unique<DeviceBuffer>();
+    if (dtype == "float32") buffer->dtype = nb::dtype<float>();
+    else if (dtype == "float64") buffer->dtype = nb::dtype<double>();
+    else if (dtype == "float16") buffer->dtype = kHalf;
+    else if (dtype == "bfloat16") buffer->dtype = kBfloat16;
     else throw bnorm::TypeError("bnorm: cannot allocate dtype " + dtype);
-    size_t bytes = dt.bits / 8;
+    size_t bytes = buffer->dtype.bits / 8;
     for (size_t n : shape) bytes *= n;
     bnorm::cuda::set_device(device);
-    void* data = bnorm::cuda::allocate(bytes);
-    nb::capsule owner(data, [](void* p) noexcept { bnorm::cuda::deallocate(p); });
-    return nb::ndarray<>(data, shape.size(), shape.data(), owner, nullptr, dt, nb::device::cuda::value, device);
+    buffer->data = bnorm::cuda::allocate(bytes);
+    buffer->shape = shape;
+    buffer->device = device;
+    return buffer;
+}
+
+nb::ndarray<> export_buffer(nb::handle self) {
+    const DeviceBuffer& b = nb::cast<const DeviceBuffer&>(self);
+    return nb::ndarray<>(b.data, b.shape.size(), b.shape.data(), self, nullptr, b.dtype, nb::device::cuda::value,
+                         b.device);
 }
 #endif
 
@@ -400,6 +422,7 @@ NB_MODULE(_core, m) {
     m.def("cpu_isa", &bnorm::cpu_isa);
     m.def("cuda_available", &cuda_available);
 #if BNORM_HAS_CUDA
+    nb::class_<DeviceBuffer>(m, "DeviceBuffer").def("export", &export_buffer);
     m.def("cuda_empty", &cuda_empty, "shape"_a, "dtype"_a, "device"_a);
     m.def("cuda_synchronize", [](uintptr_t stream) {
         bnorm::cuda::synchronize(reinterpret_cast<bnorm::cuda::stream_t>(stream));

@@ -4,8 +4,10 @@ CUDA devices, with the same interface as _functional._NumPy.
 Arrays reach _core through DLPack without copies. Outputs are arrays of x's framework on
 x's device: allocated by the framework (PyTorch, CuPy: their caching allocators), or for
 JAX, whose arrays are immutable, by bnorm (cudaMalloc) and handed to JAX through DLPack.
-Everything runs on ``stream`` (an integer cudaStream_t; None or 0: the legacy default
-stream), without host synchronization.
+Everything runs on ``stream`` (an integer cudaStream_t; None: the current stream of x's
+framework, as its own operations would: PyTorch's current stream of x's device, CuPy's
+current stream, and for JAX the legacy default stream, synchronized before JAX reads the
+outputs), without host synchronization.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ def backend(x, stream):
                         "(PyTorch, CuPy and JAX are)")
     if stream is not None and (isinstance(stream, bool) or not isinstance(stream, int) or stream < 0):
         raise TypeError(f"bnorm: stream must be an integer CUDA stream handle, got {stream!r}")
-    return namespace(x, 0 if stream is None else stream)
+    return namespace(x, stream)
 
 
 class _Torch:
@@ -35,7 +37,8 @@ class _Torch:
     def __init__(self, x, stream):
         import torch
 
-        self.torch, self.device, self.stream = torch, x.device, stream
+        self.torch, self.device = torch, x.device
+        self.stream = torch.cuda.current_stream(x.device).cuda_stream if stream is None else stream
 
     def owns(self, a):
         return isinstance(a, self.torch.Tensor) and a.device == self.device
@@ -94,7 +97,11 @@ class _CuPy:
     def __init__(self, x, stream):
         import cupy
 
-        self.cupy, self.device, self.stream = cupy, x.device, stream
+        self.cupy, self.device = cupy, x.device
+        if stream is None:
+            with x.device:
+                stream = cupy.cuda.get_current_stream().ptr
+        self.stream = stream
 
     def owns(self, a):
         return isinstance(a, self.cupy.ndarray) and a.device == self.device
@@ -160,7 +167,7 @@ class _Jax:
         import jax
         import jax.numpy as jnp
 
-        self.jax, self.jnp, self.stream = jax, jnp, stream
+        self.jax, self.jnp, self.stream = jax, jnp, 0 if stream is None else stream
         (self.device,) = x.devices()
 
     def owns(self, a):
@@ -172,7 +179,7 @@ class _Jax:
 
     def empty(self, shape, dtype_name):
         # a bnorm-owned device buffer (DLPack-capable), turned into a JAX array by wrap()
-        return _core.cuda_empty(tuple(shape), dtype_name, self.device.id)
+        return _DLPackBuffer(_core.cuda_empty(tuple(shape), dtype_name, self.device.id), self.device.id)
 
     @staticmethod
     def is_contiguous(a):
@@ -192,7 +199,7 @@ class _Jax:
         if isinstance(a, self.jax.Array):
             return a
         _core.cuda_synchronize(self.stream)
-        return self.jax.dlpack.from_dlpack(_DLPackBuffer(a, self.device.id))
+        return self.jax.dlpack.from_dlpack(a)
 
     @staticmethod
     def is_writeable(a):
@@ -210,11 +217,10 @@ class _Jax:
 
 
 class _DLPackBuffer:
-    """A bnorm device buffer offered through the DLPack protocol (__dlpack__ and
-    __dlpack_device__, which JAX's from_dlpack requires: it takes no bare capsules). `buffer`
-    is what _core.cuda_empty returned: an object with __dlpack__ (newer nanobind) or a DLPack
-    capsule; its work is done (synchronized) before it is offered, so any consumer stream may
-    read it."""
+    """A bnorm device buffer (_core.DeviceBuffer) offered through the DLPack protocol, as
+    often as asked: to bnorm's ops, which write it, then to JAX's from_dlpack (which takes no
+    bare capsules). Each __dlpack__ is a fresh view that keeps the buffer alive. The work on
+    it is synchronized before JAX gets it (_Jax.wrap), so any consumer stream may read it."""
 
     def __init__(self, buffer, device_id):
         self.buffer, self.device_id = buffer, device_id
@@ -223,6 +229,5 @@ class _DLPackBuffer:
         return (2, self.device_id)  # kDLCUDA
 
     def __dlpack__(self, *, stream=None, max_version=None, dl_device=None, copy=None):
-        if hasattr(self.buffer, "__dlpack__"):
-            return self.buffer.__dlpack__()
-        return self.buffer
+        view = self.buffer.export()  # a capsule, or (newer nanobind) an object with __dlpack__
+        return view.__dlpack__() if hasattr(view, "__dlpack__") else view

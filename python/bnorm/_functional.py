@@ -479,7 +479,8 @@ def forward_train(
             residual that is not C-contiguous is copied first (as x is).
         activation: None or "relu", applied last.
         out: optional preallocated output of x's shape and dtype (may be x or residual itself).
-        stream: CUDA stream handle (int) for CUDA arrays; None is the legacy default stream.
+        stream: CUDA stream handle (int) for CUDA arrays; None is the current stream of x's
+            framework (PyTorch's or CuPy's; the legacy default stream for JAX arrays).
         unbiased_running_var: False updates running_var with the biased variance var
             instead of var * M / (M - 1): the convention of Keras 3, Flax and ONNX
             (docs/variants.md); True (default) is PyTorch's and cuDNN's.
