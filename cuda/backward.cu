@@ -118,7 +118,7 @@ void backward_reduce(const T* dy, const T* x, Shape shape, const param_t<T>* mea
     }
     check_pointer(op, dy, "dy");
     check_pointer(op, x, "x");
-    ReducePlan plan = plan_reduce<T, 2>(shape, aligned16(x) && aligned16(dy));
+    ReducePlan plan = plan_reduce<T>(shape, aligned16(x) && aligned16(dy));
 
     Layout layout;
     const size_t at_partials = layout.add<Sums<double>>(plan.partials);
@@ -191,7 +191,7 @@ void backward(const T* dy, const T* x, Shape shape, const param_t<T>* mean, cons
     check_pointer(op, dy, "dy");
     check_pointer(op, x, "x");
     check_pointer(op, dx, "dx");
-    ReducePlan plan = plan_reduce<T, 2>(shape, aligned16(x) && aligned16(dy));
+    ReducePlan plan = plan_reduce<T>(shape, aligned16(x) && aligned16(dy));
 
     Layout layout;
     const size_t at_partials = layout.add<Sums<double>>(plan.partials);

@@ -104,7 +104,7 @@ void batch_stats(const T* x, Shape shape, param_t<T>* mean, param_t<T>* var, str
         return;
     }
     check_pointer(op, x, "x");
-    ReducePlan plan = plan_reduce<T, 1>(shape, aligned16(x));
+    ReducePlan plan = plan_reduce<T>(shape, aligned16(x));
 
     Layout layout;
     const size_t at_partials = layout.add<Moments<double>>(plan.partials);
@@ -159,7 +159,7 @@ void forward_train(const T* x, Shape shape, const param_t<T>* weight, const para
     check_pointer(op, x, "x");
     check_pointer(op, y, "y");
     bnorm::detail::check_epilogue(op, shape, epilogue, y);
-    ReducePlan plan = plan_reduce<T, 1>(shape, aligned16(x));
+    ReducePlan plan = plan_reduce<T>(shape, aligned16(x));
 
     Layout layout;
     const size_t at_partials = layout.add<Moments<double>>(plan.partials);

@@ -6,7 +6,8 @@
 # CUDA tests, and benchmarks/bench_gpu.py. Every step has a time limit and the run goes on
 # after a failure; logs go to $OUT (default build/gpu-out), the benchmark's report too.
 #
-#   OUT=/some/dir bash scripts/gpu_check.sh        # PYTHON (default python3), CUDA_ARCH (90)
+#   OUT=/some/dir bash scripts/gpu_check.sh        # PYTHON (default python3), CUDA_ARCH (90),
+#                                                  # GPU_CHECK_NCU=0 skips the Nsight Compute step
 #
 # Uses the Python environment as it is (no downloads: pip builds with --no-build-isolation
 # and installs no dependencies), so numpy, nanobind, scikit-build-core, cmake, ninja, pytest
@@ -69,12 +70,18 @@ wait $sanitizers
 grep -E "^== |ERROR SUMMARY|RACECHECK SUMMARY|test_cuda: " "$OUT/sanitizer.log"
 grep -q "compute-sanitizer .*: exit [^0]" "$OUT/sanitizer.log" && failed+=("compute-sanitizer (see sanitizer.log)")
 
+# A native backtrace of the legacy-stream capture case when it crashes (its test is xfail)
+if command -v cuda-gdb > /dev/null && ! "$PYTHON" tests/python/cuda_capture_script.py legacy > /dev/null 2>&1; then
+  step "cuda-gdb: backtrace of cuda_capture_script.py legacy" 150 cuda-gdb -batch -ex "set pagination off" \
+    -ex run -ex bt -ex "info threads" --args "$PYTHON" tests/python/cuda_capture_script.py legacy 2>&1 | tail -60
+fi
+
 step "benchmarks/bench_gpu.py" 300 "$PYTHON" benchmarks/bench_gpu.py --out-dir "$OUT"
 step "benchmarks/bench_gpu.py --graphs (each call replayed from a CUDA graph: no host time)" 200 \
   "$PYTHON" benchmarks/bench_gpu.py --graphs --no-record --rounds 20
 
 # Each kernel's time and DRAM traffic (Nsight Compute; see benchmarks/gpu_kernels.py)
-if command -v ncu > /dev/null; then
+if [ "${GPU_CHECK_NCU:-1}" = 1 ] && command -v ncu > /dev/null; then
   step "ncu: per-kernel time and traffic (kernels.csv)" 240 ncu --clock-control none --csv \
     --kernel-name-base function \
     --kernel-name "regex:plane_reduce|row_reduce|flat_elementwise|rows_elementwise|prep_kernel|bn_|batch_norm|BatchNorm|nhwc" \
