@@ -26,10 +26,9 @@ namespace detail {
     const char* base = file;
     for (const char* p = file; *p; ++p)
         if (*p == '/' || *p == '\\') base = p + 1;
-    std::ostringstream out;
-    out << "bnorm: CUDA error " << cudaGetErrorName(err) << ": " << cudaGetErrorString(err) << " (" << what
-        << ", " << base << ":" << line << ")";
-    throw CudaError(out.str());
+    // (no iostreams: see shape_string in checks.hpp)
+    throw CudaError(std::string("bnorm: CUDA error ") + cudaGetErrorName(err) + ": " + cudaGetErrorString(err) + " (" +
+                    what + ", " + base + ":" + std::to_string(line) + ")");
 }
 
 namespace {

@@ -5,7 +5,8 @@
 
 #include <cmath>
 #include <cstdint>
-#include <sstream>
+#include <cstdio>
+#include <cstdlib>
 #include <string>
 #include <utility>
 
@@ -13,24 +14,25 @@
 
 namespace bnorm::detail {
 
+// Messages format numbers with std::to_string and snprintf, never iostreams: inside a
+// PyTorch process on an H200 an ostringstream crashed (SIGSEGV in ostream::_M_insert<long>,
+// cuda-gdb backtrace, 2026-12-04) formatting the line number of a CUDA error, so that the
+// error became a crash.
 inline std::string shape_string(Shape s) {
-    std::ostringstream out;
-    out << "(outer, channels, inner) = (" << s.outer << ", " << s.channels << ", " << s.inner << ")";
-    return out.str();
+    return "(outer, channels, inner) = (" + std::to_string(s.outer) + ", " + std::to_string(s.channels) + ", " +
+           std::to_string(s.inner) + ")";
 }
 
 // "bnorm: <op>: <what><value>", the value with the fewest digits that give it back in its
 // type (1e-09, 1.0000001; not 0.000000, nor 1 for 1.0000001; a float -0.2f as -0.2).
 template <class V = double>
 std::string message(const char* op, const char* what, V value) {
-    std::ostringstream number;
+    char number[40];
     for (int digits = 6; digits <= 17; ++digits) {
-        number.str("");
-        number.precision(digits);
-        number << value;
-        if (!std::isfinite(value) || V(std::stod(number.str())) == value) break;
+        std::snprintf(number, sizeof number, "%.*g", digits, double(value));
+        if (!std::isfinite(value) || V(std::strtod(number, nullptr)) == value) break;
     }
-    return std::string("bnorm: ") + op + ": " + what + number.str();
+    return std::string("bnorm: ") + op + ": " + what + number;
 }
 
 // No negative size, and size() and count() fit int64 (count() too when channels is 0):
@@ -73,12 +75,9 @@ inline void check_count(const char* op, double count) {
 
 // merge_stats' table of `parts` x `channels` counts.
 inline void check_parts(const char* op, int64_t parts, int64_t channels) {
-    if (parts < 0 || channels < 0 || (parts > 0 && channels > INT64_MAX / parts)) {
-        std::ostringstream out;
-        out << "bnorm: " << op << ": parts and channels must be >= 0 with a product below 2^63, got " << parts
-            << " and " << channels;
-        throw ValueError(out.str());
-    }
+    if (parts < 0 || channels < 0 || (parts > 0 && channels > INT64_MAX / parts))
+        throw ValueError(std::string("bnorm: ") + op + ": parts and channels must be >= 0 with a product below 2^63, got " +
+                         std::to_string(parts) + " and " + std::to_string(channels));
 }
 
 // A variance is never negative: a negative running_var would make NaN outputs without an

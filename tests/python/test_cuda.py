@@ -433,8 +433,9 @@ def test_torch_cuda_graph_capture_and_replay():
 
 
 @needs_torch_cuda
-@pytest.mark.xfail(reason="segfaulted on an H200 (2026-12-04): the legacy stream during another stream's capture; "
-                          "cause not found yet (issue 17)", strict=False)
+@pytest.mark.xfail(reason="segfaulted on an H200 (2026-12-04) inside the ostringstream that formatted the CUDA error "
+                          "(cuda-gdb); error messages now use snprintf and std::to_string, not re-run on a GPU yet "
+                          "(issue 17)", strict=False)
 def test_legacy_stream_during_a_capture_is_an_error_not_a_crash():
     r = _run_capture_script("legacy")
     assert r.returncode == 0 and "done" in r.stdout, f"exit {r.returncode}\n{r.stdout}\n{r.stderr[-4000:]}"
