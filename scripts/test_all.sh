@@ -24,8 +24,8 @@ section "install PyTorch and JAX (CPU), which bnorm.torch and bnorm.jax are test
 section "install bnorm[test,demo,mpi,docs] (BNORM_CUDA=$BNORM_CUDA; a few minutes, compiler output shown)"
 echo "   with bnorm.jax's XLA FFI handlers (headers from jaxlib) and bnorm.torch's operator library (this torch)"
 JAX_FFI_INCLUDE_DIR=$("$PYTHON" -c "import jax.ffi; print(jax.ffi.include_dir())")
-# (CUDA for one architecture here, sm_80 with its PTX, which newer GPUs compile at load: the
-# C++ build below compiles the wheel's four.)
+# (CUDA for one architecture here, sm_80 with its PTX, which newer GPUs compile at load; the
+# C++ build below compiles sm_90.)
 CUDA_ARCH_ARGS=()
 if [ "$BNORM_CUDA" = ON ]; then CUDA_ARCH_ARGS=(-Ccmake.define.CMAKE_CUDA_ARCHITECTURES=80); fi
 TORCH_PYTHON=$("$PYTHON" -c "import sys; print(sys.executable)")
@@ -48,8 +48,10 @@ NATIVE_ISA=$("$PYTHON" -c "import bnorm; isa = bnorm.cpu_isa(); print('' if isa 
 echo "   kernel instruction set of this CPU: ${NATIVE_ISA:-baseline}"
 
 section "C++ tests"
+# (CUDA for sm_90 only, the architecture the GPU check ran on (scripts/gpu_check.sh); the pip
+# build above compiled sm_80 and its PTX, and the wheel's 86 and 89 build from the same code)
 cmake -S . -B build/cpp-tests -DBNORM_TESTS=ON -DBNORM_PYTHON=OFF -DBNORM_CUDA="$BNORM_CUDA" \
-  "-DBNORM_KERNEL_ISAS=$NATIVE_ISA"
+  "-DBNORM_KERNEL_ISAS=$NATIVE_ISA" -DCMAKE_CUDA_ARCHITECTURES=90
 cmake --build build/cpp-tests -j "$JOBS"
 ctest --test-dir build/cpp-tests --output-on-failure
 
