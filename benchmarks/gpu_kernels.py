@@ -8,9 +8,10 @@ driver for Nsight Compute, which reads every kernel's time and DRAM traffic.
         python benchmarks/gpu_kernels.py [--dtypes float32,bfloat16] > kernels.csv
     python benchmarks/gpu_kernels.py --summary kernels.csv
 
-The summary lists, per case and op, each kernel's time, bytes moved and DRAM bandwidth, so a
-slow op shows which of its passes is slow (bench_gpu.py times whole ops). The cases are
-bench_gpu.py's.
+The summary lists each kernel launch in order with its time, bytes moved and DRAM bandwidth,
+so a slow op shows which of its passes is slow (bench_gpu.py times whole ops). The run prints
+the ops in launch order on stderr ("## case | op"): keep that beside the summary to tell
+which launches belong to which op. The cases are bench_gpu.py's.
 """
 
 from __future__ import annotations
@@ -74,7 +75,8 @@ def summary(path):
     for (i, name), m in sorted(launches.items()):
         us = m.get("gpu__time_duration.sum", float("nan"))
         rd, wr = m.get("dram__bytes_read.sum", 0) / 1e6, m.get("dram__bytes_write.sum", 0) / 1e6
-        print(f"{i:>4} {name[:42]:42} {us:8.1f} {rd:8.1f} {wr:8.1f} {(rd + wr) * 1e3 / us:7.0f} "
+        gbs = (rd + wr) * 1e3 / us if us > 0 else float("nan")
+        print(f"{i:>4} {name[:42]:42} {us:8.1f} {rd:8.1f} {wr:8.1f} {gbs:7.0f} "
               f"{m.get('launch__grid_size', 0):7.0f}")
 
 

@@ -30,6 +30,8 @@
 #pragma once
 
 #include <algorithm>
+#include <array>
+#include <atomic>
 
 #include "common.hpp"
 
@@ -40,18 +42,24 @@ enum class Ew { Forward, BackwardTrain, BackwardEval };
 
 constexpr int kEwIlp = 4;  // vectors in flight per thread
 
-/// Blocks of `kernel` (kThreads threads each) that one SM holds at once, from its register
-/// and shared-memory use (cached per kernel; every device of a process is assumed to be of
-/// one architecture). The grids below are one full wave of it: their blocks all do the same
-/// work, so a grid of a fixed 8 blocks per SM on a kernel of which 5 fit (48 registers) ran
-/// in two rounds, the second 60% full: 82% of copy bandwidth for inference on an H200.
+/// Blocks of `kernel` (kThreads threads each) that one SM of the current device holds at
+/// once, from its register and shared-memory use (cached per device: a process may drive GPUs
+/// of different architectures). The grids below are one full wave of it: their blocks all do
+/// the same work, so a grid of a fixed 8 blocks per SM on a kernel of which 5 fit (48
+/// registers) ran in two rounds, the second 60% full: 82% of copy bandwidth for inference on an
+/// H200, 88% with one wave. (Only the speed depends on it: every grid covers every element.)
 template <auto kernel>
 int64_t resident_blocks() {
-    static const int64_t blocks = [] {
-        int n = 0;
-        BNORM_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, 0));
-        return std::max(n, 1);
-    }();
+    constexpr int kDevices = 64;
+    static std::array<std::atomic<int>, kDevices> cached{};  // 0: not yet known
+    int device = 0;
+    BNORM_CUDA_CHECK(cudaGetDevice(&device));
+    int blocks = device >= 0 && device < kDevices ? cached[size_t(device)].load(std::memory_order_relaxed) : 0;
+    if (blocks == 0) {
+        BNORM_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, 0));
+        blocks = std::max(blocks, 1);
+        if (device >= 0 && device < kDevices) cached[size_t(device)].store(blocks, std::memory_order_relaxed);
+    }
     return blocks;
 }
 

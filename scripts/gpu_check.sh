@@ -62,18 +62,24 @@ sanitizers=$!
 step "pytest: the CUDA tests" 420 "$PYTHON" -m pytest tests/python -q -p no:cacheprovider -k "cuda or gpu" -rs \
   > "$OUT/pytest.log" 2>&1
 tail -30 "$OUT/pytest.log"
-step "NCCL with two ranks on one GPU (expected to be refused: 'Duplicate GPU detected')" 120 \
-  env BNORM_NCCL_SAME_GPU=1 "$PYTHON" -m pytest tests/python/test_cuda_distributed.py -q -p no:cacheprovider \
-  -k "nccl-2" >> "$OUT/pytest.log" 2>&1
-grep -m3 -E "Duplicate GPU|passed|failed" "$OUT/pytest.log" | tail -3
+# NCCL with two ranks on one GPU: NCCL refuses it ("Duplicate GPU detected"); run for the
+# record where there is a single GPU, not counted as a failed step
+if [ "$(nvidia-smi -L 2>/dev/null | wc -l)" -lt 2 ]; then
+  echo "== NCCL with two ranks on one GPU (for the record: NCCL refuses it)"
+  BNORM_NCCL_SAME_GPU=1 timeout 120 "$PYTHON" -m pytest tests/python/test_cuda_distributed.py -q \
+    -p no:cacheprovider -k "nccl-2" >> "$OUT/pytest.log" 2>&1
+  grep -m1 -E "Duplicate GPU" "$OUT/pytest.log" || echo "   (no 'Duplicate GPU' message: see pytest.log)"
+fi
 wait $sanitizers
 grep -E "^== |ERROR SUMMARY|RACECHECK SUMMARY|test_cuda: " "$OUT/sanitizer.log"
 grep -q "compute-sanitizer .*: exit [^0]" "$OUT/sanitizer.log" && failed+=("compute-sanitizer (see sanitizer.log)")
 
 # A native backtrace of the legacy-stream capture case when it crashes (its test is xfail)
-if command -v cuda-gdb > /dev/null && ! "$PYTHON" tests/python/cuda_capture_script.py legacy > /dev/null 2>&1; then
-  step "cuda-gdb: backtrace of cuda_capture_script.py legacy" 150 cuda-gdb -batch -ex "set pagination off" \
-    -ex run -ex bt -ex "info threads" --args "$PYTHON" tests/python/cuda_capture_script.py legacy 2>&1 | tail -60
+# (a diagnostic, not counted as a step: its test above says whether it passes)
+if command -v cuda-gdb > /dev/null && ! timeout 120 "$PYTHON" tests/python/cuda_capture_script.py legacy > /dev/null 2>&1; then
+  echo "== cuda-gdb: backtrace of cuda_capture_script.py legacy"
+  timeout 150 cuda-gdb -batch -ex "set pagination off" -ex run -ex bt -ex "info threads" \
+    --args "$PYTHON" tests/python/cuda_capture_script.py legacy 2>&1 | tail -60
 fi
 
 step "benchmarks/bench_gpu.py" 300 "$PYTHON" benchmarks/bench_gpu.py --out-dir "$OUT"

@@ -48,10 +48,13 @@ NATIVE_ISA=$("$PYTHON" -c "import bnorm; isa = bnorm.cpu_isa(); print('' if isa 
 echo "   kernel instruction set of this CPU: ${NATIVE_ISA:-baseline}"
 
 section "C++ tests"
-# (CUDA for sm_90 only, the architecture the GPU check ran on (scripts/gpu_check.sh); the pip
-# build above compiled sm_80 and its PTX, and the wheel's 86 and 89 build from the same code)
+# (CUDA for this machine's GPU where there is one, else sm_90 only, the architecture the GPU
+# check ran on (scripts/gpu_check.sh); the pip build above compiled sm_80 and its PTX, and the
+# wheel's 86 and 89 build from the same code)
+TEST_CUDA_ARCH=90
+if nvidia-smi -L > /dev/null 2>&1; then TEST_CUDA_ARCH=native; fi
 cmake -S . -B build/cpp-tests -DBNORM_TESTS=ON -DBNORM_PYTHON=OFF -DBNORM_CUDA="$BNORM_CUDA" \
-  "-DBNORM_KERNEL_ISAS=$NATIVE_ISA" -DCMAKE_CUDA_ARCHITECTURES=90
+  "-DBNORM_KERNEL_ISAS=$NATIVE_ISA" "-DCMAKE_CUDA_ARCHITECTURES=$TEST_CUDA_ARCH"
 cmake --build build/cpp-tests -j "$JOBS"
 ctest --test-dir build/cpp-tests --output-on-failure
 

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <clocale>
 #include <cstdlib>
 #include <string>
 #include <utility>
@@ -32,6 +33,12 @@ std::string message(const char* op, const char* what, V value) {
         std::snprintf(number, sizeof number, "%.*g", digits, double(value));
         if (!std::isfinite(value) || V(std::strtod(number, nullptr)) == value) break;
     }
+    // snprintf and strtod follow LC_NUMERIC (a Python program's setlocale(LC_ALL, "") can make
+    // it "1,5"): the message always says "1.5"
+    const char* point = std::localeconv()->decimal_point;
+    if (point && point[0] && point[0] != '.' && point[1] == '\0')
+        for (char* p = number; *p; ++p)
+            if (*p == point[0]) *p = '.';
     return std::string("bnorm: ") + op + ": " + what + number;
 }
 

@@ -424,9 +424,10 @@ NB_MODULE(_core, m) {
 #if BNORM_HAS_CUDA
     nb::class_<DeviceBuffer>(m, "DeviceBuffer").def("export", &export_buffer);
     m.def("cuda_empty", &cuda_empty, "shape"_a, "dtype"_a, "device"_a);
-    m.def("cuda_synchronize", [](uintptr_t stream) {
+    m.def("cuda_synchronize", [](uintptr_t stream, int device) {
+        bnorm::cuda::set_device(device);  // (the legacy stream 0 is the current device's)
         bnorm::cuda::synchronize(reinterpret_cast<bnorm::cuda::stream_t>(stream));
-    }, "stream"_a, release);
+    }, "stream"_a, "device"_a, release);
 #endif
 #if BNORM_JAX_FFI
     bind_jax_ffi(m);

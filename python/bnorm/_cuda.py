@@ -169,6 +169,10 @@ class _Jax:
 
         self.jax, self.jnp, self.stream = jax, jnp, 0 if stream is None else stream
         (self.device,) = x.devices()
+        # the CUDA ordinal in this process (JAX's id is global across processes)
+        self.cuda_device = getattr(self.device, "local_hardware_id", None)
+        if self.cuda_device is None:
+            self.cuda_device = self.device.id
 
     def owns(self, a):
         return isinstance(a, self.jax.Array) and a.devices() == {self.device}
@@ -179,7 +183,7 @@ class _Jax:
 
     def empty(self, shape, dtype_name):
         # a bnorm-owned device buffer (DLPack-capable), turned into a JAX array by wrap()
-        return _DLPackBuffer(_core.cuda_empty(tuple(shape), dtype_name, self.device.id), self.device.id)
+        return _DLPackBuffer(_core.cuda_empty(tuple(shape), dtype_name, self.cuda_device), self.cuda_device)
 
     @staticmethod
     def is_contiguous(a):
@@ -198,7 +202,7 @@ class _Jax:
         # streams of its own, which do not wait for bnorm's: the stream is synchronized first.
         if isinstance(a, self.jax.Array):
             return a
-        _core.cuda_synchronize(self.stream)
+        _core.cuda_synchronize(self.stream, self.cuda_device)
         return self.jax.dlpack.from_dlpack(a)
 
     @staticmethod

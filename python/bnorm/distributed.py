@@ -125,8 +125,10 @@ class _CupyOps(_NumpyOps):
         return self.xp.asnumpy(a)
 
     def synchronize(self, a: Any) -> None:
-        # Host-driven engines (MPI) read device memory outside CuPy's stream order.
-        self.xp.cuda.get_current_stream().synchronize()
+        # Host-driven engines (MPI) read device memory outside CuPy's stream order; the
+        # current stream is per device (bnorm's default for CuPy arrays).
+        with a.device:
+            self.xp.cuda.get_current_stream().synchronize()
 
 
 class _TorchOps:

@@ -319,7 +319,7 @@ void test_numerics(cudaStream_t stream) {
     namespace bc = bnorm::cuda;
     std::printf("  numerics: large mean, constant channels, NaN, [1, 2, 3, 4], empty batch\n");
     // Large mean: float32 data with |mean| >> std keeps mean and var accurate.
-    for (const Shape s : {Shape{64, 2, 100}, Shape{6400, 2, 1}, Shape{64, 2, 128}}) {
+    for (const Shape s : {Shape{64, 2, 100}, Shape{40000, 2, 1}, Shape{64, 2, 128}}) {  // (40000 rows: 5 row blocks)
         const auto x = random_data<float>(s, 1e4, 5);
         Dev<float> xd(x), mean(2), var(2);
         bc::batch_stats(xd.p, s, mean.p, var.p, stream);
@@ -700,7 +700,8 @@ int main() {
         {4, 3, 5},       // planes, tiny, odd inner (scalar)
         {7, 5, 1},       // rows, tiny
         {3, 2, 5000},    // planes, one row split across blocks
-        {1000, 3, 1},    // rows, several row blocks, C not a multiple of the vector width
+        {1000, 3, 1},    // rows, one row block, C not a multiple of the vector width
+        {20000, 3, 1},   // rows, several row blocks (a block takes >= 8 tiles per thread: 4096 rows here)
         {2, 1500, 1},    // rows, many channel slices
         {40, 4, 130},    // planes, several rows per block
         {1, 3, 9},       // N == 1 with spatial size > 1
@@ -731,7 +732,7 @@ int main() {
     test_numerics(stream);
     test_merge_stats(stream);
     test_errors(stream);
-    for (const Shape& s : {Shape{8, 3, 5}, Shape{16, 8, 3136}, Shape{4096, 64, 1}, Shape{1000, 3, 1}})
+    for (const Shape& s : {Shape{8, 3, 5}, Shape{16, 8, 3136}, Shape{4096, 64, 1}, Shape{20000, 3, 1}})
         test_fused_epilogue(s, stream);
     test_streams_and_graphs();
     test_huge();

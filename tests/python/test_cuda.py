@@ -340,14 +340,17 @@ def test_jax_cuda_matches_cpu(shape, axis):
 def test_cupy_on_a_non_default_stream():
     x = cupy.asarray((2 + np.random.default_rng(3).standard_normal((32, 8, 13, 13))).astype(np.float32))
     out = cupy.empty_like(x)
+    cupy.cuda.Stream.null.synchronize()  # x's copy ran on the null stream
     s = cupy.cuda.Stream(non_blocking=True)
     with s:
         y, mean, invstd = bnorm.forward_train(x, out=out, stream=s.ptr)
         dx, dw, db = bnorm.backward(x, x, mean, invstd, stream=s.ptr)
+        y2, _, _ = bnorm.forward_train(x)  # no stream=: CuPy's current stream, s
     s.synchronize()
     assert y.data.ptr == out.data.ptr
     ref, rmean, rinvstd = bnorm.forward_train(cupy.asnumpy(x))
     _close(cupy.asnumpy(out), ref, "float32")
+    _close(cupy.asnumpy(y2), ref, "float32")
     for g, e in zip((dx, dw, db), bnorm.backward(cupy.asnumpy(x), cupy.asnumpy(x), rmean, rinvstd)):
         _close(cupy.asnumpy(g), e, "float32")
 

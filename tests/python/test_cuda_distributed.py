@@ -14,7 +14,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 
 import pytest
 
@@ -50,33 +49,40 @@ def _free_port():
 
 
 @pytest.mark.parametrize("backend,ranks", [("nccl", 1), ("gloo", 2), ("nccl", 2)])
-def test_sync_phases_on_cuda_tensors(backend, ranks):
+def test_sync_phases_on_cuda_tensors(backend, ranks, tmp_path):
     if backend == "nccl" and not dist.is_nccl_available():
         pytest.skip("this PyTorch has no NCCL backend")
     if backend == "gloo" and not dist.is_gloo_available():
         pytest.skip("this PyTorch has no Gloo backend")
     if backend == "nccl" and ranks > torch.cuda.device_count() and os.environ.get("BNORM_NCCL_SAME_GPU") != "1":
         pytest.skip(f"NCCL needs a GPU per rank ({ranks} ranks, {torch.cuda.device_count()} GPU(s))")
-    out_dir = tempfile.mkdtemp(prefix="bnorm-cuda-sync-")
     env = dict(os.environ, WORLD_SIZE=str(ranks), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
                OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (HERE, env.get("PYTHONPATH")) if p)
-    procs = [subprocess.Popen([sys.executable, WORKER, backend, os.path.join(out_dir, f"rank{r}.json")],
-                              env=dict(env, RANK=str(r)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # (output to files: a rank writing much to a pipe nobody reads yet would block)
+    logs = [open(tmp_path / f"rank{r}.log", "w+") for r in range(ranks)]
+    procs = [subprocess.Popen([sys.executable, WORKER, backend, str(tmp_path / f"rank{r}.json")],
+                              env=dict(env, RANK=str(r)), stdout=logs[r], stderr=subprocess.STDOUT)
              for r in range(ranks)]
-    outputs = []
     try:
         for p in procs:
-            outputs.append(p.communicate(timeout=TIMEOUT_S))
+            p.wait(timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
         for p in procs:
             p.kill()
+            p.wait()
         pytest.fail(f"{backend} with {ranks} processes timed out (a hang?)")
-    bad = [(r, p.returncode, err) for r, (p, (_, err)) in enumerate(zip(procs, outputs)) if p.returncode != 0]
+    finally:
+        outputs = []
+        for log in logs:
+            log.seek(0)
+            outputs.append(log.read())
+            log.close()
+    bad = [(r, p.returncode, out) for r, (p, out) in enumerate(zip(procs, outputs)) if p.returncode != 0]
     if bad:
-        pytest.fail("\n".join(f"rank {r} exited with {rc}:\n{err[-3000:]}" for r, rc, err in bad))
+        pytest.fail("\n".join(f"rank {r} exited with {rc}:\n{out[-3000:]}" for r, rc, out in bad))
     failures = []
     for r in range(ranks):
-        with open(os.path.join(out_dir, f"rank{r}.json")) as f:
+        with open(tmp_path / f"rank{r}.json") as f:
             failures += [f"rank {r}: {m}" for m in json.load(f)["failures"]]
     assert not failures, "\n".join(failures)
