@@ -93,8 +93,9 @@ struct Layout {
     Tensor array(const Tensor& t_) const {
         const Tensor t = plain(t_);
         if (channels_last) {
-            const Tensor moved = t.movedim(1, -1);
-            return moved.is_contiguous() ? t : moved.contiguous().movedim(-1, 1);
+            // (the same test as is_contiguous() of t.movedim(1, -1), without making that view)
+            if (t.numel() == 0 || channels_innermost(t)) return t;
+            return t.movedim(1, -1).contiguous().movedim(-1, 1);
         }
         return t.contiguous();
     }
