@@ -12,6 +12,8 @@ outputs), without host synchronization.
 
 from __future__ import annotations
 
+import numpy as np
+
 from . import _core
 
 _DTYPES = ("float16", "float32", "float64", "bfloat16")
@@ -90,6 +92,22 @@ class _Torch:
         counts = self.torch.as_tensor(counts, dtype=self.torch.float64, device=self.device)
         return counts.reshape(parts, 1 if counts.ndim == 1 else channels).expand(parts, channels).contiguous()
 
+    def from_host(self, a):
+        """A copy of NumPy array a on this device (the layer's vectors following x)."""
+        return self.torch.from_numpy(a).to(self.device)
+
+    @staticmethod
+    def to_host(a):
+        return a.detach().cpu().numpy()
+
+    @staticmethod
+    def clone(a):
+        return a.clone()
+
+    def invstd(self, var, eps):
+        """1 / sqrt(var + eps) in double, rounded once to var's dtype (as the CPU computes it)."""
+        return (1.0 / self.torch.sqrt(var.double() + eps)).to(var.dtype)
+
 
 class _CuPy:
     dtypes = _DTYPES
@@ -155,6 +173,24 @@ class _CuPy:
             return self.cupy.ascontiguousarray(
                 self.cupy.broadcast_to(counts.reshape(parts, 1 if counts.ndim == 1 else channels), (parts, channels)))
 
+    def from_host(self, a):
+        """A copy of NumPy array a on this device (the layer's vectors following x)."""
+        with self.device:
+            return self.cupy.asarray(a)
+
+    @staticmethod
+    def to_host(a):
+        return a.get()
+
+    @staticmethod
+    def clone(a):
+        return a.copy()
+
+    def invstd(self, var, eps):
+        """1 / sqrt(var + eps) in double, rounded once to var's dtype (as the CPU computes it)."""
+        with self.device:
+            return (1.0 / self.cupy.sqrt(var.astype("float64") + eps)).astype(var.dtype)
+
 
 class _Jax:
     """JAX arrays are immutable: outputs are fresh device buffers from bnorm, wrapped as JAX
@@ -209,10 +245,13 @@ class _Jax:
     def is_writeable(a):
         return False
 
-
     @staticmethod
     def copy_into(dst, src):
         raise ValueError("bnorm: JAX arrays are immutable: out= cannot be a JAX array")
+
+    @staticmethod
+    def to_host(a):
+        return np.asarray(a)
 
     def counts_table(self, counts, parts, channels):
         counts = self.jnp.asarray(counts, dtype="float64")

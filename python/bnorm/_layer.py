@@ -140,8 +140,12 @@ class BatchNorm:
         else:
             y = forward_infer(x, self.running_mean, self.running_var, self.weight, self.bias, axis=self.axis,
                               eps=self.eps, **fused)
-            invstd = (1.0 / np.sqrt(self.running_var.astype(np.float64) + self.eps)).astype(self.param_dtype)
-            self._saved = (x, self.running_mean.copy(), invstd, False)
+            if isinstance(self.running_var, np.ndarray):
+                invstd = (1.0 / np.sqrt(self.running_var.astype(np.float64) + self.eps)).astype(self.param_dtype)
+                self._saved = (x, self.running_mean.copy(), invstd, False)
+            else:
+                xp = _backend(self.running_var, None)
+                self._saved = (x, xp.clone(self.running_mean), xp.invstd(self.running_var, self.eps), False)
         self._fused = (y if self.activation == "relu" else None, residual is not None)
         return y
 
@@ -151,8 +155,6 @@ class BatchNorm:
         """Ghost batch normalization (virtual_batch_size): groups normalized one by one (each
         with the fused epilogue on its slice of the residual), then the running statistics
         updated once from the whole batch's merged statistics."""
-        if not isinstance(x, np.ndarray):
-            raise TypeError(f"bnorm: virtual_batch_size takes NumPy arrays, got {type(x).__module__}.{type(x).__name__}")
         _ghost.check_groups(x, self.virtual_batch_size, self.axis)
         if x.size == 0:  # nothing to learn from: as BatchNorm, no buffer changes
             y, mean, invstd = forward_train(x, self.weight, self.bias, axis=self.axis, eps=self.eps,
@@ -184,13 +186,37 @@ class BatchNorm:
         """x as a NumPy array (CPU arrays of other frameworks and lists converted, a float
         list to float64; CUDA arrays pass as they are), checked against the layer's channel
         count and, where the layer has parameters or buffers, their dtype, before anything is
-        computed or updated."""
-        if _backend(x, None) is _NumPy:
+        computed or updated. Then the layer's vectors follow x (see _follow)."""
+        xp = _backend(x, None)
+        if xp is _NumPy:
             if type(x) is not np.ndarray:
                 x = _as_numpy(x, "x")
             self._check_dtype(x.dtype)
         self._check_shape(tuple(int(n) for n in x.shape))
+        if xp is not _NumPy:
+            if self.virtual_batch_size is not None and (self.training or not self.track_running_stats):
+                raise TypeError(f"bnorm: virtual_batch_size takes NumPy arrays, got {type(x).__module__}.{type(x).__name__}")
+            if not hasattr(xp, "from_host") and any(v is not None for v in self._vectors().values()):
+                raise TypeError(
+                    f"bnorm: {type(self).__name__} updates its running statistics in place and keeps its parameters "
+                    f"in arrays of x's framework, but JAX arrays are immutable: use bnorm.jax.batch_norm, or a layer "
+                    f"with affine=False and track_running_stats=False")
+        self._follow(xp)
         return x
+
+    def _vectors(self) -> dict:
+        return {name: getattr(self, name) for name in ("weight", "bias", "running_mean", "running_var")}
+
+    def _follow(self, xp) -> None:
+        """Moves the parameters and running statistics to where x is (namespace xp): NumPy
+        arrays for a NumPy x, arrays of x's framework on x's device for a CUDA x, as
+        ``module.to(device)`` would in PyTorch. A copy of C values per vector, made only when
+        x's placement differs from the vectors' (so once, for a layer used on one device)."""
+        for name, a in self._vectors().items():
+            if a is None or (xp.owns(a) if xp is not _NumPy else isinstance(a, np.ndarray)):
+                continue
+            host = a if isinstance(a, np.ndarray) else _backend(a, None).to_host(a)
+            setattr(self, name, host if xp is _NumPy else xp.from_host(host))
 
     def _check_shape(self, shape: tuple) -> None:
         """ValueError unless x of this shape has num_features channels on the layer's axis
@@ -251,12 +277,10 @@ class BatchNorm:
     def state_dict(self) -> dict:
         """Copies of the parameters and buffers, under PyTorch's keys."""
         state = {}
-        if self.affine:
-            state["weight"] = self.weight.copy()
-            state["bias"] = self.bias.copy()
+        for name, a in self._vectors().items():
+            if a is not None:
+                state[name] = a.copy() if isinstance(a, np.ndarray) else _backend(a, None).clone(a)
         if self.track_running_stats:
-            state["running_mean"] = self.running_mean.copy()
-            state["running_var"] = self.running_var.copy()
             state["num_batches_tracked"] = np.array(self.num_batches_tracked, dtype=np.int64)
         return state
 
@@ -273,7 +297,10 @@ class BatchNorm:
             raise KeyError(f"bnorm: state_dict mismatch: missing {missing}, unexpected {unexpected}")
         values = {}
         for key in expected & keys:
-            value = _as_numpy(state[key], key)
+            value = state[key]
+            if _backend(value, None) is not _NumPy:  # a CUDA array (a state_dict of this layer on a GPU)
+                value = _backend(value, None).to_host(value)
+            value = _as_numpy(value, key)
             if key == "num_batches_tracked":
                 if value.shape != () or value.dtype.kind not in "iu" or not 0 <= int(value) < 2**63:
                     raise ValueError(f"bnorm: num_batches_tracked must be an integer scalar in [0, 2**63), got {value!r}")
@@ -289,8 +316,13 @@ class BatchNorm:
         for key, value in values.items():
             if key == "num_batches_tracked":
                 self.num_batches_tracked = value
-            else:
-                np.copyto(getattr(self, key), value, casting="same_kind")
+                continue
+            dst = getattr(self, key)
+            if isinstance(dst, np.ndarray):
+                np.copyto(dst, value, casting="same_kind")
+            else:  # the layer's vectors are on a GPU: in place there
+                xp = _backend(dst, None)
+                xp.copy_into(dst, xp.from_host(np.ascontiguousarray(value, dtype=self.param_dtype)))
 
     def __repr__(self) -> str:
         return (f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "

@@ -17,7 +17,7 @@ import math
 
 import numpy as np
 
-from ._functional import _check_running_var, _real, backward, batch_stats, normalize
+from ._functional import _NumPy, _backend, _check_running_var, _real, backward, batch_stats, normalize
 from ._layer import BatchNorm
 
 __all__ = ["BatchRenorm"]
@@ -85,9 +85,9 @@ class BatchRenorm(BatchNorm):
         self._renorm_saved = None
         if not self.training:
             return super().__call__(x)
-        x = self._input(x)
-        if not isinstance(x, np.ndarray):
+        if _backend(x, None) is not _NumPy:  # (before _input, which would move the vectors to x's device)
             raise TypeError(f"bnorm: BatchRenorm takes NumPy arrays, got {type(x).__module__}.{type(x).__name__}")
+        x = self._input(x)
         if x.size == 0:  # nothing to learn from: as BatchNorm, no buffer changes
             return super().__call__(x)
         _check_running_var(self.running_var)  # sigma below: a negative one would make NaN r and d

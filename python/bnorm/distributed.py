@@ -489,9 +489,8 @@ class SyncBatchNorm(BatchNorm):
     then returns ``(dx, dresidual)`` as BatchNorm's does.
 
     ``comm``: an mpi4py communicator or a :class:`Communicator` (see
-    :func:`as_communicator`). Same attributes and methods as BatchNorm (and, like it, a
-    layer on NumPy arrays; on the GPU use :func:`sync_batch_stats` and
-    :func:`sync_backward_reduce`). Every rank calls it, and ``backward``, in the same
+    :func:`as_communicator`). Same attributes and methods as BatchNorm (like it, on NumPy
+    arrays or on CUDA arrays of PyTorch or CuPy, its vectors following x's device). Every rank calls it, and ``backward``, in the same
     order, each with its own slice of the global batch; slices may differ in size and may
     be empty. In training mode:
 
@@ -591,19 +590,12 @@ class SyncBatchNorm(BatchNorm):
 
     def _check_input(self, x: Any) -> Any:
         """x as a C-contiguous NumPy array (CPU arrays of other frameworks are converted, as
-        BatchNorm does), or x itself when it is a CUDA array and the layer holds no NumPy
-        vectors. Raises as BatchNorm would for an x this layer cannot take. Runs before the
+        BatchNorm does), or x itself when it is a CUDA array (the layer's vectors then moved
+        to x's device, as BatchNorm moves them). Raises as BatchNorm would for an x this layer cannot take. Runs before the
         collective (a bad input on one rank then makes every rank raise)."""
-        x = self._input(x)  # as BatchNorm: CPU arrays converted, dtype and channels checked
-        if isinstance(x, np.ndarray):
-            if not x.flags.c_contiguous:
-                x = np.ascontiguousarray(x)  # once, rather than in each of the three phases
-        elif self.affine or self.track_running_stats:
-            raise TypeError(
-                "bnorm: SyncBatchNorm, like BatchNorm, holds NumPy parameters and takes NumPy "
-                f"arrays, got {type(x).__module__}.{type(x).__name__} on a GPU; there, use "
-                "bnorm.distributed.sync_batch_stats and sync_backward_reduce"
-            )
+        x = self._input(x)  # as BatchNorm: CPU arrays converted, checked, the vectors moved to x's device
+        if isinstance(x, np.ndarray) and not x.flags.c_contiguous:
+            x = np.ascontiguousarray(x)  # once, rather than in each of the three phases
         return x
 
     def _running_updates(self, g: _GlobalStats) -> list:

@@ -442,3 +442,150 @@ def test_torch_cuda_graph_capture_and_replay():
 def test_legacy_stream_during_a_capture_is_an_error_not_a_crash():
     r = _run_capture_script("legacy")
     assert r.returncode == 0 and "done" in r.stdout, f"exit {r.returncode}\n{r.stdout}\n{r.stderr[-4000:]}"
+
+
+# --- the layers on CUDA arrays --------------------------------------------------------------
+
+def _framework(name):
+    """(to device, to host, array type) for CUDA arrays of `name`, or a skip."""
+    if name == "torch":
+        if torch_cuda is None or not bnorm.cuda_available():
+            pytest.skip("needs PyTorch with CUDA and a CUDA device")
+        return (lambda a: torch_cuda.from_numpy(np.ascontiguousarray(a)).cuda(),
+                lambda t: t.cpu().numpy(), torch_cuda.Tensor)
+    if cupy is None or not bnorm.cuda_available():
+        pytest.skip("needs CuPy and a CUDA device")
+    return cupy.asarray, cupy.asnumpy, cupy.ndarray
+
+
+@pytest.mark.parametrize("framework", ["torch", "cupy"])
+@pytest.mark.parametrize("activation", [None, "relu"])
+@pytest.mark.parametrize("shape,axis", [((8, 6, 5, 7), 1), ((8, 5, 7, 6), -1), ((40, 6), 1)])
+def test_batchnorm_layer_on_cuda_arrays_matches_numpy(framework, activation, shape, axis):
+    """bnorm.BatchNorm on CUDA arrays against the same layer on NumPy arrays: outputs
+    (arrays of x's framework on its device), gradients, running statistics over training
+    steps, then eval mode, state_dict / load_state_dict, and back to NumPy."""
+    dev, host, array_type = _framework(framework)
+    rng = np.random.default_rng(11)
+    c = shape[axis]
+    ref = bnorm.BatchNorm(c, axis=axis, activation=activation, momentum=None)
+    gpu = bnorm.BatchNorm(c, axis=axis, activation=activation, momentum=None)
+    w, b = rng.standard_normal(c).astype(np.float32), rng.standard_normal(c).astype(np.float32)
+    for layer in (ref, gpu):
+        layer.load_state_dict({**layer.state_dict(), "weight": w, "bias": b})
+
+    def step(train):
+        ref.train(train), gpu.train(train)
+        x = (3 + 2 * rng.standard_normal(shape)).astype(np.float32)
+        z, dy = (rng.standard_normal(shape).astype(np.float32) for _ in range(2))
+        res = {"residual": z} if activation else {}
+        y_ref = ref(x, **res)
+        y = gpu(dev(x), **({"residual": dev(z)} if activation else {}))
+        assert isinstance(y, array_type) and isinstance(gpu.running_mean, array_type)
+        _close(host(y), y_ref, "float32")
+        g_ref, g = ref.backward(dy), gpu.backward(dev(dy))
+        g_ref, g = (g_ref, g) if activation else ((g_ref,), (g,))
+        for got, want in zip(g, g_ref):
+            assert isinstance(got, array_type)
+            _close(host(got), want, "float32")
+        _close(host(gpu.grad_weight), ref.grad_weight, "float32")
+        _close(host(gpu.grad_bias), ref.grad_bias, "float32")
+
+    for _ in range(3):
+        step(True)
+    assert gpu.num_batches_tracked == ref.num_batches_tracked == 3
+    _close(host(gpu.running_mean), ref.running_mean, "float32")
+    _close(host(gpu.running_var), ref.running_var, "float32")
+    step(False)
+
+    state = gpu.state_dict()
+    assert isinstance(state["running_var"], array_type)
+    assert state["running_var"] is not gpu.running_var
+    fresh = bnorm.BatchNorm(c, axis=axis)
+    fresh.load_state_dict(state)  # device arrays into a NumPy layer
+    _close(fresh.running_var, ref.running_var, "float32")
+    gpu.load_state_dict(ref.state_dict())  # NumPy arrays into a layer on the GPU: in place there
+    assert isinstance(gpu.running_var, array_type)
+    _close(host(gpu.running_var), ref.running_var, "float32")
+
+    gpu.train()
+    x = (1 + rng.standard_normal(shape)).astype(np.float32)
+    _close(gpu(x), ref(x), "float32")  # a NumPy x: the vectors come back to the host
+    assert isinstance(gpu.weight, np.ndarray) and isinstance(gpu.running_mean, np.ndarray)
+    _close(gpu.running_mean, ref.running_mean, "float32")
+
+
+@needs_torch_cuda
+def test_batchnorm_layer_on_cuda_half_precision():
+    """A float16 layer (float32 vectors) on float16 and bfloat16 torch CUDA tensors."""
+    torch = torch_cuda
+    rng = np.random.default_rng(5)
+    x32 = (2 + rng.standard_normal((16, 4, 9, 9))).astype(np.float32)
+    ref = bnorm.BatchNorm(4, dtype=np.float16)
+    ref_y = ref(x32.astype(np.float16))
+    for dtype, tol in ((torch.float16, "float16"), (torch.bfloat16, "bfloat16")):
+        gpu = bnorm.BatchNorm(4, dtype=np.float16)
+        y = gpu(torch.from_numpy(x32).cuda().to(dtype))
+        assert y.dtype == dtype and gpu.running_mean.dtype == torch.float32
+        _close(y.float().cpu().numpy(), ref_y.astype(np.float32), tol)
+        _close(gpu.running_var.cpu().numpy(), ref.running_var, "float32")
+
+
+@needs_torch_cuda
+def test_batchnorm_layer_errors_on_cuda_leave_it_unchanged():
+    torch = torch_cuda
+    gpu = bnorm.BatchNorm(4)
+    gpu(torch.randn(8, 4, device="cuda") + 2)
+    mean_before = gpu.running_mean.clone()
+    with pytest.raises(ValueError, match="channels"):
+        gpu(torch.randn(8, 5, device="cuda"))
+    with pytest.raises(ValueError):
+        gpu(torch.randn(1, 4, device="cuda"))  # one value per channel in training
+    assert torch.equal(gpu.running_mean, mean_before) and gpu.num_batches_tracked == 1
+    ghost = bnorm.BatchNorm(4, virtual_batch_size=4)
+    with pytest.raises(TypeError, match="NumPy"):
+        ghost(torch.randn(8, 4, device="cuda"))
+    assert isinstance(ghost.weight, np.ndarray)  # refused before the vectors moved
+    renorm = bnorm.BatchRenorm(4)
+    with pytest.raises(TypeError, match="NumPy"):
+        renorm(torch.randn(8, 4, device="cuda"))
+    assert isinstance(renorm.weight, np.ndarray)
+
+
+@needs_jax_gpu
+def test_batchnorm_layer_refuses_jax_cuda_arrays_when_it_has_vectors():
+    jax = jax_gpu
+    x = jax.numpy.ones((8, 4)) + jax.random.normal(jax.random.PRNGKey(0), (8, 4))
+    with pytest.raises(TypeError, match="immutable"):
+        bnorm.BatchNorm(4)(x)
+    y = bnorm.BatchNorm(4, affine=False, track_running_stats=False)(x)  # nothing to update in place
+    ref, _, _ = bnorm.forward_train(np.asarray(x))
+    _close(np.asarray(y), ref, "float32")
+
+
+@pytest.mark.parametrize("framework", ["torch", "cupy"])
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_sync_batchnorm_layer_on_cuda_arrays(framework, activation):
+    """SyncBatchNorm on CUDA arrays, one rank (LocalComm): the global batch is this rank's,
+    so it matches BatchNorm on NumPy (the collective phases run on the device)."""
+    from bnorm.distributed import LocalComm, SyncBatchNorm
+
+    dev, host, array_type = _framework(framework)
+    rng = np.random.default_rng(2)
+    ref = bnorm.BatchNorm(6, activation=activation)
+    sbn = SyncBatchNorm(6, LocalComm(), activation=activation)
+    for _ in range(2):
+        x = (1 + 3 * rng.standard_normal((10, 6, 4, 5))).astype(np.float32)
+        dy, z = (rng.standard_normal(x.shape).astype(np.float32) for _ in range(2))
+        res_ref, res = ({"residual": z}, {"residual": dev(z)}) if activation else ({}, {})
+        y = sbn(dev(x), **res)
+        assert isinstance(y, array_type)
+        _close(host(y), ref(x, **res_ref), "float32")
+        g, g_ref = sbn.backward(dev(dy)), ref.backward(dy)
+        for got, want in zip(g if activation else (g,), g_ref if activation else (g_ref,)):
+            _close(host(got), want, "float32")
+        _close(host(sbn.grad_weight), ref.grad_weight, "float32")
+    assert isinstance(sbn.running_var, array_type)
+    _close(host(sbn.running_mean), ref.running_mean, "float32")
+    _close(host(sbn.running_var), ref.running_var, "float32")
+    assert sbn.num_batches_tracked == 2
