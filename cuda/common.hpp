@@ -158,35 +158,6 @@ __device__ __forceinline__ void load_vec(const T* p, acc_t<T>* out) {
     }
 }
 
-/// As load_vec, for data a thread reads once (the elementwise passes): the load does not
-/// allocate in L1 (ld.global.L1::no_allocate, sm_70+), so the streamed tensor does not evict
-/// the per-channel coefficients that every element looks up there.
-template <class T, int V>
-__device__ __forceinline__ void load_vec_once(const T* p, acc_t<T>* out) {
-    static_assert(V == 1 || V * sizeof(T) == 16, "vector loads are 16 bytes");
-    T v[V];
-    if constexpr (V == 1 && sizeof(T) == 2) {
-        unsigned short raw;
-        asm volatile("ld.global.L1::no_allocate.b16 %0, [%1];" : "=h"(raw) : "l"(p));
-        memcpy(v, &raw, sizeof raw);
-    } else if constexpr (V == 1 && sizeof(T) == 4) {
-        unsigned raw;
-        asm volatile("ld.global.L1::no_allocate.b32 %0, [%1];" : "=r"(raw) : "l"(p));
-        memcpy(v, &raw, sizeof raw);
-    } else if constexpr (V == 1) {
-        unsigned long long raw;
-        asm volatile("ld.global.L1::no_allocate.b64 %0, [%1];" : "=l"(raw) : "l"(p));
-        memcpy(v, &raw, sizeof raw);
-    } else {
-        uint4 raw;
-        asm volatile("ld.global.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-                     : "=r"(raw.x), "=r"(raw.y), "=r"(raw.z), "=r"(raw.w) : "l"(p));
-        memcpy(v, &raw, sizeof raw);
-    }
-#pragma unroll
-    for (int k = 0; k < V; ++k) out[k] = to_acc(v[k]);
-}
-
 template <class T, int V>
 __device__ __forceinline__ void store_vec(T* p, const acc_t<T>* in) {
     static_assert(V == 1 || V * sizeof(T) == 16, "vector stores are 16 bytes");

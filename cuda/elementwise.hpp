@@ -17,9 +17,6 @@
 //   a flat walk would instead look up 3-4 coefficients per element at a different channel
 //   in every lane, several L1 wavefronts per element, far above what L1 serves at DRAM rate.
 //
-// Tensor data is loaded without allocating in L1 (load_vec_once: read once), which leaves L1
-// to the coefficients; a slot's coefficients are requested together with its data.
-//
 // y may alias x, dx may alias dy or x: each element is read and then written by the same
 // thread.
 //
@@ -102,7 +99,7 @@ template <class T, int V>
 __device__ __forceinline__ void mask_gradient(const EwEpilogue<T>& e, int64_t at, acc_t<T>* g) {
     if (!e.mask) return;
     acc_t<T> m[V];
-    load_vec_once<T, V>(e.mask + at, m);
+    load_vec<T, V>(e.mask + at, m);
 #pragma unroll
     for (int j = 0; j < V; ++j) g[j] = m[j] > acc_t<T>(0) ? g[j] : acc_t<T>(0);
     if (e.dsum) store_vec<T, V>(e.dsum + at, g);
@@ -113,7 +110,7 @@ template <class T, int V>
 __device__ __forceinline__ void forward_epilogue(const EwEpilogue<T>& e, int64_t at, acc_t<T>* r) {
     if (e.residual) {
         acc_t<T> z[V];
-        load_vec_once<T, V>(e.residual + at, z);
+        load_vec<T, V>(e.residual + at, z);
 #pragma unroll
         for (int j = 0; j < V; ++j) r[j] = r[j] + z[j];
     }
@@ -211,16 +208,12 @@ flat_elementwise_kernel(const T* a, const T* b, T* out, EwCoefs<acc_t<T>> k, EwI
 
     for (; base < ix.nvec; base += ix.vstride) {
         A va[kEwIlp][V], vb[kEwIlp][V];
-        // (each slot's coefficients are loaded beside its data, not after it arrives: their
-        // latency then overlaps the data's instead of adding to it)
-        ChannelCoef<A> kcs[kEwIlp];
 #pragma unroll
         for (int i = 0; i < kEwIlp; ++i) {
             const int64_t v = base + int64_t(i) * kThreads;
             if (v < ix.nvec) {
-                load_vec_once<T, V>(a + v * V, va[i]);
-                if constexpr (kTwo) load_vec_once<T, V>(b + v * V, vb[i]);
-                kcs[i] = coef_of<MODE>(k, ch[i]);
+                load_vec<T, V>(a + v * V, va[i]);
+                if constexpr (kTwo) load_vec<T, V>(b + v * V, vb[i]);
                 if constexpr (MODE != Ew::Forward) mask_gradient<T, V>(ep, v * V, va[i]);
             }
         }
@@ -230,11 +223,12 @@ flat_elementwise_kernel(const T* a, const T* b, T* out, EwCoefs<acc_t<T>> k, EwI
             if (v < ix.nvec) {
                 A r[V];
                 if constexpr (kSameChannel) {
+                    const ChannelCoef<A> kc = coef_of<MODE>(k, ch[i]);
 #pragma unroll
-                    for (int j = 0; j < V; ++j) r[j] = apply<MODE>(va[i][j], kTwo ? vb[i][j] : A(0), kcs[i]);
+                    for (int j = 0; j < V; ++j) r[j] = apply<MODE>(va[i][j], kTwo ? vb[i][j] : A(0), kc);
                 } else {
                     int64_t cc = col[i], c = ch[i], loaded = ch[i];
-                    ChannelCoef<A> kc = kcs[i];
+                    ChannelCoef<A> kc = coef_of<MODE>(k, c);
 #pragma unroll
                     for (int j = 0; j < V; ++j) {
                         if (c != loaded) {
@@ -287,8 +281,8 @@ rows_elementwise_kernel(const T* a, const T* b, T* out, EwCoefs<acc_t<T>> k, EwR
         for (int i = 0; i < kEwIlp; ++i) {
             const int64_t row = r + i * TY;
             if (row < r1) {
-                load_vec_once<T, V>(a + row * C + c0, va[i]);
-                if constexpr (kTwo) load_vec_once<T, V>(b + row * C + c0, vb[i]);
+                load_vec<T, V>(a + row * C + c0, va[i]);
+                if constexpr (kTwo) load_vec<T, V>(b + row * C + c0, vb[i]);
                 if constexpr (MODE != Ew::Forward) mask_gradient<T, V>(e, row * C + c0, va[i]);
             }
         }

@@ -224,7 +224,7 @@ struct RowPlan {
 };
 
 /// Items per thread per register tile.
-template <class T, int V> constexpr int plane_unroll() { return V == 1 ? (sizeof(T) == 2 ? 16 : 8) : 4; }
+template <class T, int V> constexpr int plane_unroll() { return V == 1 ? 8 : 4; }
 template <class T, int V> constexpr int row_unroll() {
     return V == 1 ? 8 : (sizeof(T) == 2 ? 4 : (sizeof(T) == 4 ? 8 : 4));
 }
@@ -311,9 +311,6 @@ plane_reduce_kernel(const T* __restrict__ x, const T* __restrict__ dy, Op op, Pl
     using A = acc_t<T>;
     using State = typename Op::State;
     using Final = typename Op::Final;
-    // One-input ops (the statistics) compute more per loaded byte than the backward sums:
-    // their next tile's loads are issued before this tile's math (software pipelining).
-    constexpr bool kPrefetch = Op::kInputs == 1;
     __shared__ State warp_sm[kThreads / 32];
     __shared__ Final final_sm[kThreads];
     __shared__ bool last_sm;
@@ -352,31 +349,11 @@ plane_reduce_kernel(const T* __restrict__ x, const T* __restrict__ dy, Op op, Pl
         }
     };
     int64_t k = 0;
-    if constexpr (kPrefetch) {
-        if (nt >= U) {  // the same tiles in the same order, the next one's loads in flight
-            A xv[U * V], gv[U * V];
+    for (; k + U <= nt; k += U) {
+        A xv[U * V], gv[U * V];
 #pragma unroll
-            for (int u = 0; u < U; ++u) load_next(xv + u * V, gv + u * V);
-            for (k = U; k + U <= nt; k += U) {
-                A nx[U * V], ng[U * V];
-#pragma unroll
-                for (int u = 0; u < U; ++u) load_next(nx + u * V, ng + u * V);
-                op.template tile<U * V>(st, xv, gv, center);
-#pragma unroll
-                for (int i = 0; i < U * V; ++i) {
-                    xv[i] = nx[i];
-                    gv[i] = ng[i];
-                }
-            }
-            op.template tile<U * V>(st, xv, gv, center);
-        }
-    } else {
-        for (; k + U <= nt; k += U) {
-            A xv[U * V], gv[U * V];
-#pragma unroll
-            for (int u = 0; u < U; ++u) load_next(xv + u * V, gv + u * V);
-            op.template tile<U * V>(st, xv, gv, center);
-        }
+        for (int u = 0; u < U; ++u) load_next(xv + u * V, gv + u * V);
+        op.template tile<U * V>(st, xv, gv, center);
     }
     for (; k < nt; ++k) {
         A xv[V], gv[V];
@@ -401,7 +378,6 @@ row_reduce_kernel(const T* __restrict__ x, const T* __restrict__ dy, Op op, RowP
     using A = acc_t<T>;
     using State = typename Op::State;
     using Final = typename Op::Final;
-    constexpr bool kPrefetch = Op::kInputs == 1;  // as in plane_reduce_kernel
     __shared__ State state_sm[kThreads * V];
     __shared__ Final final_sm[kThreads];
     __shared__ bool last_sm;
@@ -436,15 +412,14 @@ row_reduce_kernel(const T* __restrict__ x, const T* __restrict__ dy, Op op, RowP
     const int64_t step = int64_t(TY) * C;
     int64_t off = r * C + c0;
     int64_t k = 0;
-    const auto load_tile = [&](A (*xv)[V], A (*gv)[V]) {
+    for (; k + U <= nt; k += U) {
+        A xv[U][V], gv[U][V];
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             load_vec<T, V>(x + off, xv[u]);
             if constexpr (Op::kInputs == 2) load_vec<T, V>(dy + off, gv[u]);
             off += step;
         }
-    };
-    const auto reduce_tile = [&](A (*xv)[V], A (*gv)[V]) {
 #pragma unroll
         for (int ch = 0; ch < V; ++ch) {
             A cx[U], cg[U];
@@ -454,32 +429,6 @@ row_reduce_kernel(const T* __restrict__ x, const T* __restrict__ dy, Op op, RowP
                 cg[u] = gv[u][ch];
             }
             op.template tile<U>(st[ch], cx, cg, center[ch]);
-        }
-    };
-    if constexpr (kPrefetch) {
-        if (nt >= U) {  // the same tiles in the same order, the next one's loads in flight
-            A xv[U][V], gv[U][V];
-            load_tile(xv, gv);
-            for (k = U; k + U <= nt; k += U) {
-                A nx[U][V], ng[U][V];
-                load_tile(nx, ng);
-                reduce_tile(xv, gv);
-#pragma unroll
-                for (int u = 0; u < U; ++u) {
-#pragma unroll
-                    for (int ch = 0; ch < V; ++ch) {
-                        xv[u][ch] = nx[u][ch];
-                        gv[u][ch] = ng[u][ch];
-                    }
-                }
-            }
-            reduce_tile(xv, gv);
-        }
-    } else {
-        for (; k + U <= nt; k += U) {
-            A xv[U][V], gv[U][V];
-            load_tile(xv, gv);
-            reduce_tile(xv, gv);
         }
     }
     for (; k < nt; ++k) {
