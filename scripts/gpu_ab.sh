@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # A/B of CUDA kernel variants on a GPU, in one run: builds the Python package as it is
 # ("base") and once per variant script (a bash snippet run in a copy of the tree, e.g. a
-# sed on cuda/reduce.hpp), all builds at once; then for each build bench_gpu.py (whole ops,
-# median of rounds, L2 flushed) and Nsight Compute over gpu_kernels.py (each kernel's time
-# and DRAM traffic). Nothing is installed: each build goes to its own --target directory.
+# sed on cuda/reduce.hpp, or `patch -p1 < benchmarks/ab/x.patch`), all builds at once; then
+# for each build its tests/python/test_cuda.py (GPU_AB_TESTS=0 skips them), bench_gpu.py
+# (whole ops, median of rounds, L2 flushed, checked against float64) and Nsight Compute over
+# gpu_kernels.py (each kernel's time and DRAM traffic). Nothing is installed: each build goes
+# to its own --target directory.
 #
 #   OUT=/some/dir bash scripts/gpu_ab.sh benchmarks/ab/variant1.sh [benchmarks/ab/variant2.sh ...]
 #
@@ -40,6 +42,11 @@ echo "== builds done after $((SECONDS - start)) s"
 
 for name in "${names[@]}"; do
   [ -d "$OUT/site-$name/bnorm" ] || { echo "== $name: no build"; continue; }
+  if [ "${GPU_AB_TESTS:-1}" = 1 ]; then  # the variant's own CUDA tests, on its own build
+    echo "== $name: pytest tests/python/test_cuda.py"
+    (cd "/tmp/bnorm-ab/$name" && PYTHONPATH="$OUT/site-$name" timeout 300 "$PYTHON" -m pytest tests/python/test_cuda.py \
+      -q -p no:cacheprovider > "$OUT/pytest-$name.log" 2>&1; tail -1 "$OUT/pytest-$name.log")
+  fi
   echo "== $name: bench_gpu.py"
   PYTHONPATH="$OUT/site-$name" timeout 200 "$PYTHON" benchmarks/bench_gpu.py --no-record --rounds 30 2>&1 \
     | grep -E "^\| (train|infer|backward) " | cut -d'|' -f2-8 | tee "$OUT/bench-$name.txt"
