@@ -165,7 +165,8 @@ class _CuPy:
 
     @staticmethod
     def copy_into(dst, src):
-        dst[...] = src
+        with dst.device:  # (CuPy copies on the current device otherwise)
+            dst[...] = src
 
     def counts_table(self, counts, parts, channels):
         with self.device:
@@ -184,7 +185,8 @@ class _CuPy:
 
     @staticmethod
     def clone(a):
-        return a.copy()
+        with a.device:  # (CuPy allocates on the current device otherwise)
+            return a.copy()
 
     def invstd(self, var, eps):
         """1 / sqrt(var + eps) in double, rounded once to var's dtype (as the CPU computes it)."""

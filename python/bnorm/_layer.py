@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 
@@ -117,6 +118,25 @@ class BatchNorm:
         statistics, else the running ones; then add residual (None, or an array of x's
         shape and dtype) and apply the layer's activation, fused. Remembers x for
         ``backward``."""
+        with self._vectors_kept_on_error():
+            return self._call(x, residual)
+
+    forward = __call__
+
+    @contextlib.contextmanager
+    def _vectors_kept_on_error(self):
+        """A call that raises leaves the parameters and running statistics where they were
+        (the very arrays: a move to x's device is undone; their values are only written
+        by a call that succeeds)."""
+        vectors = self._vectors()
+        try:
+            yield
+        except BaseException:
+            for name, a in vectors.items():
+                setattr(self, name, a)
+            raise
+
+    def _call(self, x, residual):
         x = self._input(x)
         self._saved_groups = None
         fused = {"residual": residual, "activation": self.activation}
@@ -148,8 +168,6 @@ class BatchNorm:
                 self._saved = (x, xp.clone(self.running_mean), xp.invstd(self.running_var, self.eps), False)
         self._fused = (y if self.activation == "relu" else None, residual is not None)
         return y
-
-    forward = __call__
 
     def _ghost_call(self, x, residual, activation):
         """Ghost batch normalization (virtual_batch_size): groups normalized one by one (each
@@ -191,7 +209,11 @@ class BatchNorm:
         if xp is _NumPy:
             if type(x) is not np.ndarray:
                 x = _as_numpy(x, "x")
-            self._check_dtype(x.dtype)
+            name = _DTYPE_NAMES.get(x.dtype)  # (None: not a native float dtype, for the functions to refuse)
+            self._check_dtype(name if name is not None or not _is_bfloat16(x.dtype) else "bfloat16")
+        else:
+            name = xp.dtype_name(x)
+            self._check_dtype(name if name in _DTYPES else None)
         self._check_shape(tuple(int(n) for n in x.shape))
         if xp is not _NumPy:
             if self.virtual_batch_size is not None and (self.training or not self.track_running_stats):
@@ -212,11 +234,20 @@ class BatchNorm:
         arrays for a NumPy x, arrays of x's framework on x's device for a CUDA x, as
         ``module.to(device)`` would in PyTorch. A copy of C values per vector, made only when
         x's placement differs from the vectors' (so once, for a layer used on one device)."""
+        moved = {}
         for name, a in self._vectors().items():
             if a is None or (xp.owns(a) if xp is not _NumPy else isinstance(a, np.ndarray)):
                 continue
-            host = a if isinstance(a, np.ndarray) else _backend(a, None).to_host(a)
-            setattr(self, name, host if xp is _NumPy else xp.from_host(host))
+            where = _backend(a, None, name)
+            if where is _NumPy:  # a CPU array of another framework, or a list, that the user assigned
+                if xp is _NumPy:
+                    continue  # (the functions take or refuse it as they always did)
+                host = _as_numpy(a, name)
+            else:
+                host = where.to_host(a)
+            moved[name] = host if xp is _NumPy else xp.from_host(np.ascontiguousarray(host))
+        for name, a in moved.items():  # (all copies made first: a failing one moves nothing)
+            setattr(self, name, a)
 
     def _check_shape(self, shape: tuple) -> None:
         """ValueError unless x of this shape has num_features channels on the layer's axis
@@ -233,12 +264,10 @@ class BatchNorm:
                 f"expected num_features={self.num_features}"
             )
 
-    def _check_dtype(self, dtype: np.dtype) -> None:
-        """TypeError for a float x whose parameter dtype is not this layer's (where the
-        layer has parameters or buffers); other dtypes are left to the functions' checks."""
-        name = _DTYPE_NAMES.get(dtype)  # (None: not a native float dtype, for the functions to refuse)
-        if name is None and _is_bfloat16(dtype):
-            name = "bfloat16"
+    def _check_dtype(self, name) -> None:
+        """TypeError for a float x (dtype name: float16, bfloat16, float32 or float64; None
+        for any other) whose parameter dtype is not this layer's (where the layer has
+        parameters or buffers); other dtypes are left to the functions' checks."""
         if name is None or not (self.affine or self.track_running_stats):
             return
         if _param_dtype(name) != _DTYPE_NAMES[self.param_dtype]:
@@ -275,7 +304,9 @@ class BatchNorm:
         return (*backward(dy, x, mean, invstd, self.weight, axis=self.axis, batch_stats=batch_stats), dy)
 
     def state_dict(self) -> dict:
-        """Copies of the parameters and buffers, under PyTorch's keys."""
+        """Copies of the parameters and buffers, under PyTorch's keys, where they are
+        (arrays of x's framework on its device after a call on CUDA arrays);
+        num_batches_tracked is a NumPy int64 scalar."""
         state = {}
         for name, a in self._vectors().items():
             if a is not None:
@@ -285,12 +316,16 @@ class BatchNorm:
         return state
 
     def load_state_dict(self, state, strict: bool = True) -> None:
-        """Load parameters and buffers from a dict with PyTorch's keys (values: arrays, or
-        anything np.asarray takes, such as CPU torch tensors). With strict, missing or
-        unexpected keys raise KeyError. Nothing is changed when it raises."""
+        """Load parameters and buffers from a dict with PyTorch's keys (values: NumPy or
+        CUDA arrays, or anything np.asarray takes, such as CPU torch tensors), copied into
+        the layer's vectors wherever they are (NumPy, or a GPU after a call on CUDA arrays).
+        With strict, missing or unexpected keys raise KeyError. Nothing is changed when it
+        raises."""
         if not hasattr(state, "keys"):
             raise TypeError(f"bnorm: state must be a dict (as state_dict() returns), got {type(state).__name__}")
-        expected = set(self.state_dict())
+        expected = {name for name, a in self._vectors().items() if a is not None}
+        if self.track_running_stats:
+            expected.add("num_batches_tracked")
         keys = set(state)
         if strict and keys != expected:
             missing, unexpected = sorted(expected - keys), sorted(keys - expected)
@@ -318,11 +353,13 @@ class BatchNorm:
                 self.num_batches_tracked = value
                 continue
             dst = getattr(self, key)
+            xp = _backend(dst, None, key)
             if isinstance(dst, np.ndarray):
                 np.copyto(dst, value, casting="same_kind")
-            else:  # the layer's vectors are on a GPU: in place there
-                xp = _backend(dst, None)
+            elif xp is not _NumPy:  # the layer's vectors are on a GPU: in place there
                 xp.copy_into(dst, xp.from_host(np.ascontiguousarray(value, dtype=self.param_dtype)))
+            else:  # a CPU array of another framework that the user assigned: replaced by a NumPy copy
+                setattr(self, key, np.array(value, dtype=self.param_dtype))
 
     def __repr__(self) -> str:
         return (f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "

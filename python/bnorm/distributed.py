@@ -546,6 +546,12 @@ class SyncBatchNorm(BatchNorm):
         """Normalize this rank's slice x (then add residual and apply the activation, fused).
         Training: global batch statistics (collective). Eval: as BatchNorm, without
         communication."""
+        with self._vectors_kept_on_error():  # (a failed call leaves the vectors where they were)
+            return self._sync_call(x, residual)
+
+    forward = __call__
+
+    def _sync_call(self, x: Any, residual: Any) -> Any:
         self._last = None
         self._sync_saved = None
         if not self.training:
@@ -585,8 +591,6 @@ class SyncBatchNorm(BatchNorm):
         self._fused = (y if self.activation == "relu" else None, residual is not None)
         self._last = "sync"
         return y
-
-    forward = __call__
 
     def _check_input(self, x: Any) -> Any:
         """x as a C-contiguous NumPy array (CPU arrays of other frameworks are converted, as

@@ -503,8 +503,9 @@ def test_batchnorm_layer_on_cuda_arrays_matches_numpy(framework, activation, sha
     fresh = bnorm.BatchNorm(c, axis=axis)
     fresh.load_state_dict(state)  # device arrays into a NumPy layer
     _close(fresh.running_var, ref.running_var, "float32")
+    running_var = gpu.running_var
     gpu.load_state_dict(ref.state_dict())  # NumPy arrays into a layer on the GPU: in place there
-    assert isinstance(gpu.running_var, array_type)
+    assert gpu.running_var is running_var
     _close(host(gpu.running_var), ref.running_var, "float32")
 
     gpu.train(), ref.train()
@@ -527,7 +528,8 @@ def test_batchnorm_layer_on_cuda_half_precision():
         y = gpu(torch.from_numpy(x32).cuda().to(dtype))
         assert y.dtype == dtype and gpu.running_mean.dtype == torch.float32
         _close(y.float().cpu().numpy(), ref_y.astype(np.float32), tol)
-        _close(gpu.running_var.cpu().numpy(), ref.running_var, "float32")
+        # (statistics of x rounded to float16 on one side, to bfloat16 on the other)
+        _close(gpu.running_var.cpu().numpy(), ref.running_var, tol)
 
 
 @needs_torch_cuda
@@ -541,6 +543,14 @@ def test_batchnorm_layer_errors_on_cuda_leave_it_unchanged():
     with pytest.raises(ValueError):
         gpu(torch.randn(1, 4, device="cuda"))  # one value per channel in training
     assert torch.equal(gpu.running_mean, mean_before) and gpu.num_batches_tracked == 1
+    fresh = bnorm.BatchNorm(4)  # float32 vectors, still NumPy: a float64 x is refused before they move
+    with pytest.raises(TypeError, match="float32"):
+        fresh(torch.randn(8, 4, device="cuda", dtype=torch.float64))
+    assert isinstance(fresh.weight, np.ndarray) and isinstance(fresh.running_mean, np.ndarray)
+    with pytest.raises(ValueError):  # a residual of the wrong shape fails after the move: undone
+        fresh(torch.randn(8, 4, device="cuda") + 2, residual=torch.zeros(8, 5, device="cuda"))
+    assert isinstance(fresh.weight, np.ndarray) and isinstance(fresh.running_var, np.ndarray)
+    assert fresh.num_batches_tracked == 0
     ghost = bnorm.BatchNorm(4, virtual_batch_size=4)
     with pytest.raises(TypeError, match="NumPy"):
         ghost(torch.randn(8, 4, device="cuda"))
@@ -588,3 +598,20 @@ def test_sync_batchnorm_layer_on_cuda_arrays(framework, activation):
     _close(host(sbn.running_mean), ref.running_mean, "float32")
     _close(host(sbn.running_var), ref.running_var, "float32")
     assert sbn.num_batches_tracked == 2
+
+
+@needs_torch_cuda
+def test_batchnorm_layer_follows_x_to_a_second_gpu():
+    """x on cuda:1: the vectors move there (and back to cuda:0 with x), state_dict's copies too."""
+    torch = torch_cuda
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA devices")
+    x = torch.randn(16, 5, 3, 3) + 1
+    bn, ref = bnorm.BatchNorm(5), bnorm.BatchNorm(5)
+    for device in ("cuda:1", "cuda:0", "cuda:1"):
+        y = bn(x.to(device))
+        assert y.device == torch.device(device) and bn.running_var.device == torch.device(device)
+        assert all(v.device == torch.device(device) for v in bn.state_dict().values() if isinstance(v, torch.Tensor))
+        _close(y.cpu().numpy(), ref(x.numpy()), "float32")
+        _close(bn.backward(torch.ones_like(y)).cpu().numpy(), ref.backward(np.ones(x.shape, np.float32)), "float32")
+    _close(bn.running_var.cpu().numpy(), ref.running_var, "float32")

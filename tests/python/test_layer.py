@@ -300,3 +300,17 @@ def test_load_state_dict_refuses_bad_num_batches_tracked(value, exc):
 def test_load_state_dict_needs_a_dict():
     with pytest.raises(TypeError, match="state must be a dict"):
         bnorm.BatchNorm(2).load_state_dict([1, 2])
+
+
+def test_vectors_of_other_cpu_types_are_left_to_the_functions():
+    """A parameter the user replaced by a CPU array of another framework or a list: NumPy
+    calls pass it to the functions as before (taken, or refused with their TypeError)."""
+    torch = pytest.importorskip("torch")
+    x = np.random.default_rng(0).random((4, 3)).astype(np.float32)
+    bn = bnorm.BatchNorm(3)
+    bn.weight = torch.ones(3)
+    np.testing.assert_allclose(bn(x), bnorm.BatchNorm(3)(x), rtol=1e-6, atol=1e-6)
+    assert isinstance(bn.weight, torch.Tensor)
+    bn.weight = [1.0, 1.0, 1.0]
+    with pytest.raises(TypeError, match="weight"):
+        bn(x)
