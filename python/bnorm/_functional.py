@@ -148,6 +148,15 @@ class _NumPy:
         np.copyto(dst, src if src.dtype.kind != "u" else src.view(dst.dtype))
 
     @staticmethod
+    def clone(a):
+        return a.copy()
+
+    @staticmethod
+    def invstd(var, eps: float):
+        """1 / sqrt(var + eps) in double, rounded once to var's dtype."""
+        return (1.0 / np.sqrt(var.astype(np.float64) + eps)).astype(var.dtype)
+
+    @staticmethod
     def counts_table(counts, parts: int, channels: int):
         """counts of shape (P,) or (P, C) as a C-contiguous float64 (P, C) table."""
         return np.ascontiguousarray(np.broadcast_to(counts.astype(np.float64).reshape(parts, 1 if counts.ndim == 1 else channels), (parts, channels)))

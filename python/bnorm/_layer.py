@@ -160,12 +160,8 @@ class BatchNorm:
         else:
             y = forward_infer(x, self.running_mean, self.running_var, self.weight, self.bias, axis=self.axis,
                               eps=self.eps, **fused)
-            if isinstance(self.running_var, np.ndarray):
-                invstd = (1.0 / np.sqrt(self.running_var.astype(np.float64) + self.eps)).astype(self.param_dtype)
-                self._saved = (x, self.running_mean.copy(), invstd, False)
-            else:
-                xp = _backend(self.running_var, None)
-                self._saved = (x, xp.clone(self.running_mean), xp.invstd(self.running_var, self.eps), False)
+            xp = _backend(self.running_var, None)  # (NumPy, or x's framework after a call on a GPU)
+            self._saved = (x, xp.clone(self.running_mean), xp.invstd(self.running_var, self.eps), False)
         self._fused = (y if self.activation == "relu" else None, residual is not None)
         return y
 
@@ -236,7 +232,7 @@ class BatchNorm:
         x's placement differs from the vectors' (so once, for a layer used on one device)."""
         moved = {}
         for name, a in self._vectors().items():
-            if a is None or (xp.owns(a) if xp is not _NumPy else isinstance(a, np.ndarray)):
+            if a is None or xp.owns(a):
                 continue
             where = _backend(a, None, name)
             if where is _NumPy:  # a CPU array of another framework, or a list, that the user assigned
@@ -310,7 +306,7 @@ class BatchNorm:
         state = {}
         for name, a in self._vectors().items():
             if a is not None:
-                state[name] = a.copy() if isinstance(a, np.ndarray) else _backend(a, None).clone(a)
+                state[name] = _backend(a, None).clone(a)
         if self.track_running_stats:
             state["num_batches_tracked"] = np.array(self.num_batches_tracked, dtype=np.int64)
         return state
@@ -333,8 +329,9 @@ class BatchNorm:
         values = {}
         for key in expected & keys:
             value = state[key]
-            if _backend(value, None) is not _NumPy:  # a CUDA array (a state_dict of this layer on a GPU)
-                value = _backend(value, None).to_host(value)
+            where = _backend(value, None, key)
+            if where is not _NumPy:  # a CUDA array (a state_dict of this layer on a GPU)
+                value = where.to_host(value)
             value = _as_numpy(value, key)
             if key == "num_batches_tracked":
                 if value.shape != () or value.dtype.kind not in "iu" or not 0 <= int(value) < 2**63:

@@ -490,9 +490,9 @@ class SyncBatchNorm(BatchNorm):
 
     ``comm``: an mpi4py communicator or a :class:`Communicator` (see
     :func:`as_communicator`). Same attributes and methods as BatchNorm (like it, on NumPy
-    arrays or on CUDA arrays of PyTorch or CuPy, its vectors following x's device). Every rank calls it, and ``backward``, in the same
-    order, each with its own slice of the global batch; slices may differ in size and may
-    be empty. In training mode:
+    arrays or on CUDA arrays of PyTorch or CuPy, its vectors following x's device). Every
+    rank calls it, and ``backward``, in the same order, each with its own slice of the
+    global batch; slices may differ in size and may be empty. In training mode:
 
     - forward normalizes with the mean and biased variance of the global batch (one
       all-gather of 3C values) and updates the running statistics with the global mean and
@@ -595,8 +595,9 @@ class SyncBatchNorm(BatchNorm):
     def _check_input(self, x: Any) -> Any:
         """x as a C-contiguous NumPy array (CPU arrays of other frameworks are converted, as
         BatchNorm does), or x itself when it is a CUDA array (the layer's vectors then moved
-        to x's device, as BatchNorm moves them). Raises as BatchNorm would for an x this layer cannot take. Runs before the
-        collective (a bad input on one rank then makes every rank raise)."""
+        to x's device, as BatchNorm moves them). Raises as BatchNorm would for an x this
+        layer cannot take. Runs before the collective (a bad input on one rank then makes
+        every rank raise)."""
         x = self._input(x)  # as BatchNorm: CPU arrays converted, checked, the vectors moved to x's device
         if isinstance(x, np.ndarray) and not x.flags.c_contiguous:
             x = np.ascontiguousarray(x)  # once, rather than in each of the three phases
