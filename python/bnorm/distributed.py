@@ -542,20 +542,17 @@ class SyncBatchNorm(BatchNorm):
 
     # -- forward ------------------------------------------------------------------------
 
-    def __call__(self, x: Any, residual: Any = None) -> Any:
+    # (__call__ is BatchNorm's: it undoes a move of the vectors when the call raises, then
+    # runs _call below)
+
+    def _call(self, x: Any, residual: Any) -> Any:
         """Normalize this rank's slice x (then add residual and apply the activation, fused).
         Training: global batch statistics (collective). Eval: as BatchNorm, without
         communication."""
-        with self._vectors_kept_on_error():  # (a failed call leaves the vectors where they were)
-            return self._sync_call(x, residual)
-
-    forward = __call__
-
-    def _sync_call(self, x: Any, residual: Any) -> Any:
         self._last = None
         self._sync_saved = None
         if not self.training:
-            y = super().__call__(x, residual)
+            y = super()._call(x, residual)
             self._last = "local"
             return y
         checked = {}
