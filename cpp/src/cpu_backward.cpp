@@ -177,8 +177,8 @@ void backward_dx_fused(const T* dy, const T* x, Shape s, int threads, const para
         }
         return;
     }
-    for_each_write<T>(
-        s, threads,
+    for_each_write(
+        s, threads, dx,
         [&](int64_t c, int64_t offset, bool stream) {
             if (x)
                 backward_run<true>(dy + offset, x + offset, dx + offset, s.inner, mean[c],

@@ -48,8 +48,8 @@ void affine_fused(const T* x, Shape s, int threads, const param_t<T>* center, co
                          epilogue.at(pos.view.size()));
         return;
     }
-    for_each_write<T>(
-        s, threads,
+    for_each_write(
+        s, threads, y,
         [&](int64_t c, int64_t offset, bool stream) {
             affine_run<true>(x + offset, y + offset, s.inner, {center[c], center_lo[c], scale[c], shift[c]}, stream,
                              epilogue.at(offset));

@@ -255,15 +255,32 @@ bool streams(Shape s) {
     return s.size() * int64_t(sizeof(T)) >= kStreamBytes;
 }
 
-// The schedule of the unfused write passes (an output of T written from per-channel
-// coefficients), in parallel, streaming when the output is large: planes (s.inner > 1)
-// call run(c, offset, stream) for each run of s.inner elements (channel c, at offset),
-// rows call row(offset, c0, c1, stream) for the columns [c0, c1) of each row (at offset).
+// The schedule of the unfused write passes (out, of T, written from per-channel
+// coefficients), in parallel: planes (s.inner > 1) call run(c, offset, stream) for each
+// run of s.inner elements (channel c, at offset), rows call row(offset, c0, c1, stream) for
+// the columns [c0, c1) of each row (at offset). They stream when the output is large,
+// planes only when their runs are at least kStreamRunBytes long or whole cache lines: a
+// short run is mostly the partial lines at its ends, which get ordinary stores and a copy
+// through a buffer (write_run), and streaming the line or two between them cost more than
+// it saved. Measured in one process against the build that streamed every run
+// (benchmarks/ab_builds.py, AMD EPYC, 2 threads unless said; NumPy's large arrays start
+// 16 bytes into a line), inference: float32 (256, 1024, 6, 6) 0.32x the time, (256, 2048,
+// 7, 7) 0.53-0.70x (1 thread 0.44x), (256, 512, 10, 10) 0.60-0.85x; float16 (256, 1024,
+// 8, 8) 0.69x, (64, 1024, 14, 14) 0.77x; the unfused passes of (256, 2048, 7, 7) training
+// and backward 0.80x and 0.87x. Slower unstreamed: runs of 784 bytes (14x14 float32),
+// 1.10-1.14x, and float32 8x8 planes (256 bytes) on 2 threads, 1.04-1.30x (on 1 thread
+// 0.78-1.23x), which still stream when they are whole lines. Rows keep streaming:
+// unstreamed, the 256-byte rows of (64, 56, 56, 64) channels-last (51 MB) took 1.2x the
+// time. So do the fused per-channel passes, whose threads write a channel's runs a plane
+// apart: unstreamed, (128, 1024, 8, 8) training took 1.26x the time.
+constexpr int64_t kStreamRunBytes = 512;
+
 template <class T, class Run, class Row>
-void for_each_write(Shape s, int threads, const Run& run, const Row& row) {
+void for_each_write(Shape s, int threads, const T* out, const Run& run, const Row& row) {
     const int team = team_size(s, threads);
-    const bool stream = streams<T>(s);
-    const int64_t C = s.channels;
+    const int64_t C = s.channels, run_bytes = s.inner * int64_t(sizeof(T));
+    const bool whole_lines = reinterpret_cast<uintptr_t>(out) % 64 == 0 && run_bytes % 64 == 0;
+    const bool stream = streams<T>(s) && (s.inner == 1 || run_bytes >= kStreamRunBytes || whole_lines);
     if (s.inner > 1)
         parallel_writes(team, s.outer * C, rows_per_chunk(s, team, s.inner), stream,
                         [&](int64_t r, int) { run(r % C, r * s.inner, stream); });
