@@ -50,7 +50,7 @@ void affine_fused(const T* x, Shape s, int threads, const param_t<T>* center, co
     }
     for_each_write(
         s, threads, y,
-        [&](int64_t c, int64_t offset, bool stream) {
+        [&](int64_t c, int64_t offset, bool stream) BNORM_INLINE_LAMBDA {
             affine_run<true>(x + offset, y + offset, s.inner, {center[c], center_lo[c], scale[c], shift[c]}, stream,
                              epilogue.at(offset));
         },

@@ -63,16 +63,22 @@
 // the loop over runs, so that their coefficients stay in registers). When the kernels were
 // split into files by op family, without them, single-thread inference ran 20-35% slower
 // (write_run had become a call reloading its coefficients after every store) and rows
-// reductions 5-15% slower.
+// reductions 5-15% slower. BNORM_INLINE_LAMBDA does the same for the lambdas between the
+// loop over runs and a run's write loop: GCC called the bfloat16 inference run (its
+// write_run is the largest) once per run, and a 7x7 run is 49 elements: (32, 256, 7, 7)
+// in cache took 100 us against float16's 75, 81 us inlined (C++ harness, one thread).
 #if defined(__GNUC__)
 #define BNORM_FLATTEN __attribute__((flatten))
 #define BNORM_INLINE inline __attribute__((always_inline))
+#define BNORM_INLINE_LAMBDA __attribute__((always_inline))
 #elif defined(_MSC_VER)
 #define BNORM_FLATTEN
 #define BNORM_INLINE __forceinline
+#define BNORM_INLINE_LAMBDA
 #else
 #define BNORM_FLATTEN
 #define BNORM_INLINE inline
+#define BNORM_INLINE_LAMBDA
 #endif
 
 // The element types every kernel entry point is instantiated for.
@@ -143,6 +149,11 @@ template <class S, class = void>
 struct StoresGroups : std::false_type {};
 template <class S>
 struct StoresGroups<S, std::void_t<decltype(S::kGroup)>> : std::true_type {};
+// Whether Simd S stores runs of up to S::kShortRun elements whole (store_short).
+template <class S, class = void>
+struct StoresShortRuns : std::false_type {};
+template <class S>
+struct StoresShortRuns<S, std::void_t<decltype(S::kShortRun)>> : std::true_type {};
 
 // out[k] = value(L{}, k) for k < n: vectors with L = Simd<T>, scalars with L = Scalar<T>
 // where a run is shorter than a vector. Both compute the same IEEE operations lane by
@@ -176,6 +187,17 @@ BNORM_INLINE void write_run(T* out, int64_t n, bool stream, const Value& value) 
     if (W == 1 || n < W) {
         for (int64_t i = 0; i < n; ++i) Scalar<T>::store(out + i, value(Scalar<T>{}, i));
         return;
+    }
+    if constexpr (StoresShortRuns<S>::value) {
+        if (!stream && n <= S::kShortRun) {  // every value computed before any store (in place too)
+            typename S::R v[4];
+            const int full = int(n / W);
+#pragma GCC unroll 4
+            for (int k = 0; k < 4; ++k)
+                if (k < full) v[k] = value(S{}, k * W);
+            const typename S::R tail = n % W != 0 ? value(S{}, n - W) : v[0];
+            if (S::store_short(out, n, v, full, tail)) return;
+        }
     }
     const uintptr_t address = reinterpret_cast<uintptr_t>(out);
     const bool lines = stream && address % sizeof(T) == 0;
@@ -283,7 +305,7 @@ void for_each_write(Shape s, int threads, const T* out, const Run& run, const Ro
     const bool stream = streams<T>(s) && (s.inner == 1 || run_bytes >= kStreamRunBytes || whole_lines);
     if (s.inner > 1)
         parallel_writes(team, s.outer * C, rows_per_chunk(s, team, s.inner), stream,
-                        [&](int64_t r, int) { run(r % C, r * s.inner, stream); });
+                        [&](int64_t r, int) BNORM_INLINE_LAMBDA { run(r % C, r * s.inner, stream); });
     else
         for_row_blocks(s, team, stream, [&](int64_t r, int64_t c0, int64_t c1) { row(r * C + c0, c0, c1, stream); });
 }
