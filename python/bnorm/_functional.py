@@ -56,6 +56,7 @@ def _bfloat16() -> np.dtype:
         except ImportError:
             raise ImportError("bnorm: bfloat16 on the CPU needs the ml_dtypes package (pip install ml_dtypes)") from None
         _BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+        _DTYPE_NAMES[_BFLOAT16] = "bfloat16"  # dtype_name's fast path from now on
     return _BFLOAT16
 
 
