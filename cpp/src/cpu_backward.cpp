@@ -244,12 +244,19 @@ void backward_train_fused(const T* dy, const T* x, Shape s, int threads, const p
     const PlaneSplits plan(s);
     const Op op{dy, x, mean, s, mask};
     const int64_t stride = C * s.inner;
+    const int64_t run_bytes = s.inner * int64_t(sizeof(T));
+    const bool prefetch = run_bytes <= kPrefetchRunBytes;
     parallel_writes(team, C, channel_block(s, team), stream, [&](int64_t c, int) {
         const Sums sums = plan.channel_partial<Sums>(s, op, c);
         detail::round_backward_sums(sums.dy, sums.dy_xmu, invstd[c], sum_dy[c], sum_dy_xhat[c]);
         const auto k = detail::backward_coefficients(sum_dy[c], sum_dy_xhat[c], invstd[c], weight, c, count);
         for (int64_t o = 0; o < s.outer; ++o) {
             const int64_t offset = o * stride + c * s.inner;
+            if (prefetch) {  // the next channel's run, which follows this one in memory
+                prefetch_range(dy + offset + s.inner, run_bytes);
+                prefetch_range(x + offset + s.inner, run_bytes);
+                if (mask.y) prefetch_range(mask.y + offset + s.inner, run_bytes);
+            }
             backward_run(dy + offset, x + offset, dx + offset, s.inner, mean[c], k, stream, mask.at(offset));
         }
     });

@@ -98,13 +98,17 @@ void forward_train_fused(const T* x, Shape s, int threads, double eps, const par
     const PlaneSplits plan(s);
     const MomentsOp<T> op{x, s};
     const int64_t stride = C * s.inner;
+    const int64_t run_bytes = s.inner * int64_t(sizeof(T));
+    const bool prefetch = run_bytes <= kPrefetchRunBytes;
     parallel_writes(team, C, channel_block(s, team), stream, [&](int64_t c, int) {
         store(plan.channel_partial<Moments>(s, op, c), mean[c], var[c]);
         invstd[c] = detail::invstd_of<P>(var[c], eps);
         const auto k = detail::train_affine(mean[c], invstd[c], weight, bias, c);
-        for (int64_t o = 0; o < s.outer; ++o)
-            affine_run(x + o * stride + c * s.inner, y + o * stride + c * s.inner, s.inner, k, stream,
-                       epilogue.at(o * stride + c * s.inner));
+        for (int64_t o = 0; o < s.outer; ++o) {
+            const int64_t offset = o * stride + c * s.inner;
+            if (prefetch) prefetch_range(x + offset + s.inner, run_bytes);  // the next channel's run
+            affine_run(x + offset, y + offset, s.inner, k, stream, epilogue.at(offset));
+        }
     });
 }
 

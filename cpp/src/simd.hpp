@@ -338,6 +338,18 @@ inline void store_lanes(T* p, typename Simd<T>::R v, int64_t first, int64_t last
     for (int64_t j = first; j < last; ++j) p[j] = lane[j];
 }
 
+// Asks for the lines of [p, p + bytes) to be brought into L2 (not L1: see
+// kPrefetchRunBytes): a hint, no effect on any result (a prefetch never faults, past an
+// array's end included).
+inline void prefetch_range(const void* p, int64_t bytes) {
+#if BNORM_SIMD_X86
+    const char* c = static_cast<const char*>(p);
+    for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(c + b, _MM_HINT_T1);
+#else
+    (void)p, (void)bytes;
+#endif
+}
+
 // Non-temporal stores are weakly ordered: fence before the results are used elsewhere.
 inline void stream_fence(bool stream) {
 #if BNORM_SIMD_X86
