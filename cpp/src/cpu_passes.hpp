@@ -144,16 +144,12 @@ void parallel_writes(int team, int64_t n, int64_t chunk, bool stream, const Body
 }
 
 
-// Whether Simd S stores groups of S::kGroup vectors at once (store_group).
+// Whether Simd S stores groups of S::kGroup vectors at once (store_group), and the end of
+// a run that is not streamed whole (store_end).
 template <class S, class = void>
 struct StoresGroups : std::false_type {};
 template <class S>
 struct StoresGroups<S, std::void_t<decltype(S::kGroup)>> : std::true_type {};
-// Whether Simd S stores runs of up to S::kShortRun elements whole (store_short).
-template <class S, class = void>
-struct StoresShortRuns : std::false_type {};
-template <class S>
-struct StoresShortRuns<S, std::void_t<decltype(S::kShortRun)>> : std::true_type {};
 
 // out[k] = value(L{}, k) for k < n: vectors with L = Simd<T>, scalars with L = Scalar<T>
 // where a run is shorter than a vector. Both compute the same IEEE operations lane by
@@ -188,15 +184,22 @@ BNORM_INLINE void write_run(T* out, int64_t n, bool stream, const Value& value) 
         for (int64_t i = 0; i < n; ++i) Scalar<T>::store(out + i, value(Scalar<T>{}, i));
         return;
     }
-    if constexpr (StoresShortRuns<S>::value) {
-        if (!stream && n <= S::kShortRun) {  // every value computed before any store (in place too)
-            typename S::R v[4];
-            const int full = int(n / W);
-#pragma GCC unroll 4
-            for (int k = 0; k < 4; ++k)
-                if (k < full) v[k] = value(S{}, k * W);
-            const typename S::R tail = n % W != 0 ? value(S{}, n - W) : v[0];
-            if (S::store_short(out, n, v, full, tail)) return;
+    if constexpr (StoresGroups<S>::value) {  // (Simd<bfloat16> in the avx512bf16 build)
+        if (!stream) {  // groups, then the rest held whole (store_end)
+            constexpr int G = S::kGroup;
+            const typename S::R tail = n % W != 0 ? value(S{}, n - W) : S::set(0);  // before what it overlaps
+            typename S::R v[G];
+            int64_t i = 0;
+            for (; i + G * W <= n; i += G * W) {
+                for (int64_t k = 0; k < G; ++k) v[k] = value(S{}, i + k * W);
+                S::template store_group<false, G>(out + i, v);
+            }
+            const int full = int((n - i) / W);
+#pragma GCC unroll 8
+            for (int k = 0; k < G; ++k)
+                if (k < full) v[k] = value(S{}, i + k * W);
+            S::store_end(out + i, n - i, v, full, tail);
+            return;
         }
     }
     const uintptr_t address = reinterpret_cast<uintptr_t>(out);

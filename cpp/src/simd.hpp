@@ -194,35 +194,38 @@ struct Simd<bfloat16> {
             else _mm512_storeu_si512(out, pair);
         }
     }
-    // A run of at most kShortRun elements, held whole in registers by write_run: its first
-    // `full` vectors (1 to 4) and, where n is not a multiple of a vector, its last 16
-    // elements in `tail` (overlapping v[full - 1]). One subnormal test for the run, pairs
-    // narrowed together, and the tail's new lanes stored under a mask (no NT-stored line
-    // next to it: write_run takes this path only without streaming). Returns false, having
-    // stored nothing, where a lane holds a subnormal: write_run's general path then runs.
+    // The end of a run written without streaming, held in registers by write_run after the
+    // groups: `full` vectors (0 to kGroup - 1) from p and, where n (the elements from p) is
+    // not a multiple of a vector, the run's last 16 elements in `tail` (overlapping what
+    // precedes them, computed before any of it was stored). One subnormal test for all of
+    // it, pairs narrowed together, the tail's new lanes stored under a mask (no line next to
+    // them is streamed); a subnormal lane sends each vector through narrow()'s exact path.
     // Before, a 7x7 plane (49 elements) took a pair, a single vector and the tail, each
     // tested and branched on, the tail through a buffer: bfloat16 inference of (32, 256, 7,
-    // 7) in cache took 1.29x float16's time, now 1.04x (a standalone loop over write_run,
-    // one thread, medians of 15 rounds of 300 passes).
-    static constexpr int64_t kShortRun = 4 * width;
-    __attribute__((always_inline)) static inline bool store_short(bfloat16* p, int64_t n, const R (&v)[4], int full,
-                                                                  const R& tail) {
+    // 7) in cache took 1.29x float16's time, 1.04x held whole (a standalone loop over
+    // write_run, one thread, medians of 15 rounds of 300 passes).
+    __attribute__((always_inline)) static inline void store_end(bfloat16* p, int64_t n, const R (&v)[kGroup], int full,
+                                                                const R& tail) {
         const bool ragged = n % width != 0;
+        const int64_t tail_stored = full * width - (n - width);  // the tail's lanes v covers
+        const auto tail_mask = __mmask16(0xffffu << tail_stored);
         __mmask16 subnormal = ragged ? _mm512_fpclass_ps_mask(tail, 0x20) : __mmask16(0);
-#pragma GCC unroll 4
-        for (int k = 0; k < 4; ++k)
+#pragma GCC unroll 8
+        for (int k = 0; k < kGroup; ++k)
             if (k < full) subnormal = _kor_mask16(subnormal, _mm512_fpclass_ps_mask(v[k], 0x20));
-        if (__builtin_expect(subnormal != 0, 0)) return false;
-        if (full >= 2) _mm512_storeu_si512(p, (__m512i)_mm512_cvtne2ps_pbh(v[1], v[0]));
-        if (full == 4) _mm512_storeu_si512(p + 2 * width, (__m512i)_mm512_cvtne2ps_pbh(v[3], v[2]));
-        if (full & 1)
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + (full - 1) * width),
-                                (__m256i)_mm512_cvtneps_pbh(v[full - 1]));
-        if (ragged) {
-            const int64_t stored = full * width - (n - width);  // the tail's lanes already written
-            _mm256_mask_storeu_epi16(p + n - width, __mmask16(0xffffu << stored), (__m256i)_mm512_cvtneps_pbh(tail));
+        if (__builtin_expect(subnormal != 0, 0)) {
+            for (int k = 0; k < full; ++k) store(p + k * width, v[k]);
+            if (ragged) _mm256_mask_storeu_epi16(p + n - width, tail_mask, narrow(tail));
+            return;
         }
-        return true;
+#pragma GCC unroll 8
+        for (int k = 0; k < kGroup; k += 2) {
+            if (k + 1 < full)
+                _mm512_storeu_si512(p + k * width, (__m512i)_mm512_cvtne2ps_pbh(v[k + 1], v[k]));
+            else if (k < full)
+                _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + k * width), (__m256i)_mm512_cvtneps_pbh(v[k]));
+        }
+        if (ragged) _mm256_mask_storeu_epi16(p + n - width, tail_mask, (__m256i)_mm512_cvtneps_pbh(tail));
     }
 #else
     static __m256i narrow(R v) { return narrow_portable(v); }

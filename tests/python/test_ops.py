@@ -275,3 +275,33 @@ def test_noncontiguous_out(rng, fn):
     assert np.shares_memory(got, out)
     ref.assert_bitwise(np.ascontiguousarray(out), expected, "strided out")
     np.testing.assert_array_equal(big[:, :, 1::2], 7)  # nothing written between
+
+
+# In place (out=x): the write loops compute a run's overlapping end vectors before storing
+# what they overlap, so the result is the out-of-place one, bit for bit. Runs around the
+# vector, pair and group lengths of every dtype, short planes, long runs and rows.
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "bfloat16"])
+@pytest.mark.parametrize("shape", [(3, 5, 7), (3, 4, 16), (2, 6, 49), (2, 3, 100), (2, 3, 129), (2, 2, 196),
+                                   (2, 2, 1025), (40, 100), (8, 300)])
+def test_inplace_is_bitwise_out_of_place(rng, dtype, shape):
+    if dtype == "bfloat16":
+        ml_dtypes = pytest.importorskip("ml_dtypes")
+        dt = np.dtype(ml_dtypes.bfloat16)
+    else:
+        dt = np.dtype(dtype)
+    x = rng.standard_normal(shape).astype(dt)
+    C = shape[1]
+    p = np.float32 if dt.itemsize <= 2 else dt
+    rm, rv = rng.standard_normal(C).astype(p), rng.uniform(0.5, 2, C).astype(p)
+    w, b = rng.standard_normal(C).astype(p), rng.standard_normal(C).astype(p)
+    calls = {
+        "forward_infer": lambda a, **k: bnorm.forward_infer(a, rm, rv, w, b, **k),
+        "normalize": lambda a, **k: bnorm.normalize(a, rm, rv, w, b, **k),
+        "forward_infer_relu": lambda a, **k: bnorm.forward_infer(a, rm, rv, w, b, activation="relu", **k),
+        "forward_train": lambda a, **k: bnorm.forward_train(a, w, b, **k)[0],
+    }
+    for name, call in calls.items():
+        want = call(x)
+        got = x.copy()
+        assert call(got, out=got) is got, name
+        ref.assert_bitwise(got, want, f"{name} in place")
