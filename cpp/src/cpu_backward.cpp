@@ -245,7 +245,7 @@ void backward_train_fused(const T* dy, const T* x, Shape s, int threads, const p
     const Op op{dy, x, mean, s, mask};
     const int64_t stride = C * s.inner;
     const int64_t run_bytes = s.inner * int64_t(sizeof(T));
-    const bool prefetch = stream && run_bytes <= kPrefetchRunBytes;  // (stream: from memory)
+    const bool prefetch = prefetches_next_channel<T>(s, stream);
     parallel_writes(team, C, channel_block(s, team), stream, [&](int64_t c, int) {
         const Sums sums = plan.channel_partial<Sums>(s, op, c);
         detail::round_backward_sums(sums.dy, sums.dy_xmu, invstd[c], sum_dy[c], sum_dy_xhat[c]);

@@ -99,7 +99,7 @@ void forward_train_fused(const T* x, Shape s, int threads, double eps, const par
     const MomentsOp<T> op{x, s};
     const int64_t stride = C * s.inner;
     const int64_t run_bytes = s.inner * int64_t(sizeof(T));
-    const bool prefetch = stream && run_bytes <= kPrefetchRunBytes;  // (stream: from memory)
+    const bool prefetch = prefetches_next_channel<T>(s, stream);
     parallel_writes(team, C, channel_block(s, team), stream, [&](int64_t c, int) {
         store(plan.channel_partial<Moments>(s, op, c), mean[c], var[c]);
         invstd[c] = detail::invstd_of<P>(var[c], eps);

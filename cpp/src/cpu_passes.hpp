@@ -218,20 +218,17 @@ BNORM_INLINE void write_run(T* out, int64_t n, bool stream, const Value& value) 
     for (; i + W <= start; i += W) S::store(out + i, value(S{}, i));
     const int64_t head_done = i;
     i = start;
-    if constexpr (StoresGroups<S>::value) {  // (Simd<bfloat16> in the avx512bf16 build): groups, then pairs
+    if constexpr (StoresGroups<S>::value) {  // streamed lines in groups, then pairs (unstreamed: above)
         static_assert(2 * W % line == 0, "groups of whole cache lines");
-        const auto groups = [&](auto streamed, auto size) {
+        const auto groups = [&](auto size) {
             constexpr int G = decltype(size)::value;
             typename S::R group[G];
             for (; i + G * W <= end; i += G * W) {
                 for (int64_t k = 0; k < G; ++k) group[k] = value(S{}, i + k * W);
-                S::template store_group<decltype(streamed)::value, G>(out + i, group);
+                S::template store_group<true, G>(out + i, group);
             }
         };
-        using Group = std::integral_constant<int, S::kGroup>;
-        using Pair = std::integral_constant<int, 2>;
-        if (lines) groups(std::true_type{}, Group{}), groups(std::true_type{}, Pair{});
-        else groups(std::false_type{}, Group{}), groups(std::false_type{}, Pair{});
+        if (lines) groups(std::integral_constant<int, S::kGroup>{}), groups(std::integral_constant<int, 2>{});
     }
     if (lines)
         for (; i + line <= end; i += line)

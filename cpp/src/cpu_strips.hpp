@@ -136,6 +136,13 @@ constexpr int64_t kLongRunBytes = 4096;
 // 0-7% and lost 3-4% with ReLU: left to the hardware.
 constexpr int64_t kPrefetchRunBytes = 4096;
 
+// Whether the fused per-channel passes over s, streaming their output or not, prefetch the
+// next channel's runs (above).
+template <class T>
+bool prefetches_next_channel(Shape s, bool stream) {
+    return stream && s.inner * int64_t(sizeof(T)) <= kPrefetchRunBytes;
+}
+
 inline bool fuse_per_channel(Shape s, int team, int64_t bytes_per_element) {
     if (s.inner <= 1 || positions_of(s, For::reduce).view.channels > 0 || s.channels < team) return false;
     const int64_t channel_bytes = s.outer * s.inner * bytes_per_element;

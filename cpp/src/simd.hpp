@@ -170,8 +170,9 @@ struct Simd<bfloat16> {
         return fast;
     }
     // The test and branch of narrow() cost a third of a 16-lane write in cache
-    // (benchmarks/cpp/bf16_narrowing.cpp); write_run narrows groups of kGroup vectors,
-    // then pairs, testing their subnormal lanes once a group, two vectors into one 64-byte
+    // (benchmarks/cpp/bf16_narrowing.cpp); write_run narrows groups of kGroup vectors
+    // (streamed lines: then pairs; unstreamed runs: then store_end below), testing their
+    // subnormal lanes once a group, two vectors into one 64-byte
     // register per vcvtne2ps2bf16. Inlined, and without an array of narrowed halves: GCC
     // made that a call that joined the halves through the stack (a store-forwarding stall
     // per 64-byte store; (256, 512) bfloat16 backward took 1.25x float16's time, now

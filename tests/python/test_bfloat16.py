@@ -151,9 +151,10 @@ ORDER = ["baseline", "avx2", "avx512", "avx512bf16"]
 
 
 # (runs of 40001 and 40017 are written with ordinary stores, of 200001 (9.6 MB) with
-# non-temporal ones: each path narrows groups of 8 vectors, then pairs, in the avx512bf16
-# build; runs of 40017 leave a single vector as well; runs of up to 64 elements are held
-# whole in registers there, and those with a subnormal lane take the general path)
+# non-temporal ones: in the avx512bf16 build each path narrows groups of 8 vectors, then
+# the streamed one pairs, the other the rest of the run held whole (store_end: 0 to 7
+# vectors and a tail; runs of 16 to 64 elements are all rest), each vector through the
+# exact narrowing where a lane is subnormal; runs of 40017 leave a single vector as well)
 @pytest.mark.parametrize("run", [16, 20, 33, 49, 64, 40001, 40017, 200001])
 @pytest.mark.parametrize("isa", ORDER)
 def test_rounding_is_ml_dtypes_bitwise(isa, run):
