@@ -35,6 +35,9 @@ Array = Any
 
 _CPU_DTYPES = ("float16", "bfloat16", "float32", "float64")
 _DTYPE_NAMES = {np.dtype(name): name for name in ("float16", "float32", "float64")}  # dtype.name is slow to compute
+# x's dtype -> the parameter dtype, for the plain-call fast path (_plain; bfloat16 added
+# when _bfloat16() has imported it)
+_PLAIN_PARAM_DTYPES = {np.dtype(x): np.dtype(p) for x, p in (("float16", "float32"), ("float32", "float32"), ("float64", "float64"))}
 
 
 _BFLOAT16: Optional[np.dtype] = None  # ml_dtypes' bfloat16, once _bfloat16() has imported it
@@ -57,6 +60,7 @@ def _bfloat16() -> np.dtype:
             raise ImportError("bnorm: bfloat16 on the CPU needs the ml_dtypes package (pip install ml_dtypes)") from None
         _BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
         _DTYPE_NAMES[_BFLOAT16] = "bfloat16"  # dtype_name's fast path from now on
+        _PLAIN_PARAM_DTYPES[_BFLOAT16] = np.dtype("float32")
     return _BFLOAT16
 
 
@@ -304,6 +308,88 @@ def _param_dtype(dtype_name: str) -> str:
     return "float32" if dtype_name in ("float16", "bfloat16") else dtype_name
 
 
+# The plain call: NumPy arrays that need no conversion, copy or overlap analysis. Most calls
+# in a loop are such, and the general path (_Call) spends about 6 us on them in Python,
+# more than the kernels of a (256, 512) inference take; _plain checks them in about 2 us
+# and the op calls _core at once. Anything else (other frameworks, CUDA, bfloat16, strided
+# or foreign memory, any bad argument) returns None and takes the general path, which
+# converts, checks and raises: _plain never raises, and accepts only what that path would
+# pass to _core unchanged. _core checks dtypes and sizes again.
+
+
+def _plain(x, axis, stream, out, inputs=(), vectors=(), buffers=()):
+    """The (outer, C, inner) shape of a plain call, or None. Plain: x a C-contiguous NumPy
+    array of float16, float32, float64 or bfloat16 (_core gets _raw(x)) with ndim >= 2 and an int axis in range, no stream;
+    the x-shaped inputs (arrays) and out (None or a writeable array) alike in type,
+    dtype, shape and layout; the per-channel vectors (None or arrays) and buffers (arrays,
+    updated in place: writeable) C-contiguous of the parameter dtype and shape (C,). With
+    out given, out and the vectors and buffers own their memory: two arrays that do are
+    one array or disjoint, so no vector overlaps out, and an x-shaped C-contiguous array
+    that overlaps out lies within out's memory, which it fills: it is out's memory itself
+    (an in-place call), never a partial overlap."""
+    if type(x) is not np.ndarray or stream is not None or type(axis) is not int:
+        return None
+    dtype = x.dtype
+    param = _PLAIN_PARAM_DTYPES.get(dtype)
+    shape = x.shape
+    ndim = len(shape)
+    if param is None or ndim < 2 or not -ndim <= axis < ndim or not x.flags.c_contiguous:
+        return None
+    owned = out is None  # whether overlaps need no look (a fresh output)
+    if not owned:
+        flags = out.flags if type(out) is np.ndarray else None
+        if flags is None or out.dtype is not dtype or out.shape != shape or not (flags.c_contiguous and flags.writeable and flags.owndata):
+            return None
+    for a in inputs:
+        if type(a) is not np.ndarray or a.dtype is not dtype or a.shape != shape or not a.flags.c_contiguous:
+            return None
+    channels = shape[axis]
+    for a in vectors:
+        if a is not None:
+            if type(a) is not np.ndarray or a.dtype is not param or a.shape != (channels,) or not a.flags.c_contiguous:
+                return None
+            if not owned and not a.flags.owndata:
+                return None
+    for a in buffers:
+        if type(a) is not np.ndarray or a.dtype is not param or a.shape != (channels,):
+            return None
+        flags = a.flags
+        if not (flags.c_contiguous and flags.writeable) or (not owned and not flags.owndata):
+            return None
+    axis %= ndim
+    return (math.prod(shape[:axis]), channels, math.prod(shape[axis + 1 :]))
+
+
+def _empty_aligned_with(target: np.ndarray, shape, empty) -> Optional[np.ndarray]:
+    """A fresh array of shape (from empty(n), a flat array of n elements of target's dtype)
+    at target's address modulo 64 bytes, or None where the itemsize makes that impossible. A
+    pass writing both streams whole cache lines of each with non-temporal stores, where it
+    streams: at another alignment the second output took ordinary stores, each line read
+    before it was written (the ReLU backward's dsum beside dx: 0.85-0.91x the time on NCHW
+    planes of 14x14 to 56x56 with it, unchanged on 7x7 planes and channels-last;
+    benchmarks/ab_builds.py)."""
+    size = math.prod(shape)
+    flat = empty(size + 64 // target.itemsize)
+    shift = (target.ctypes.data - flat.ctypes.data) % 64
+    if shift % flat.itemsize:
+        return None
+    first = shift // flat.itemsize
+    return flat[first : first + size].reshape(shape)
+
+
+def _raw(a):
+    """What _core gets for an array of a plain call, or None: a bfloat16 array as uint16 (its
+    dtype has no buffer or DLPack export), any other as it is."""
+    return a.view(np.uint16) if a is not None and a.dtype is _BFLOAT16 else a
+
+
+def _plain_relu(activation):
+    """activation= as a flag for a plain call (None and "relu"), or None for anything else."""
+    if activation is None:
+        return False
+    return True if type(activation) is str and activation == "relu" else None
+
+
 class _Call:
     """One call's input x: its backend, dtype and (outer, C, inner) view around `axis`."""
 
@@ -417,22 +503,13 @@ class _Call:
         return _Output(self.xp, self.xp.empty(self.input_shape, self.dtype), out, copy_back=True)
 
     def output_aligned_with(self, other: "_Output") -> "_Output":
-        """A fresh output at the address of other's target modulo 64 bytes (NumPy; elsewhere
-        a plain fresh output). A pass writing both streams whole cache lines of each with
-        non-temporal stores, where it streams: at another alignment the second output took
-        ordinary stores, each line read before it was written (the ReLU backward's dsum
-        beside dx: 0.85-0.91x the time on NCHW planes of 14x14 to 56x56 with it, unchanged on
-        7x7 planes and channels-last; benchmarks/ab_builds.py)."""
-        if self.xp is not _NumPy:
-            return self.output(None)
-        target = other.target
-        size = math.prod(self.input_shape)
-        flat = self.xp.empty((size + 64 // target.itemsize,), self.dtype)
-        shift = (target.ctypes.data - flat.ctypes.data) % 64
-        if shift % flat.itemsize:
-            return self.output(None)
-        first = shift // flat.itemsize
-        return _Output(self.xp, flat[first:first + size].reshape(self.input_shape))
+        """A fresh output at the address of other's target modulo 64 bytes (NumPy; elsewhere,
+        or where no such address exists, a plain fresh output): _empty_aligned_with."""
+        if self.xp is _NumPy:
+            a = _empty_aligned_with(other.target, self.input_shape, lambda n: self.xp.empty((n,), self.dtype))
+            if a is not None:
+                return _Output(self.xp, a)
+        return self.output(None)
 
     def require_batch(self):
         if self.count == 1 and self.channels > 0:  # an empty x is no batch of one
@@ -503,6 +580,22 @@ def forward_train(
         TypeError: a wrong dtype. ValueError: a wrong shape or value, or a single value
         per channel (M == 1).
     """
+    relu = _plain_relu(activation)
+    if (
+        relu is not None and type(momentum) is float and type(eps) is float and type(unbiased_running_var) is bool
+        and (running_mean is None) == (running_var is None) and (running_mean is None or running_mean is not running_var)
+    ):
+        buffers = () if running_mean is None else (running_mean, running_var)
+        shape = _plain(x, axis, stream, out, () if residual is None else (residual,), (weight, bias), buffers)
+        if shape is not None and (shape[0] * shape[2] != 1 or shape[1] == 0) and (
+            not buffers or (running_mean.flags.owndata and running_var.flags.owndata)  # (disjoint)
+        ):
+            y = np.empty(x.shape, x.dtype) if out is None else out
+            save_mean, save_invstd = (np.empty(shape[1], _PLAIN_PARAM_DTYPES[x.dtype]) for _ in range(2))
+            _core.forward_train(_raw(x), shape, weight, bias, running_mean, running_var, momentum, eps, _raw(y),
+                                save_mean, save_invstd, 0, _raw(residual), relu,
+                                unbiased_running_var=unbiased_running_var)
+            return y, save_mean, save_invstd
     call = _Call(x, axis, stream)
     weight = call.vector(weight, "weight", required=False)
     bias = call.vector(bias, "bias", required=False)
@@ -535,6 +628,15 @@ def forward_infer(
     Arguments as in ``forward_train``; running_mean and running_var are required and only
     read. Returns y.
     """
+    relu = _plain_relu(activation)
+    if relu is not None and type(eps) is float and running_mean is not None and running_var is not None:
+        shape = _plain(x, axis, stream, out, () if residual is None else (residual,),
+                       (running_mean, running_var, weight, bias))
+        if shape is not None:
+            y = np.empty(x.shape, x.dtype) if out is None else out
+            _core.forward_infer(_raw(x), shape, running_mean, running_var, weight, bias, eps, _raw(y), 0, _raw(residual),
+                                relu)
+            return y
     call = _Call(x, axis, stream)
     running_mean = call.vector(running_mean, "running_mean")
     running_var = call.vector(running_var, "running_var")
@@ -576,6 +678,20 @@ def backward(
         gradient at BN(x) + residual (so also the residual's), and dx, dweight, dbias BN's
         gradients for dsum in place of dy; one reduction and one elementwise pass, as without.
     """
+    relu = _plain_relu(activation)
+    if relu is not None and type(batch_stats) is bool and mean is not None and invstd is not None and (y is not None) == relu:
+        shape = _plain(x, axis, stream, out, (dy, y) if relu else (dy,), (mean, invstd, weight))
+        if shape is not None:
+            dx = np.empty(x.shape, x.dtype) if out is None else out
+            dweight, dbias = (np.empty(shape[1], _PLAIN_PARAM_DTYPES[x.dtype]) for _ in range(2))
+            dsum = None
+            if relu:
+                dsum = _empty_aligned_with(dx, x.shape, lambda n: np.empty(n, x.dtype))
+                if dsum is None:
+                    dsum = np.empty(x.shape, x.dtype)
+            _core.backward(_raw(dy), _raw(x), shape, mean, invstd, weight, batch_stats, _raw(dx), dweight, dbias, 0,
+                           _raw(y), relu, _raw(dsum))
+            return (dx, dweight, dbias, dsum) if relu else (dx, dweight, dbias)
     call = _Call(x, axis, stream)
     dy = call.input(dy, "dy")
     mean = call.vector(mean, "mean")
