@@ -137,7 +137,7 @@ void normalize(const T* x, Shape shape, const param_t<T>* mean, const param_t<T>
     detail::check_epilogue("normalize", shape, epilogue, y);
     const Scratch<P> scale = scales(shape.channels, invstd, weight);
     const Scratch<P> zero(shape.channels, P(0));
-    kernels::affine(x, shape, threads(shape), mean, zero.data(), scale.data(), bias ? bias : zero.data(), y, epilogue);
+    kernels::affine(x, shape, threads(shape), mean, scale.data(), bias ? bias : zero.data(), y, epilogue);
 }
 
 template <class T>
@@ -306,7 +306,7 @@ void backward(const T* dy, const T* x, Shape shape, const param_t<T>* mean,
                                      scale.data(), dx, relu_grad(grad, dsum));
             } else {
                 const Scratch<P> zero(shape.channels, P(0));
-                kernels::affine(dy, shape, threads(shape), zero.data(), zero.data(), scale.data(), zero.data(), dx,
+                kernels::affine(dy, shape, threads(shape), zero.data(), scale.data(), zero.data(), dx,
                                 Epilogue<T>{});
             }
         }

@@ -110,9 +110,9 @@ void moments(const T* x, Shape s, int threads, double* mean, double* var) {
 }
 
 template <class T>
-void affine(const T* x, Shape s, int threads, const param_t<T>* center, const param_t<T>* center_lo,
-            const param_t<T>* scale, const param_t<T>* shift, T* y, const Epilogue<T>& epilogue) {
-    BNORM_DISPATCH(affine, x, s, threads, center, center_lo, scale, shift, y, epilogue)
+void affine(const T* x, Shape s, int threads, const param_t<T>* center, const param_t<T>* scale,
+            const param_t<T>* shift, T* y, const Epilogue<T>& epilogue) {
+    BNORM_DISPATCH(affine, x, s, threads, center, scale, shift, y, epilogue)
 }
 
 template <class T>
@@ -142,8 +142,8 @@ void backward_train(const T* dy, const T* x, Shape s, int threads, const param_t
 
 #define BNORM_INSTANTIATE(T)                                                                                      \
     template void moments<T>(const T*, Shape, int, double*, double*);                                             \
-    template void affine<T>(const T*, Shape, int, const param_t<T>*, const param_t<T>*, const param_t<T>*,        \
-                            const param_t<T>*, T*, const Epilogue<T>&);                                           \
+    template void affine<T>(const T*, Shape, int, const param_t<T>*, const param_t<T>*, const param_t<T>*, T*,    \
+                            const Epilogue<T>&);                                                                  \
     template void forward_train<T>(const T*, Shape, int, double, const param_t<T>*, const param_t<T>*, T*,        \
                                    double*, double*, param_t<T>*, const Epilogue<T>&);                            \
     template void backward_sums<T>(const T*, const T*, Shape, int, const param_t<T>*, double*, double*,           \

@@ -1,6 +1,8 @@
 // The forward write passes: affine (normalize and inference) and the training forward,
 // statistics and output fused where the layout allows, each with the fused epilogue
 // (residual add, ReLU; epilogue.hpp) applied in the pass that writes y.
+#include <array>
+
 #include "cpu_moments.hpp"
 #include "cpu_strips.hpp"
 #include "epilogue.hpp"
@@ -9,19 +11,24 @@ namespace bnorm::kernels::BNORM_KERNEL_ISA {
 namespace {
 
 // y = epilogue(((x - center) - lo) * scale + shift) over one run of a single channel
-// (kInputsFromMemory: see write_run; the unfused pass).
-template <bool kInputsFromMemory = false, class T, class E>
+// (kInputsFromMemory: see write_run; the unfused pass). kLo = false: a center without a
+// low part (lo = 0, which changes no bit: (x - center) - 0 is x - center).
+template <bool kInputsFromMemory = false, bool kLo = true, class T, class E>
 BNORM_INLINE void affine_run(const T* x, T* y, int64_t n, detail::Affine<param_t<T>> k, bool stream,
                              const E& epilogue) {
     write_run<kInputsFromMemory>(y, n, stream, [&](auto lanes, int64_t i) {
         using L = decltype(lanes);
-        return epilogue(
-            L{}, ((L::load(x + i) - L::set(k.center)) - L::set(k.center_lo)) * L::set(k.scale) + L::set(k.shift), i);
+        auto centered = L::load(x + i) - L::set(k.center);
+        if constexpr (kLo) centered = centered - L::set(k.center_lo);
+        return epilogue(L{}, centered * L::set(k.scale) + L::set(k.shift), i);
     });
 }
 
-// The same over one row of the rows schedule, coefficients varying along it.
-template <bool kInputsFromMemory = false, class T, class E>
+// The same over one row of the rows schedule, coefficients varying along it. Each output
+// vector loads a vector of every coefficient array, so the rows of inference and
+// normalize (whose centers have no low part) load three: with four, (256, 512) float32
+// inference in L2 took 2x a copy (one thread).
+template <bool kInputsFromMemory = false, bool kLo = true, class T, class E>
 BNORM_FLATTEN void affine_row(const T* x, T* y, int64_t n, const param_t<T>* center, const param_t<T>* lo,
                               const param_t<T>* scale, const param_t<T>* shift, bool stream, const E& epilogue) {
     using P = Simd<param_t<T>>;  // the coefficients are arrays of the accumulation type
@@ -29,34 +36,72 @@ BNORM_FLATTEN void affine_row(const T* x, T* y, int64_t n, const param_t<T>* cen
         using L = decltype(lanes);
         using C = std::conditional_t<L::width == 1, Scalar<param_t<T>>, P>;
         static_assert(C::width == L::width, "x and coefficient vectors have the same lanes");
-        return epilogue(
-            L{}, ((L::load(x + c) - C::load(center + c)) - C::load(lo + c)) * C::load(scale + c) + C::load(shift + c), c);
+        auto centered = L::load(x + c) - C::load(center + c);
+        if constexpr (kLo) centered = centered - C::load(lo + c);
+        return epilogue(L{}, centered * C::load(scale + c) + C::load(shift + c), c);
     });
 }
 
+// The same over `rows` rows `stride` apart (a block of the unfused rows schedule):
+// write_rows, coefficients loaded once per group of rows, unless the output streams
+// (write_run's lines, row by row) or is bfloat16 (its stores come in groups along a row,
+// write_run). The fused column strips keep writing row by row: in groups, (256, 512)
+// float32 training took 0.84x the time on one thread but 2x on two (C++ harness; the
+// cause was not found: neither the 4K aliasing nor the alignment of the arrays).
+template <bool kInputsFromMemory = false, bool kLo = true, class T, class E>
+BNORM_FLATTEN void affine_rows(const T* x, T* y, int64_t stride, int64_t rows, int64_t n, const param_t<T>* center,
+                               const param_t<T>* lo, const param_t<T>* scale, const param_t<T>* shift, bool stream,
+                               const E& epilogue) {
+    if (stream || StoresGroups<Simd<T>>::value) {
+        for (int64_t r = 0; r < rows; ++r)
+            affine_row<kInputsFromMemory, kLo>(x + r * stride, y + r * stride, n, center, lo, scale, shift, stream,
+                                               epilogue.at(r * stride));
+        return;
+    }
+    using P = Simd<param_t<T>>;
+    write_rows(
+        y, stride, rows, n,
+        [&](auto lanes, int64_t c) {
+            using C = std::conditional_t<decltype(lanes)::width == 1, Scalar<param_t<T>>, P>;
+            if constexpr (kLo)
+                return std::array{C::load(center + c), C::load(lo + c), C::load(scale + c), C::load(shift + c)};
+            else
+                return std::array{C::load(center + c), C::load(scale + c), C::load(shift + c)};
+        },
+        [&](auto lanes, const auto& k, int64_t at) {
+            using L = decltype(lanes);
+            auto centered = L::load(x + at) - k[0];
+            if constexpr (kLo) centered = centered - k[1];
+            return epilogue(L{}, centered * k[kLo ? 2 : 1] + k[kLo ? 3 : 2], at);
+        });
+}
+
 // The kernels with their epilogue (E: a ForwardEpilogue) as a type; the entry points
-// below pick it once per call.
-template <class T, class E>
+// below pick it once per call. kLo = false: center_lo is unused (may be null).
+template <bool kLo, class T, class E>
 void affine_fused(const T* x, Shape s, int threads, const param_t<T>* center, const param_t<T>* center_lo,
                   const param_t<T>* scale, const param_t<T>* shift, T* y, const E& epilogue) {
     const Positions pos = positions_of(s, For::write);
     if (pos.view.channels > 0) {
-        affine_fused(x, pos.view, threads, pos.expand(center).data(), pos.expand(center_lo).data(),
-                     pos.expand(scale).data(), pos.expand(shift).data(), y, epilogue);
+        affine_fused<kLo>(x, pos.view, threads, pos.expand(center).data(),
+                          kLo ? pos.expand(center_lo).data() : nullptr, pos.expand(scale).data(),
+                          pos.expand(shift).data(), y, epilogue);
         if (pos.rest.outer > 0)
-            affine_fused(x + pos.view.size(), pos.rest, threads, center, center_lo, scale, shift, y + pos.view.size(),
-                         epilogue.at(pos.view.size()));
+            affine_fused<kLo>(x + pos.view.size(), pos.rest, threads, center, center_lo, scale, shift,
+                              y + pos.view.size(), epilogue.at(pos.view.size()));
         return;
     }
     for_each_write(
         s, threads, y,
         [&](int64_t c, int64_t offset, bool stream) BNORM_INLINE_LAMBDA {
-            affine_run<true>(x + offset, y + offset, s.inner, {center[c], center_lo[c], scale[c], shift[c]}, stream,
-                             epilogue.at(offset));
+            affine_run<true, kLo>(x + offset, y + offset, s.inner,
+                                  {center[c], kLo ? center_lo[c] : param_t<T>(0), scale[c], shift[c]}, stream,
+                                  epilogue.at(offset));
         },
-        [&](int64_t offset, int64_t c0, int64_t c1, bool stream) {
-            affine_row<true>(x + offset, y + offset, c1 - c0, center + c0, center_lo + c0, scale + c0, shift + c0,
-                             stream, epilogue.at(offset));
+        [&](int64_t offset, int64_t rows, int64_t c0, int64_t c1, bool stream) {
+            affine_rows<true, kLo>(x + offset, y + offset, s.channels, rows, c1 - c0, center + c0,
+                                   kLo ? center_lo + c0 : nullptr, scale + c0, shift + c0, stream,
+                                   epilogue.at(offset));
         });
 }
 
@@ -92,7 +137,7 @@ void forward_train_fused(const T* x, Shape s, int threads, double eps, const par
         Scratch<P> center(C), lo(C), scale(C), shift(C);
         train_coefficients(int64_t(0), C, mean, var, eps, weight, bias, invstd, center.data(), lo.data(), scale.data(),
                            shift.data());
-        affine_fused(x, s, threads, center.data(), lo.data(), scale.data(), shift.data(), y, epilogue);
+        affine_fused<true>(x, s, threads, center.data(), lo.data(), scale.data(), shift.data(), y, epilogue);
         return;
     }
     const PlaneSplits plan(s);
@@ -115,9 +160,10 @@ void forward_train_fused(const T* x, Shape s, int threads, double eps, const par
 }  // namespace
 
 template <class T>
-void affine(const T* x, Shape s, int threads, const param_t<T>* center, const param_t<T>* center_lo,
-            const param_t<T>* scale, const param_t<T>* shift, T* y, const Epilogue<T>& epilogue) {
-    with_forward_epilogue(epilogue, [&](const auto& e) { affine_fused(x, s, threads, center, center_lo, scale, shift, y, e); });
+void affine(const T* x, Shape s, int threads, const param_t<T>* center, const param_t<T>* scale,
+            const param_t<T>* shift, T* y, const Epilogue<T>& epilogue) {
+    with_forward_epilogue(epilogue,
+                          [&](const auto& e) { affine_fused<false>(x, s, threads, center, nullptr, scale, shift, y, e); });
 }
 
 template <class T>
@@ -130,7 +176,7 @@ void forward_train(const T* x, Shape s, int threads, double eps, const param_t<T
 
 #define BNORM_INSTANTIATE(T)                                                                  \
     template void affine<T>(const T*, Shape, int, const param_t<T>*, const param_t<T>*,       \
-                            const param_t<T>*, const param_t<T>*, T*, const Epilogue<T>&);    \
+                            const param_t<T>*, T*, const Epilogue<T>&);                       \
     template void forward_train<T>(const T*, Shape, int, double, const param_t<T>*,           \
                                    const param_t<T>*, T*, double*, double*, param_t<T>*,      \
                                    const Epilogue<T>&);

@@ -279,10 +279,11 @@ def test_noncontiguous_out(rng, fn):
 
 # In place (out=x): the write loops compute a run's overlapping end vectors before storing
 # what they overlap, so the result is the out-of-place one, bit for bit. Runs around the
-# vector, pair and group lengths of every dtype, short planes, long runs and rows.
+# vector, pair and group lengths of every dtype, short planes, long runs and rows (rows in
+# groups of two and four, with the rows left over, and rows shorter than a vector).
 @pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "bfloat16"])
 @pytest.mark.parametrize("shape", [(3, 5, 7), (3, 4, 16), (2, 6, 49), (2, 3, 100), (2, 3, 129), (2, 2, 196),
-                                   (2, 2, 1025), (40, 100), (8, 300)])
+                                   (2, 2, 1025), (40, 100), (8, 300), (7, 33), (9, 100), (5, 17), (11, 6)])
 def test_inplace_is_bitwise_out_of_place(rng, dtype, shape):
     if dtype == "bfloat16":
         ml_dtypes = pytest.importorskip("ml_dtypes")
@@ -305,3 +306,16 @@ def test_inplace_is_bitwise_out_of_place(rng, dtype, shape):
         got = x.copy()
         assert call(got, out=got) is got, name
         ref.assert_bitwise(got, want, f"{name} in place")
+    # backward's dx over dy (and over x), with batch statistics and without, and with ReLU
+    dy = rng.standard_normal(shape).astype(dt)
+    y = rng.standard_normal(shape).astype(dt)
+    _, mean, invstd = bnorm.forward_train(x, w, b)
+    for batch_stats in (True, False):
+        for relu in (False, True):
+            kw = dict(batch_stats=batch_stats, activation="relu", y=y) if relu else dict(batch_stats=batch_stats)
+            want = bnorm.backward(dy, x, mean, invstd, w, **kw)[0]
+            for target in ("dy", "x"):
+                d, xx = dy.copy(), x.copy()
+                out = d if target == "dy" else xx
+                assert bnorm.backward(d, xx, mean, invstd, w, out=out, **kw)[0] is out
+                ref.assert_bitwise(out, want, f"backward (batch_stats={batch_stats}, relu={relu}) over {target}")
