@@ -231,16 +231,16 @@ def time_row(torch, fns, rounds, warmup, flush, graphs):
             calls[n]()
     torch.cuda.synchronize()
     events = {n: [] for n in names}
-    for r in range(rounds):
-        order = names[r % len(names):] + names[:r % len(names)]
-        for n in order:
-            if flush is not None:
-                flush.zero_()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            calls[n]()
-            end.record()
-            events[n].append((start, end))
+    from bnorm.bench import interleaved_order  # each contender follows each other equally often
+
+    for n in interleaved_order(names, rounds):
+        if flush is not None:
+            flush.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        calls[n]()
+        end.record()
+        events[n].append((start, end))
     torch.cuda.synchronize()
     return {n: [s.elapsed_time(e) for s, e in ev] for n, ev in events.items()}
 

@@ -79,6 +79,8 @@ def _worker():
 
 
 def _time_row(case, op, one, torch, rounds, budget):
+    from .bench import interleaved_order
+
     fns = {"bnorm": case.bnorm_fn(op)}
     if torch is not None:
         fns["torch"] = case.torch_fn(op)
@@ -86,17 +88,18 @@ def _time_row(case, op, one, torch, rounds, budget):
         f(), f()
     times = {n: [] for n in [*fns, "bnorm 1t"]}
     names = list(times)
+    cycle = interleaved_order(names, len(names) - 1)  # one whole cycle: each follows each other once
     start = time.perf_counter()
     r = 0
     while r < rounds or (r < 200 and time.perf_counter() - start < budget):
-        for n in names[r % len(names):] + names[:r % len(names)]:
+        for n in cycle:
             if n == "bnorm 1t":
                 times[n].append(one.time(case.shape, case.axis, case.dtype.name, op))
             else:
                 t0 = time.perf_counter()
                 fns[n]()
                 times[n].append(time.perf_counter() - t0)
-        r += 1
+        r += len(cycle) // len(names)
     return {n: float(np.median(t)) for n, t in times.items()}, r
 
 

@@ -146,3 +146,22 @@ def test_cold_cache_script_runs():
                            "--threads", "1"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sum(" | forward " in line or " | backward " in line for line in proc.stdout.splitlines()) == 4, proc.stdout
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5])
+def test_interleaved_order_balances_predecessors(n):
+    """Every contender follows every other equally often over whole cycles (a rotation put
+    the same one before bnorm every round), and each gets the calls asked for."""
+    from collections import Counter
+
+    from bnorm.bench import interleaved_order
+
+    names = [f"f{i}" for i in range(n)]
+    for calls in (1, 2, 3, 7, 12):
+        order = interleaved_order(names, calls)
+        assert Counter(order) == {name: calls for name in names}
+    if n > 1:
+        cycle = interleaved_order(names, n - 1)
+        pairs = Counter((cycle[i - 1], cycle[i]) for i in range(len(cycle)))  # (cyclic)
+        assert set(pairs) == {(a, b) for a in names for b in names if a != b}
+        assert set(pairs.values()) == {1}
