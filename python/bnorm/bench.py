@@ -464,9 +464,11 @@ def interleaved_order(names: list, calls: int) -> list:
     is not a multiple of n - 1). A fixed rotation
     (a b c, b c a, c a b) puts the same name before a given one every time: in the tables
     bnorm always followed NumPy's reference or the one-thread worker, which leave x out of
-    the caches, and PyTorch followed the copy or bnorm, which leave the end of x in L3, an
-    advantage worth 10-20% on inputs of one to two L3 sizes (51 MB inference on a 32 MB L3:
-    PyTorch 0.84x bnorm's time rotated, 1.10x balanced)."""
+    the caches, and PyTorch followed the copy or bnorm, which leave the end of x in L3: an
+    advantage on inputs of one to two L3 sizes, and for cached ones, which the worker
+    evicts ((256, 512) inference, PyTorch/bnorm idle: 1.18 rotated, 1.71-1.79 balanced; the
+    51 MB (64, 1024, 14, 14) on a 32 MB L3: 0.84 rotated, 0.80-1.13 balanced, this VM's
+    bandwidth varying from run to run; `python -m bnorm.bench --busy`, AMD EPYC)."""
     n = len(names)
     if n <= 1:
         return list(names) * calls
