@@ -462,13 +462,14 @@ def interleaved_order(names: list, calls: int) -> list:
     equally often: cycles of an Eulerian circuit of the complete directed graph on the
     names, each n (n - 1) calls, n - 1 of each name (the last cycle cut short where calls
     is not a multiple of n - 1). A fixed rotation
-    (a b c, b c a, c a b) puts the same name before a given one every time: in the tables
-    bnorm always followed NumPy's reference or the one-thread worker, which leave x out of
-    the caches, and PyTorch followed the copy or bnorm, which leave the end of x in L3: an
-    advantage on inputs of one to two L3 sizes, and for cached ones, which the worker
-    evicts ((256, 512) inference, PyTorch/bnorm idle: 1.18 rotated, 1.71-1.79 balanced; the
-    51 MB (64, 1024, 14, 14) on a 32 MB L3: 0.84 rotated, 0.80-1.13 balanced, this VM's
-    bandwidth varying from run to run; `python -m bnorm.bench --busy`, AMD EPYC)."""
+    (a b c, b c a, c a b) puts the same name before a given one every time (in the tables
+    NumPy's reference or the one-thread worker before bnorm, the copy or bnorm before
+    PyTorch), so whatever a predecessor leaves in the caches favours one contender
+    throughout. Measured against the rotation on the AMD EPYC VM (3 runs each, same
+    build), the difference stayed within the run-to-run noise: (64, 1024, 14, 14)
+    inference PyTorch/bnorm 1.04-1.13 rotated, 1.08-1.17 balanced; (256, 512, 10, 10)
+    0.99-1.00 and 0.98-1.02; (256, 512) and (8, 32, 28, 28) alike. The balance is kept
+    as the design with no bias to argue about."""
     n = len(names)
     if n <= 1:
         return list(names) * calls
