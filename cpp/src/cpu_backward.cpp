@@ -117,7 +117,7 @@ template <bool kInputsFromMemory = false, class T, class Mask>
 BNORM_FLATTEN void backward_rows(const T* dy, const T* x, T* dx, int64_t stride, int64_t rows, int64_t n,
                                  const param_t<T>* mean, const param_t<T>* dy_mean, const param_t<T>* xmu_scale,
                                  const param_t<T>* scale, bool stream, const Mask& mask) {
-    if (stream || StoresGroups<Simd<T>>::value) {
+    if (stream) {
         for (int64_t r = 0; r < rows; ++r)
             backward_row<kInputsFromMemory>(dy + r * stride, x ? x + r * stride : x, dx + r * stride, n, mean, dy_mean,
                                             xmu_scale, scale, stream, mask.at(r * stride));

@@ -52,7 +52,7 @@ template <bool kInputsFromMemory = false, bool kLo = true, class T, class E>
 BNORM_FLATTEN void affine_rows(const T* x, T* y, int64_t stride, int64_t rows, int64_t n, const param_t<T>* center,
                                const param_t<T>* lo, const param_t<T>* scale, const param_t<T>* shift, bool stream,
                                const E& epilogue) {
-    if (stream || StoresGroups<Simd<T>>::value) {
+    if (stream) {
         for (int64_t r = 0; r < rows; ++r)
             affine_row<kInputsFromMemory, kLo>(x + r * stride, y + r * stride, n, center, lo, scale, shift, stream,
                                                epilogue.at(r * stride));

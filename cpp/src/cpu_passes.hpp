@@ -280,7 +280,10 @@ BNORM_INLINE void write_rows(T* out, int64_t stride, int64_t rows, int64_t n, co
             const auto k = coefficients(S{}, i);
             typename S::R v[G];
             for (int g = 0; g < G; ++g) v[g] = value(S{}, k, (r + g) * stride + i);
-            for (int g = 0; g < G; ++g) S::store(out + (r + g) * stride + i, v[g]);
+            if constexpr (StoresGroups<S>::value)  // (Simd<bfloat16>: narrowed in pairs of rows)
+                S::template store_rows<G>(out + r * stride + i, stride, v);
+            else
+                for (int g = 0; g < G; ++g) S::store(out + (r + g) * stride + i, v[g]);
         }
         if (ragged)
             for (int g = 0; g < G; ++g) store_lanes<T>(out + (r + g) * stride + n - W, tail[g], i - (n - W), W);

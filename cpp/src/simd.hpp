@@ -195,6 +195,26 @@ struct Simd<bfloat16> {
             else _mm512_storeu_si512(out, pair);
         }
     }
+    // G vectors for rows `stride` elements apart (write_rows, unstreamed): as store_group,
+    // one subnormal test for all, two rows narrowed by one vcvtne2ps2bf16 and stored as its
+    // halves. (Row by row, narrow() per vector: (256, 512) inference took 1.11x float16's
+    // time, 1.2x before write_rows took bfloat16; C++ harness, one thread, in cache.)
+    template <int G>
+    __attribute__((always_inline)) static inline void store_rows(bfloat16* p, int64_t stride, const R (&v)[G]) {
+        __mmask16 subnormal = 0;
+        for (int k = 0; k < G; ++k) subnormal = _kor_mask16(subnormal, _mm512_fpclass_ps_mask(v[k], 0x20));
+        if (__builtin_expect(subnormal != 0, 0)) {
+            for (int k = 0; k < G; ++k) store(p + k * stride, v[k]);
+            return;
+        }
+        int k = 0;
+        for (; k + 1 < G; k += 2) {
+            const __m512i pair = (__m512i)_mm512_cvtne2ps_pbh(v[k + 1], v[k]);  // row k in the low half
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + k * stride), _mm512_castsi512_si256(pair));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + (k + 1) * stride), _mm512_extracti64x4_epi64(pair, 1));
+        }
+        if (k < G) _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + k * stride), (__m256i)_mm512_cvtneps_pbh(v[k]));
+    }
     // The end of a run written without streaming, held in registers by write_run after the
     // groups: `full` vectors (0 to kGroup - 1) from p and, where n (the elements from p) is
     // not a multiple of a vector, the run's last 16 elements in `tail` (overlapping what

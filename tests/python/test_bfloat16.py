@@ -129,17 +129,20 @@ import numpy as np, ml_dtypes
 import bnorm
 bf16 = np.dtype(ml_dtypes.bfloat16)
 rng = np.random.default_rng(1)
-run = int(sys.argv[1])
-bits = rng.integers(0, 1 << 16, (max(3, 120000 // run), 8, run), dtype=np.uint16)   # every kind of bfloat16 input
+run, rows = int(sys.argv[1]), sys.argv[2] == "rows"
+C = run if rows else 8  # rows: (N, run) with run channels; planes: (N, 8, run)
+shape = (max(8, 120000 // run), run) if rows else (max(3, 120000 // run), 8, run)
+bits = rng.integers(0, 1 << 16, shape, dtype=np.uint16)   # every kind of bfloat16 input
 x = bits.view(bf16)
-mean = rng.standard_normal(8).astype(np.float32)
-invstd = np.exp(rng.uniform(-3, 3, 8)).astype(np.float32)
+mean = rng.standard_normal(C).astype(np.float32)
+invstd = np.exp(rng.uniform(-3, 3, C)).astype(np.float32)
 invstd[0] = 1.0
 mean[:2] = 0.0  # channels 0 and 1 pass subnormal inputs on: exact (0), to be rounded (1)
 invstd[1] = 0.7
 y = bnorm.normalize(x, mean, invstd)
-f = (x.astype(np.float32) - mean[:, None]) - np.float32(0)
-f = f * invstd[:, None] + np.float32(0)
+per_channel = (slice(None),) if rows else (slice(None), None)
+f = (x.astype(np.float32) - mean[per_channel]) - np.float32(0)
+f = f * invstd[per_channel] + np.float32(0)
 want = f.astype(bf16)
 ties = int(np.sum((f.view(np.uint32) & 0xffff) == 0x8000))
 same = (y.view(np.uint16) == want.view(np.uint16)) | (np.isnan(f) & np.isnan(y.astype(np.float32)))
@@ -154,15 +157,18 @@ ORDER = ["baseline", "avx2", "avx512", "avx512bf16"]
 # non-temporal ones: in the avx512bf16 build each path narrows groups of 8 vectors, then
 # the streamed one pairs, the other the rest of the run held whole (store_end: 0 to 7
 # vectors and a tail; runs of 16 to 64 elements are all rest), each vector through the
-# exact narrowing where a lane is subnormal; runs of 40017 leave a single vector as well)
-@pytest.mark.parametrize("run", [16, 20, 33, 49, 64, 40001, 40017, 200001])
+# exact narrowing where a lane is subnormal; runs of 40017 leave a single vector as well.
+# Rows of 100, 512 and 1000 channels: write_rows narrows pairs of rows at once
+# (store_rows), rows of 16 a positions view of 256-element rows, and 1000 leaves a tail)
+@pytest.mark.parametrize("run", [16, 20, 33, 49, 64, 40001, 40017, 200001, "rows16", "rows100", "rows512", "rows1000"])
 @pytest.mark.parametrize("isa", ORDER)
 def test_rounding_is_ml_dtypes_bitwise(isa, run):
     if isa not in ORDER[: ORDER.index(bnorm.cpu_isa()) + 1]:
         pytest.skip(f"this CPU runs up to {bnorm.cpu_isa()}, not {isa}")
     env = dict(os.environ, BNORM_CPU_ISA=isa)
-    out = subprocess.run([sys.executable, "-c", ROUNDING, str(run)], env=env, capture_output=True, text=True,
-                         timeout=300)
+    layout = "rows" if str(run).startswith("rows") else "planes"
+    out = subprocess.run([sys.executable, "-c", ROUNDING, str(run).removeprefix("rows"), layout], env=env,
+                         capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["isa"] == isa
