@@ -107,7 +107,7 @@ BNORM_FLATTEN void backward_row(const T* dy, const T* x, T* dx, int64_t n, const
 }
 
 // The same over `rows` rows `stride` apart: write_rows, coefficients loaded once per pair
-// of rows, unless the output streams or is bfloat16 (affine_rows, cpu_forward.cpp). Pairs,
+// of rows, unless the output streams (affine_rows, cpu_forward.cpp). Pairs,
 // not write_rows' groups of four: with two inputs and the output per row, four rows are
 // twelve streams, and (1024, 512) float32 dx in L3 took 1.22x the row-by-row time (pairs
 // 0.93x; (256, 512) in L2 1.18x, pairs 0.92x; one thread, C++ harness).

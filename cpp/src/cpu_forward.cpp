@@ -44,8 +44,7 @@ BNORM_FLATTEN void affine_row(const T* x, T* y, int64_t n, const param_t<T>* cen
 
 // The same over `rows` rows `stride` apart (a block of the unfused rows schedule):
 // write_rows, coefficients loaded once per group of rows, unless the output streams
-// (write_run's lines, row by row) or is bfloat16 (its stores come in groups along a row,
-// write_run). The fused column strips keep writing row by row: in groups, (256, 512)
+// (write_run's lines, row by row). The fused column strips keep writing row by row: in groups, (256, 512)
 // float32 training took 0.84x the time on one thread but 2x on two (C++ harness; the
 // cause was not found: neither the 4K aliasing nor the alignment of the arrays).
 template <bool kInputsFromMemory = false, bool kLo = true, class T, class E>
