@@ -107,10 +107,10 @@ BNORM_FLATTEN void backward_row(const T* dy, const T* x, T* dx, int64_t n, const
 }
 
 // The same over `rows` rows `stride` apart: write_rows, coefficients loaded once per pair
-// of rows, unless the output streams (affine_rows, cpu_forward.cpp). Pairs,
-// not write_rows' groups of four: with two inputs and the output per row, four rows are
-// twelve streams, and (1024, 512) float32 dx in L3 took 1.22x the row-by-row time (pairs
-// 0.93x; (256, 512) in L2 1.18x, pairs 0.92x; one thread, C++ harness).
+// of rows, unless the output streams (affine_rows, cpu_forward.cpp). dx reads two inputs
+// per row, which bound it more than the coefficient loads: pairs took 0.96-1.0x the
+// row-by-row time of the unfused pass in cache, groups of four 1.0-1.15x ((256, 512),
+// (1024, 512), (1024, 500); (4096, 64) 0.9x; float32, one thread, C++ harness).
 constexpr int kBackwardRowGroup = 2;
 
 template <bool kInputsFromMemory = false, class T, class Mask>
