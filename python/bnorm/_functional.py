@@ -41,6 +41,7 @@ _PLAIN_PARAM_DTYPES = {np.dtype(x): np.dtype(p) for x, p in (("float16", "float3
 
 
 _BFLOAT16: Optional[np.dtype] = None  # ml_dtypes' bfloat16, once _bfloat16() has imported it
+_UINT16 = np.dtype(np.uint16)  # what _core gets bfloat16 memory as (a view with a dtype object: 0.05 us less)
 
 
 def _is_bfloat16(dtype: np.dtype) -> bool:
@@ -98,7 +99,7 @@ class _NumPy:
     @staticmethod
     def empty(shape, dtype_name: str):
         if dtype_name == "bfloat16":
-            return np.empty(shape, dtype=_bfloat16()).view(np.uint16)
+            return np.empty(shape, dtype=_bfloat16()).view(_UINT16)
         return np.empty(shape, dtype=dtype_name)
 
     @staticmethod
@@ -141,7 +142,7 @@ class _NumPy:
     def export(a):
         """The object handed to _core for array a."""
         # bfloat16 (its dtype checked by the caller); itemsize first: it is the cheaper test
-        return a if a.itemsize != 2 or a.dtype.kind != "V" else a.view(np.uint16)
+        return a if a.itemsize != 2 or a.dtype.kind != "V" else a.view(_UINT16)
 
     @staticmethod
     def wrap(a):
@@ -380,7 +381,7 @@ def _empty_aligned_with(target: np.ndarray, shape, empty) -> Optional[np.ndarray
 def _raw(a):
     """What _core gets for an array of a plain call, or None: a bfloat16 array as uint16 (its
     dtype has no buffer or DLPack export), any other as it is."""
-    return a.view(np.uint16) if a is not None and a.dtype is _BFLOAT16 else a
+    return a.view(_UINT16) if a is not None and a.dtype is _BFLOAT16 else a
 
 
 def _plain_relu(activation):
