@@ -270,7 +270,7 @@ BNORM_INLINE void write_rows(T* out, int64_t stride, int64_t rows, int64_t n, co
     const bool ragged = n % W != 0;
     const auto group = [&](int64_t r, auto size) BNORM_INLINE_LAMBDA {
         constexpr int G = decltype(size)::value;
-        typename S::R tail[G];
+        typename S::R tail[G]{};  // (set where ragged)
         if (ragged) {
             const auto k = coefficients(S{}, n - W);
             for (int g = 0; g < G; ++g) tail[g] = value(S{}, k, (r + g) * stride + n - W);

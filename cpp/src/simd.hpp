@@ -210,8 +210,9 @@ struct Simd<bfloat16> {
         int k = 0;
         for (; k + 1 < G; k += 2) {
             const __m512i pair = (__m512i)_mm512_cvtne2ps_pbh(v[k + 1], v[k]);  // row k in the low half
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + k * stride), _mm512_castsi512_si256(pair));
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + (k + 1) * stride), _mm512_extracti64x4_epi64(pair, 1));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + k * stride), _mm512_maskz_extracti64x4_epi64(0xf, pair, 0));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + (k + 1) * stride),
+                                _mm512_maskz_extracti64x4_epi64(0xf, pair, 1));
         }
         if (k < G) _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + k * stride), (__m256i)_mm512_cvtneps_pbh(v[k]));
     }
