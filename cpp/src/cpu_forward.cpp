@@ -46,7 +46,8 @@ BNORM_FLATTEN void affine_row(const T* x, T* y, int64_t n, const param_t<T>* cen
 // write_rows, coefficients loaded once per group of rows, unless the output streams
 // (write_run's lines, row by row). The fused column strips keep writing row by row: in groups, (256, 512)
 // float32 training took 0.84x the time on one thread but 2x on two (C++ harness; the
-// cause was not found: neither the 4K aliasing nor the alignment of the arrays).
+// cause was not found: computing a group's values before its stores, 4096-aligned arrays,
+// padding between the coefficient arrays and pairs of rows all left it; no counters here).
 template <bool kInputsFromMemory = false, bool kLo = true, class T, class E>
 BNORM_FLATTEN void affine_rows(const T* x, T* y, int64_t stride, int64_t rows, int64_t n, const param_t<T>* center,
                                const param_t<T>* lo, const param_t<T>* scale, const param_t<T>* shift, bool stream,

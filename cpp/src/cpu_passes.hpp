@@ -246,14 +246,15 @@ BNORM_INLINE void write_run(T* out, int64_t n, bool stream, const Value& value) 
 // vector's coefficients are loaded once for the group: the rows of inference load three
 // coefficient vectors beside each vector of x (training four, backward four beside x and
 // dy), and row by row, (256, 512) float32 inference in L2 took 2x a copy, in groups of
-// four 1.45x (one thread, C++ harness; (1024, 512), 2 MB in L3: 1.85x -> 1.4x). The same IEEE operations lane by
-// lane as write_run, so the same bits; as there, a ragged row's last vector overlaps the
-// one before and is computed before anything it overlaps is written (in-place calls). A
-// column's values are computed for every row of the group before any is stored: stored
-// row by row, a store to out's row r and the next load from an input's row r + 2 were 4096
-// bytes apart for 2 KB rows in arrays at the same offset in their pages (large NumPy and
-// malloc arrays are), and the CPU took the load for dependent on the store (4K aliasing):
-// (256, 512) float32 training took 2.3x its row-by-row time on 2 threads.
+// four 1.45x (one thread, C++ harness; (1024, 512), 2 MB in L3: 1.85x -> 1.4x). The same
+// IEEE operations lane by lane as write_run, so the same bits; as there, a ragged row's
+// last vector overlaps the one before and is computed before anything it overlaps is
+// written (in-place calls). A column's values are computed for every row of the group
+// before any is stored, so that no load follows a store to the same address modulo 4096
+// (rows of 2 KB in arrays at equal page offsets, as large NumPy arrays are, would put row
+// r + 2's load there; the CPU can take such a load for dependent on the store). A
+// precaution, not measured on its own: it was added while looking for the fused strips'
+// slowdown (cpu_forward.cpp), which it did not remove.
 constexpr int kRowGroup = 4;
 
 template <int kGroup = kRowGroup, class T, class Coefficients, class Value>
