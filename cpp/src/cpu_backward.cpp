@@ -84,11 +84,10 @@ template <bool kInputsFromMemory = false, class T, class Mask>
 BNORM_FLATTEN void backward_row(const T* dy, const T* x, T* dx, int64_t n, const param_t<T>* mean,
                                 const param_t<T>* dy_mean, const param_t<T>* xmu_scale, const param_t<T>* scale,
                                 bool stream, const Mask& mask) {
-    using P = Simd<param_t<T>>;
     if (!x) {
         write_run<kInputsFromMemory>(dx, n, stream, [&](auto lanes, int64_t c) {
             using L = decltype(lanes);
-            using C = std::conditional_t<L::width == 1, Scalar<param_t<T>>, P>;
+            using C = CoefficientLanes<T, L>;
             const auto g = mask.load(L{}, dy, c);
             mask.write(L{}, g, c, stream);
             return g * C::load(scale + c);
@@ -97,7 +96,7 @@ BNORM_FLATTEN void backward_row(const T* dy, const T* x, T* dx, int64_t n, const
     }
     write_run<kInputsFromMemory>(dx, n, stream, [&](auto lanes, int64_t c) {
         using L = decltype(lanes);
-        using C = std::conditional_t<L::width == 1, Scalar<param_t<T>>, P>;
+        using C = CoefficientLanes<T, L>;
         static_assert(C::width == L::width, "x and coefficient vectors have the same lanes");
         const auto g = mask.load(L{}, dy, c);
         mask.write(L{}, g, c, stream);
@@ -123,12 +122,11 @@ BNORM_FLATTEN void backward_rows(const T* dy, const T* x, T* dx, int64_t stride,
                                             xmu_scale, scale, stream, mask.at(r * stride));
         return;
     }
-    using P = Simd<param_t<T>>;
     if (!x) {
         write_rows(
             dx, stride, rows, n,
             [&](auto lanes, int64_t c) {
-                using C = std::conditional_t<decltype(lanes)::width == 1, Scalar<param_t<T>>, P>;
+                using C = CoefficientLanes<T, decltype(lanes)>;
                 return C::load(scale + c);
             },
             [&](auto lanes, const auto& k, int64_t at) {
@@ -141,7 +139,7 @@ BNORM_FLATTEN void backward_rows(const T* dy, const T* x, T* dx, int64_t stride,
     write_rows<kBackwardRowGroup>(
         dx, stride, rows, n,
         [&](auto lanes, int64_t c) {
-            using C = std::conditional_t<decltype(lanes)::width == 1, Scalar<param_t<T>>, P>;
+            using C = CoefficientLanes<T, decltype(lanes)>;
             return std::array{C::load(mean + c), C::load(dy_mean + c), C::load(xmu_scale + c), C::load(scale + c)};
         },
         [&](auto lanes, const auto& k, int64_t at) {

@@ -31,10 +31,9 @@ BNORM_INLINE void affine_run(const T* x, T* y, int64_t n, detail::Affine<param_t
 template <bool kInputsFromMemory = false, bool kLo = true, class T, class E>
 BNORM_FLATTEN void affine_row(const T* x, T* y, int64_t n, const param_t<T>* center, const param_t<T>* lo,
                               const param_t<T>* scale, const param_t<T>* shift, bool stream, const E& epilogue) {
-    using P = Simd<param_t<T>>;  // the coefficients are arrays of the accumulation type
     write_run<kInputsFromMemory>(y, n, stream, [&](auto lanes, int64_t c) {
         using L = decltype(lanes);
-        using C = std::conditional_t<L::width == 1, Scalar<param_t<T>>, P>;
+        using C = CoefficientLanes<T, L>;
         static_assert(C::width == L::width, "x and coefficient vectors have the same lanes");
         auto centered = L::load(x + c) - C::load(center + c);
         if constexpr (kLo) centered = centered - C::load(lo + c);
@@ -44,9 +43,9 @@ BNORM_FLATTEN void affine_row(const T* x, T* y, int64_t n, const param_t<T>* cen
 
 // The same over `rows` rows `stride` apart (a block of the unfused rows schedule):
 // write_rows, coefficients loaded once per group of rows, unless the output streams
-// (write_run's lines, row by row). The fused column strips keep writing row by row: in groups, (256, 512)
-// float32 training took 0.84x the time on one thread but 2x on two (C++ harness; the
-// cause was not found: computing a group's values before its stores, 4096-aligned arrays,
+// (write_run's lines, row by row). The fused column strips keep writing row by row: in
+// groups, (256, 512) float32 training took 0.84x the time on one thread but 2x on two (C++
+// harness; the cause was not found: computing a group's values before its stores, 4096-aligned arrays,
 // padding between the coefficient arrays and pairs of rows all left it; no counters here).
 template <bool kInputsFromMemory = false, bool kLo = true, class T, class E>
 BNORM_FLATTEN void affine_rows(const T* x, T* y, int64_t stride, int64_t rows, int64_t n, const param_t<T>* center,
@@ -58,11 +57,10 @@ BNORM_FLATTEN void affine_rows(const T* x, T* y, int64_t stride, int64_t rows, i
                                                epilogue.at(r * stride));
         return;
     }
-    using P = Simd<param_t<T>>;
     write_rows(
         y, stride, rows, n,
         [&](auto lanes, int64_t c) {
-            using C = std::conditional_t<decltype(lanes)::width == 1, Scalar<param_t<T>>, P>;
+            using C = CoefficientLanes<T, decltype(lanes)>;
             if constexpr (kLo)
                 return std::array{C::load(center + c), C::load(lo + c), C::load(scale + c), C::load(shift + c)};
             else

@@ -257,6 +257,11 @@ BNORM_INLINE void write_run(T* out, int64_t n, bool stream, const Value& value) 
 // slowdown (cpu_forward.cpp), which it did not remove.
 constexpr int kRowGroup = 4;
 
+// The lanes of per-column coefficient arrays (of param_t<T>, the accumulation type) beside
+// lanes L of T in the rows writes: a vector of as many lanes, or a scalar where L is one.
+template <class T, class L>
+using CoefficientLanes = std::conditional_t<L::width == 1, Scalar<param_t<T>>, Simd<param_t<T>>>;
+
 template <int kGroup = kRowGroup, class T, class Coefficients, class Value>
 BNORM_INLINE void write_rows(T* out, int64_t stride, int64_t rows, int64_t n, const Coefficients& coefficients,
                              const Value& value) {
@@ -331,8 +336,9 @@ bool streams(Shape s) {
 // The schedule of the unfused write passes (out, of T, written from per-channel
 // coefficients), in parallel: planes (s.inner > 1) call run(c, offset, stream) for each
 // run of s.inner elements (channel c, at offset), rows call row(offset, rows, c0, c1,
-// stream) for the columns [c0, c1) of blocks of rows (the first at offset). They stream when the output is large,
-// planes only when their runs are at least kStreamRunBytes long or whole cache lines: a
+// stream) for the columns [c0, c1) of blocks of rows (the first at offset). They stream
+// when the output is large, planes only when their runs are at least kStreamRunBytes long
+// or whole cache lines: a
 // short run is mostly the partial lines at its ends, which get ordinary stores and a copy
 // through a buffer (write_run), and streaming the line or two between them cost more than
 // it saved. Measured in one process against the build that streamed every run

@@ -35,9 +35,6 @@ Array = Any
 
 _CPU_DTYPES = ("float16", "bfloat16", "float32", "float64")
 _DTYPE_NAMES = {np.dtype(name): name for name in ("float16", "float32", "float64")}  # dtype.name is slow to compute
-# x's dtype -> the parameter dtype, for the plain-call fast path (_plain; bfloat16 added
-# when _bfloat16() has imported it)
-_PLAIN_PARAM_DTYPES = {np.dtype(x): np.dtype(p) for x, p in (("float16", "float32"), ("float32", "float32"), ("float64", "float64"))}
 
 
 _BFLOAT16: Optional[np.dtype] = None  # ml_dtypes' bfloat16, once _bfloat16() has imported it
@@ -61,7 +58,7 @@ def _bfloat16() -> np.dtype:
             raise ImportError("bnorm: bfloat16 on the CPU needs the ml_dtypes package (pip install ml_dtypes)") from None
         _BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
         _DTYPE_NAMES[_BFLOAT16] = "bfloat16"  # dtype_name's fast path from now on
-        _PLAIN_PARAM_DTYPES[_BFLOAT16] = np.dtype("float32")
+        _PLAIN_PARAM_DTYPES[_BFLOAT16] = _PARAM_DTYPES[_param_dtype("bfloat16")]
     return _BFLOAT16
 
 
@@ -312,22 +309,27 @@ def _param_dtype(dtype_name: str) -> str:
 # The plain call: NumPy arrays that need no conversion, copy or overlap analysis. Most calls
 # in a loop are such, and the general path (_Call) spends about 6 us on them in Python,
 # more than the kernels of a (256, 512) inference take; _plain checks them in about 2 us
-# and the op calls _core at once. Anything else (other frameworks, CUDA, bfloat16, strided
-# or foreign memory, any bad argument) returns None and takes the general path, which
-# converts, checks and raises: _plain never raises, and accepts only what that path would
-# pass to _core unchanged. _core checks dtypes and sizes again.
+# and the op calls _core at once. Anything else (other frameworks, CUDA, strided or
+# foreign memory, a bfloat16 dtype bnorm has not seen yet, any bad argument) returns None
+# and takes the general path, which converts, checks and raises: _plain never raises, and
+# accepts only what that path would pass to _core unchanged. _core checks dtypes and sizes
+# again.
+
+# x's dtype -> the parameter dtype (bfloat16 added when _bfloat16() has imported it)
+_PLAIN_PARAM_DTYPES = {dtype: _PARAM_DTYPES[_param_dtype(name)] for dtype, name in _DTYPE_NAMES.items()}
 
 
 def _plain(x, axis, stream, out, inputs=(), vectors=(), buffers=()):
     """The (outer, C, inner) shape of a plain call, or None. Plain: x a C-contiguous NumPy
-    array of float16, float32, float64 or bfloat16 (_core gets _raw(x)) with ndim >= 2 and an int axis in range, no stream;
-    the x-shaped inputs (arrays) and out (None or a writeable array) alike in type,
-    dtype, shape and layout; the per-channel vectors (None or arrays) and buffers (arrays,
-    updated in place: writeable) C-contiguous of the parameter dtype and shape (C,). With
-    out given, out and the vectors and buffers own their memory: two arrays that do are
-    one array or disjoint, so no vector overlaps out, and an x-shaped C-contiguous array
-    that overlaps out lies within out's memory, which it fills: it is out's memory itself
-    (an in-place call), never a partial overlap."""
+    array of float16, float32, float64 or bfloat16 (_core gets _raw(x)) with ndim >= 2 and
+    an int axis in range, no stream; the x-shaped inputs (arrays) and out (None or a
+    writeable array) alike in type, dtype, shape and layout; the per-channel vectors (None
+    or arrays) C-contiguous of the parameter dtype and shape (C,), and the buffers (arrays
+    updated in place) too, writeable and owning their memory, so that they overlap
+    neither each other nor out. With out given, out and the vectors own their memory: two
+    arrays that do are one array or disjoint, so no vector overlaps out, and an x-shaped
+    C-contiguous array that overlaps out lies within out's memory, which it fills: it is
+    out's memory itself (an in-place call), never a partial overlap."""
     if type(x) is not np.ndarray or stream is not None or type(axis) is not int:
         return None
     dtype = x.dtype
@@ -355,7 +357,7 @@ def _plain(x, axis, stream, out, inputs=(), vectors=(), buffers=()):
         if type(a) is not np.ndarray or a.dtype is not param or a.shape != (channels,):
             return None
         flags = a.flags
-        if not (flags.c_contiguous and flags.writeable) or (not owned and not flags.owndata):
+        if not (flags.c_contiguous and flags.writeable and flags.owndata):
             return None
     axis %= ndim
     return (math.prod(shape[:axis]), channels, math.prod(shape[axis + 1 :]))
@@ -588,9 +590,7 @@ def forward_train(
     ):
         buffers = () if running_mean is None else (running_mean, running_var)
         shape = _plain(x, axis, stream, out, () if residual is None else (residual,), (weight, bias), buffers)
-        if shape is not None and (shape[0] * shape[2] != 1 or shape[1] == 0) and (
-            not buffers or (running_mean.flags.owndata and running_var.flags.owndata)  # (disjoint)
-        ):
+        if shape is not None and (shape[0] * shape[2] != 1 or shape[1] == 0):  # (else: require_batch raises)
             y = np.empty(x.shape, x.dtype) if out is None else out
             save_mean, save_invstd = (np.empty(shape[1], _PLAIN_PARAM_DTYPES[x.dtype]) for _ in range(2))
             _core.forward_train(_raw(x), shape, weight, bias, running_mean, running_var, momentum, eps, _raw(y),

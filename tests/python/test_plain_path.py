@@ -39,7 +39,7 @@ def _inputs(dtype=np.float32):
     )
 
 
-def _owned_view(a):
+def _unowned_view(a):
     """a's values in an array that does not own its memory."""
     return np.ascontiguousarray(a).reshape(-1).reshape(a.shape)
 
@@ -49,24 +49,24 @@ VARIANTS = {
     "plain": lambda a: None,
     "out_none": lambda a: a.update(out=None),
     "out_is_x": lambda a: a.update(out=a["x"]),
-    "out_view": lambda a: a.update(out=_owned_view(a["out"])),
+    "out_view": lambda a: a.update(out=_unowned_view(a["out"])),
     "out_readonly": lambda a: a["out"].setflags(write=False),
     "out_fortran": lambda a: a.update(out=np.asfortranarray(a["out"])),
     "out_float64": lambda a: a.update(out=a["out"].astype(np.float64)),
     "out_wrong_shape": lambda a: a.update(out=np.zeros((6, 5, 4), a["out"].dtype)),
-    "out_overlaps_x": lambda a: a.update(out=_owned_view(a["x"])),
+    "out_overlaps_x": lambda a: a.update(out=_unowned_view(a["x"])),
     "out_overlaps_x_partly": lambda a: _out_shifted_over_x(a),
     "x_views_out": lambda a: a.update(x=_filled_view(a["out"], a["x"])),
     "dy_views_out": lambda a: a.update(dy=_filled_view(a["out"], a["dy"])),
     "residual_views_out": lambda a: a.update(with_residual=True, residual=_filled_view(a["out"], a["residual"])),
     "x_views_weight": lambda a: _weight_inside_x(a),
-    "x_view": lambda a: a.update(x=_owned_view(a["x"])),
+    "x_view": lambda a: a.update(x=_unowned_view(a["x"])),
     "x_fortran": lambda a: a.update(x=np.asfortranarray(a["x"])),
     "x_list": lambda a: a.update(x=a["x"].tolist()),
     "x_int": lambda a: a.update(x=a["x"].astype(np.int32)),
     "x_1d": lambda a: a.update(x=a["x"].reshape(-1)),
     "x_big_endian": lambda a: a.update(x=a["x"].astype(a["x"].dtype.newbyteorder(">"))),
-    "weight_view": lambda a: a.update(weight=_owned_view(a["weight"])),
+    "weight_view": lambda a: a.update(weight=_unowned_view(a["weight"])),
     "weight_strided": lambda a: a.update(weight=np.repeat(a["weight"], 2)[::2]),
     "weight_float64": lambda a: a.update(weight=a["weight"].astype(np.float64)),
     "weight_wrong_shape": lambda a: a.update(weight=np.ones(C + 1, a["weight"].dtype)),
@@ -75,11 +75,11 @@ VARIANTS = {
     "mean_none": lambda a: a.update(mean=None),
     "mean_is_var": lambda a: a.update(var=a["mean"]),
     "var_readonly": lambda a: a["var"].setflags(write=False),
-    "var_view": lambda a: a.update(var=_owned_view(a["var"])),
+    "var_view": lambda a: a.update(var=_unowned_view(a["var"])),
     "out_is_weight_memory": lambda a: _weight_inside_out(a),
     "residual": lambda a: a.update(with_residual=True),
     "residual_is_out": lambda a: a.update(with_residual=True, residual=a["out"]),
-    "residual_view": lambda a: a.update(with_residual=True, residual=_owned_view(a["residual"])),
+    "residual_view": lambda a: a.update(with_residual=True, residual=_unowned_view(a["residual"])),
     "residual_float64": lambda a: a.update(with_residual=True, residual=a["residual"].astype(np.float64)),
     "relu": lambda a: a.update(activation="relu"),
     "activation_bad": lambda a: a.update(activation="gelu"),
@@ -97,7 +97,7 @@ VARIANTS = {
     "unbiased_int": lambda a: a.update(unbiased=1),
     "batch_stats_false": lambda a: a.update(batch_stats=False),
     "batch_stats_np": lambda a: a.update(batch_stats=np.bool_(True)),
-    "dy_view": lambda a: a.update(dy=_owned_view(a["dy"])),
+    "dy_view": lambda a: a.update(dy=_unowned_view(a["dy"])),
     "dy_is_out": lambda a: a.update(out=a["dy"]),
     "dy_none": lambda a: a.update(dy=None),
     "stream": lambda a: a.update(stream=0),
