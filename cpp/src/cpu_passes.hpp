@@ -236,7 +236,10 @@ BNORM_INLINE void write_run(T* out, int64_t n, bool stream, const Value& value) 
     if (late_tail) tail = value(S{}, n - W);
     for (; i + W <= n; i += W) S::store(out + i, value(S{}, i));  // (after a late tail: up to a line and a vector)
     if (start > head_done) store_lanes<T>(out + head_at, head_end, head_done - head_at, start - head_at);
-    if (ragged) store_lanes<T>(out + n - W, tail, i - (n - W), W);
+    if (ragged) {  // (no line of an unstreamed run is streamed: one masked store)
+        if (lines) store_lanes<T>(out + n - W, tail, i - (n - W), W);
+        else store_lanes_cached<T>(out + n - W, tail, i - (n - W), W);
+    }
 }
 
 // The unstreamed write of `rows` rows of n elements, `stride` elements apart:
@@ -292,7 +295,7 @@ BNORM_INLINE void write_rows(T* out, int64_t stride, int64_t rows, int64_t n, co
                 for (int g = 0; g < G; ++g) S::store(out + (r + g) * stride + i, v[g]);
         }
         if (ragged)
-            for (int g = 0; g < G; ++g) store_lanes<T>(out + (r + g) * stride + n - W, tail[g], i - (n - W), W);
+            for (int g = 0; g < G; ++g) store_lanes_cached<T>(out + (r + g) * stride + n - W, tail[g], i - (n - W), W);
     };
     int64_t r = 0;
     for (; r + kGroup <= rows; r += kGroup) group(r, std::integral_constant<int, kGroup>{});

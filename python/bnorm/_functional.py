@@ -849,9 +849,13 @@ def backward_elemt(
 
 
 def set_num_threads(n: int) -> None:
-    """Set the number of CPU threads bnorm uses (default: OpenMP's, honouring
-    OMP_NUM_THREADS), at most 1024 or the number of processors if larger. Results are
-    bitwise identical for any number of threads."""
+    """Set the number of CPU threads bnorm uses, at most 1024 or the number of processors
+    if larger. The default is OMP_NUM_THREADS where set, else the CPUs this process may
+    use (its affinity mask and cgroup CPU quota), and while the machine is busy it backs
+    off to one thread for a while (docs/performance.md); a count set here is used as is.
+    bnorm's count is its own: other libraries' settings (torch.set_num_threads,
+    omp_set_num_threads) do not change it. Results are bitwise identical for any number
+    of threads."""
     if isinstance(n, bool) or not isinstance(n, numbers.Integral):
         raise TypeError(f"bnorm: the number of threads must be an integer, got {n!r}")
     limit = _core.max_num_threads()

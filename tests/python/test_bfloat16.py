@@ -129,7 +129,7 @@ import numpy as np, ml_dtypes
 import bnorm
 bf16 = np.dtype(ml_dtypes.bfloat16)
 rng = np.random.default_rng(1)
-run, rows = int(sys.argv[1]), sys.argv[2] == "rows"
+run, rows, relu = int(sys.argv[1]), sys.argv[2] == "rows", sys.argv[3] == "relu"
 C = run if rows else 8  # rows: (N, run) with run channels; planes: (N, 8, run)
 shape = (max(8, 120000 // run), run) if rows else (max(3, 120000 // run), 8, run)
 bits = rng.integers(0, 1 << 16, shape, dtype=np.uint16)   # every kind of bfloat16 input
@@ -139,10 +139,12 @@ invstd = np.exp(rng.uniform(-3, 3, C)).astype(np.float32)
 invstd[0] = 1.0
 mean[:2] = 0.0  # channels 0 and 1 pass subnormal inputs on: exact (0), to be rounded (1)
 invstd[1] = 0.7
-y = bnorm.normalize(x, mean, invstd)
+y = bnorm.normalize(x, mean, invstd, activation="relu" if relu else None)
 per_channel = (slice(None),) if rows else (slice(None), None)
 f = (x.astype(np.float32) - mean[per_channel]) - np.float32(0)
 f = f * invstd[per_channel] + np.float32(0)
+if relu:
+    f = np.where(np.isnan(f) | (f > 0), f, np.float32(0))
 want = f.astype(bf16)
 ties = int(np.sum((f.view(np.uint32) & 0xffff) == 0x8000))
 same = (y.view(np.uint16) == want.view(np.uint16)) | (np.isnan(f) & np.isnan(y.astype(np.float32)))
@@ -160,14 +162,22 @@ ORDER = ["baseline", "avx2", "avx512", "avx512bf16"]
 # exact narrowing where a lane is subnormal; runs of 40017 leave a single vector as well.
 # Rows of 100, 512 and 1000 channels: write_rows narrows pairs of rows at once
 # (store_rows), rows of 16 a positions view of 256-element rows, and 1000 leaves a tail)
-@pytest.mark.parametrize("run", [16, 20, 33, 49, 64, 40001, 40017, 200001, "rows16", "rows100", "rows512", "rows1000"])
+# With ReLU, zeros beside subnormal lanes in the same group (the narrowing tests a group's
+# zero words first, then its subnormal lanes): the run ends, streamed lines, pairs of rows.
+ROUNDING_RUNS = [(run, None) for run in (16, 20, 33, 49, 64, 40001, 40017, 200001, "rows16", "rows100", "rows512",
+                                         "rows1000")] + [(run, "relu") for run in (49, 40017, 200001, "rows100",
+                                                                                  "rows512")]
+
+
+@pytest.mark.parametrize("run,activation", ROUNDING_RUNS)
 @pytest.mark.parametrize("isa", ORDER)
-def test_rounding_is_ml_dtypes_bitwise(isa, run):
+def test_rounding_is_ml_dtypes_bitwise(isa, run, activation):
     if isa not in ORDER[: ORDER.index(bnorm.cpu_isa()) + 1]:
         pytest.skip(f"this CPU runs up to {bnorm.cpu_isa()}, not {isa}")
     env = dict(os.environ, BNORM_CPU_ISA=isa)
     layout = "rows" if str(run).startswith("rows") else "planes"
-    out = subprocess.run([sys.executable, "-c", ROUNDING, str(run).removeprefix("rows"), layout], env=env,
+    out = subprocess.run([sys.executable, "-c", ROUNDING, str(run).removeprefix("rows"), layout,
+                          str(activation)], env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
