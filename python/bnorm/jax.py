@@ -24,6 +24,7 @@ from typing import Optional, Tuple
 try:
     import jax
     import jax.numpy as jnp
+    from jax.custom_derivatives import SymbolicZero
 except ImportError as e:  # the core package stays framework-free; this module is optional
     raise ImportError(
         "bnorm.jax needs JAX, which is not installed (pip install jax); bnorm's NumPy API works without it"
@@ -80,8 +81,10 @@ def _backward(dy, x, mean, invstd, weight, axis, batch_stats):
 
 
 # ---- differentiation ------------------------------------------------------------------
-# Running statistics are state, not parameters: no gradient flows to or from them (their
-# cotangents are zero), as in every framework's batch norm.
+# Every input gets its exact gradient, the running statistics included (a loss may depend
+# on them: through y in eval mode, through the returned updates in training), computed
+# from the backward kernel's per-channel sums at the cost of per-channel arithmetic, plus
+# one elementwise term on dx where the updates' cotangents are nonzero.
 
 @partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
 def _batch_norm(x, weight, bias, running_mean, running_var, training, axis, momentum, eps):
@@ -89,6 +92,8 @@ def _batch_norm(x, weight, bias, running_mean, running_var, training, axis, mome
 
 
 def _batch_norm_fwd(x, weight, bias, running_mean, running_var, training, axis, momentum, eps):
+    x, weight, bias, running_mean, running_var = (
+        getattr(a, "value", a) for a in (x, weight, bias, running_mean, running_var))  # (symbolic_zeros)
     if training:
         y, mean, invstd, new_mean, new_var = _forward_train(
             x, weight, bias, running_mean, running_var, axis, momentum, eps)
@@ -101,12 +106,41 @@ def _batch_norm_fwd(x, weight, bias, running_mean, running_var, training, axis, 
 
 def _batch_norm_bwd(training, axis, momentum, eps, residuals, cotangents):
     x, weight, mean, invstd, running_mean, running_var = residuals
-    dy = cotangents[0]
-    dx, dweight, dbias = _backward(dy, x, mean, invstd, weight, axis, training)
-    return dx, dweight, dbias, jnp.zeros_like(running_mean), jnp.zeros_like(running_var)
+    # (symbolic_zeros: a cotangent is a SymbolicZero where nothing downstream depends on
+    # that output, the running statistics' in most losses; None here)
+    dy, d_new_mean, d_new_var = (None if isinstance(c, SymbolicZero) else c for c in cotangents)
+    dx, dweight, dbias = _backward(jnp.zeros_like(x) if dy is None else dy, x, mean, invstd, weight, axis, training)
+    if not training:
+        # y = (x - running_mean) * invstd * weight + bias, invstd = (running_var + eps)^-1/2,
+        # and the returned statistics are the inputs: dbias = sum(dy), dweight = sum(dy * xhat)
+        d_running_mean = -dbias * weight * invstd
+        d_running_var = -0.5 * dweight * weight * invstd * invstd
+        if d_new_mean is not None:
+            d_running_mean = d_running_mean + d_new_mean
+        if d_new_var is not None:
+            d_running_var = d_running_var + d_new_var
+        return dx, dweight, dbias, d_running_mean, d_running_var
+    # new_mean = (1 - m) running_mean + m mean(x), new_var = (1 - m) running_var + m var(x)
+    # with var unbiased: d new_mean / dx = m / M, d new_var / dx = m * 2 (x - mean) / (M - 1)
+    # per channel; an elementwise pass over dx only for a cotangent that is not zero
+    count = x.size // x.shape[axis]
+    per_channel = [1] * x.ndim
+    per_channel[axis] = x.shape[axis]
+    extra = None
+    if d_new_mean is not None:
+        extra = ((momentum / count) * d_new_mean).reshape(per_channel)
+    if d_new_var is not None:
+        centred = x.astype(d_new_var.dtype) - mean.reshape(per_channel)
+        term = ((2.0 * momentum / (count - 1)) * d_new_var).reshape(per_channel) * centred
+        extra = term if extra is None else extra + term
+    if extra is not None:
+        dx = (dx.astype(extra.dtype) + extra).astype(x.dtype)
+    zero = jnp.zeros_like(running_mean)
+    return (dx, dweight, dbias, zero if d_new_mean is None else (1.0 - momentum) * d_new_mean,
+            zero if d_new_var is None else (1.0 - momentum) * d_new_var)
 
 
-_batch_norm.defvjp(_batch_norm_fwd, _batch_norm_bwd)
+_batch_norm.defvjp(_batch_norm_fwd, _batch_norm_bwd, symbolic_zeros=True)
 
 
 # ---- the public function ----------------------------------------------------------------
@@ -147,8 +181,9 @@ def batch_norm(
 
     Returns:
         (y, new_running_mean, new_running_var); the running statistics are None when
-        none were given. Gradients (jax.grad, jax.vjp) flow to x, weight and bias; the
-        running statistics get none.
+        none were given. Gradients (jax.grad, jax.vjp) are exact for every input: x,
+        weight and bias, and the running statistics (through y in eval mode, through the
+        returned updates in training).
     """
     x = jnp.asarray(x)
     if x.dtype.name not in _DTYPES:

@@ -496,6 +496,9 @@ def batch_norm(
                 f"bnorm.torch: residual must have input's shape {tuple(input.shape)}, dtype {input.dtype} and "
                 f"device {input.device}, got {tuple(residual.shape)}, {residual.dtype}, {residual.device}")
     training, momentum, eps, relu = bool(training), float(momentum), float(eps), activation == "relu"
+    if training and input.numel() == input.shape[1] > 0:  # (here: the kernels' message names their 3-D view)
+        raise ValueError(
+            f"expected more than 1 value per channel when training, got input of shape {tuple(input.shape)}")
     if _eager(input, residual):
         if _OPS is not None and input.device.type == "cpu" and input.dtype in _CPU_DTYPES:
             return _OPS(input, weight, bias, running_mean, running_var, residual, training, momentum, eps, relu)

@@ -84,6 +84,32 @@ def test_gradients(x64, shape, axis, training):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-10, atol=1e-12)
 
 
+# Every input's gradient, the running statistics' included, for losses on y and on the
+# returned statistics in any combination (a loss on y alone leaves the statistics'
+# cotangents symbolic zeros, which skip their terms), against the reference, under jit.
+@pytest.mark.parametrize("uses", [(1, 0, 0), (1, 1, 1), (0, 1, 0), (0, 0, 1)], ids=["y", "all", "mean", "var"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape,axis", LAYOUTS[:2], ids=LAYOUT_IDS[:2])
+def test_gradients_of_every_input(x64, shape, axis, training, uses):
+    args = _data(shape, axis, "float64")
+    rng = np.random.default_rng(4)
+    dy, dmean, dvar = (jnp.asarray(rng.normal(size=s)) for s in (shape, args[3].shape, args[3].shape))
+
+    def loss(fn):
+        def value(*a):
+            y, new_mean, new_var = fn(*a)
+            return uses[0] * jnp.sum(y * dy) + uses[1] * jnp.sum(new_mean * dmean) + uses[2] * jnp.sum(new_var * dvar)
+        return value
+
+    ours = lambda *a: bj.batch_norm(*a, training=training, axis=axis, momentum=0.3)  # noqa: E731
+    ref = lambda *a: reference(*a, training, axis=axis, momentum=0.3)  # noqa: E731
+    got = jax.jit(jax.grad(loss(ours), argnums=range(5)))(*args)
+    want = jax.grad(loss(ref), argnums=range(5))(*args)
+    for name, g, w in zip(("x", "weight", "bias", "running_mean", "running_var"), got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-10, atol=1e-12, err_msg=name)
+    check_grads(lambda *a: loss(ours)(*a), args, order=1, modes=("rev",))
+
+
 def test_inputs_never_modified():
     x, weight, bias, running_mean, running_var = _data((4, 3, 5), 1, "float32")
     before = [np.array(a) for a in (x, running_mean, running_var)]

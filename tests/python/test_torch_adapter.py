@@ -108,8 +108,10 @@ def test_errors():
         bt.batch_norm(x, None, None, training=False)
     with pytest.raises(ValueError, match="at least 2 dimensions"):
         bt.batch_norm(torch.zeros(3), None, None, training=True)
-    with pytest.raises(ValueError, match="more than 1 value per channel"):
-        bt.batch_norm(torch.zeros(1, 3), None, None, training=True)
+    for shape in ((1, 3), (1, 3, 1, 1)):  # (the message names the input's shape, as PyTorch's)
+        with pytest.raises(ValueError, match=rf"more than 1 value per channel when training, got input of shape "
+                                             rf"\({shape[0]}, 3"):
+            bt.batch_norm(torch.zeros(shape), None, None, training=True)
     with pytest.raises(TypeError, match="input must be one of"):
         bt.batch_norm(torch.zeros(4, 3, dtype=torch.int32), None, None, training=True)
     with pytest.raises(TypeError, match="float16, float32, float64 on cpu, got torch.bfloat16"):
