@@ -12,6 +12,7 @@ import sys
 import numpy as np
 import pytest
 
+import bnorm
 from bnorm import bench
 
 
@@ -146,6 +147,46 @@ def test_cold_cache_script_runs():
                            "--threads", "1"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sum(" | forward " in line or " | backward " in line for line in proc.stdout.splitlines()) == 4, proc.stdout
+
+
+def _bf16_script():
+    script = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "bench_bf16.py")
+    if not os.path.exists(script):
+        pytest.skip("benchmarks/bench_bf16.py is in the source tree only")
+    pytest.importorskip("ml_dtypes", reason="bfloat16 needs ml_dtypes")
+    return script
+
+
+def test_bf16_script_runs():
+    """benchmarks/bench_bf16.py (source tree only), tiny sizes; with PyTorch where importable."""
+    script = _bf16_script()
+    args = ["--shapes", "4x3x5x5:1,6x16:-1", "--threads", "1", "--budget", "0.01"]
+    has_torch = importlib.util.find_spec("torch") is not None
+    proc = subprocess.run([sys.executable, script] + args + (["--torch"] if has_torch else []), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split() for line in proc.stdout.splitlines() if line.split()[:1] == ["1"]]
+    assert len(rows) == 6 and all(float(r[5]) > 0 for r in rows), proc.stdout
+
+
+def test_bf16_script_runs_both_dtypes_on_the_same_memory():
+    """bench_bf16's bfloat16 case views the float16 case's memory, and its values are normal
+    numbers in both dtypes (no subnormal, zero or non-finite value changes either's path)."""
+    spec = importlib.util.spec_from_file_location("bench_bf16", _bf16_script())
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    f16, bf16 = (bench._Case((4, 3, 5, 5), 1, dt) for dt in ("float16", "bfloat16"))
+    module._share_memory(f16, bf16, None)
+    for name in ("x", "dy", "y", "dx"):
+        assert np.shares_memory(getattr(f16, name), getattr(bf16, name)), name
+        assert getattr(bf16, name).dtype.name == "bfloat16"
+    for name in ("x", "dy"):
+        for case in (f16, bf16):
+            v = np.abs(getattr(case, name).astype(np.float64))
+            assert np.all(np.isfinite(v)) and v.min() >= 2.0**-7 and v.max() < 2.0**9, (name, case.dtype)
+    _, mean, invstd = bnorm.forward_train(bf16.x, bf16.w, bf16.b, axis=1)
+    np.testing.assert_array_equal(bf16.mean, mean)
+    np.testing.assert_array_equal(bf16.invstd, invstd)
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 5])
