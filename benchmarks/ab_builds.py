@@ -15,6 +15,9 @@ Setup: install each build, then copy its package under a name of its own, e.g.
         --ops infer,train,backward --dtype float32 --threads 1
 
 (the compiled module's name is `_core` in either package, so both load side by side).
+Back to back, a call finds the previous call's data in L1/L2; `--evict 8` copies 8 MiB
+before every timed call, as the ops between two batch norms of a network would, so that a
+change for data coming from L3 or memory is measured where it applies.
 Prints, per op and shape, the median time of each build and B/A (< 1: B is faster).
 """
 from __future__ import annotations
@@ -48,7 +51,12 @@ def main(argv=None):
     p.add_argument("--dtype", default="float32", help="float32 (default), float64, float16 or bfloat16")
     p.add_argument("--threads", type=int, default=0, help="threads of both builds (default: their default)")
     p.add_argument("--budget", type=float, default=1.0, help="seconds per op and shape (default: %(default)s)")
+    p.add_argument("--evict", type=float, default=0.0,
+                   help="MiB copied (np.copyto) before every timed call, as the ops between two batch norms "
+                        "would: the inputs start in L3 or memory, not in L1/L2 (default: 0, back to back)")
     args = p.parse_args(argv)
+    evict_src = np.ones(int(args.evict * (1 << 20)) // 4, np.float32)
+    evict_dst = np.zeros_like(evict_src)
     A, B = importlib.import_module(args.a), importlib.import_module(args.b)
     # backward_relu allocates dsum on every call: glibc is made to reuse freed blocks, as in
     # python -m bnorm.bench, so that page faults do not swamp the kernels' difference
@@ -67,7 +75,7 @@ def main(argv=None):
     pdt = np.float64 if dtype == np.float64 else np.float32
     rng = np.random.default_rng(0)
     print(f"A = {args.a} ({A.__file__}), B = {args.b} ({B.__file__}); {dtype.name}, "
-          f"threads {args.threads or 'default'}")
+          f"threads {args.threads or 'default'}" + (f", {args.evict:g} MiB copied before each call" if args.evict else ""))
     for spec in args.shapes.split(","):
         dims, _, ax = spec.partition(":")
         shape, axis = tuple(int(v) for v in dims.split("x")), int(ax or 1)
@@ -86,13 +94,12 @@ def main(argv=None):
             end = time.perf_counter() + args.budget
             while time.perf_counter() < end or len(ta) < 10:
                 for first, second, t_first, t_second in ((fa, fb, ta, tb), (fb, fa, tb, ta)):
-                    t0 = time.perf_counter()
-                    first[op]()
-                    t1 = time.perf_counter()
-                    second[op]()
-                    t2 = time.perf_counter()
-                    t_first.append(t1 - t0)
-                    t_second.append(t2 - t1)
+                    for f, t in ((first, t_first), (second, t_second)):
+                        if evict_src.size:
+                            np.copyto(evict_dst, evict_src)
+                        t0 = time.perf_counter()
+                        f[op]()
+                        t.append(time.perf_counter() - t0)
             ma, mb = float(np.median(ta)), float(np.median(tb))
             print(f"{op:14s} {spec:18s} A {ma * 1e3:8.3f} ms  B {mb * 1e3:8.3f} ms  B/A {mb / ma:5.2f}  "
                   f"({len(ta)} calls each)", flush=True)

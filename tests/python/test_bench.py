@@ -131,7 +131,7 @@ def test_ab_builds_script_runs():
         pytest.skip("benchmarks/ab_builds.py is in the source tree only")
     proc = subprocess.run([sys.executable, script, "bnorm", "bnorm", "4x3x5x5:1,6x16:-1", "--ops",
                            "infer,train,backward,infer_relu,backward_relu", "--dtype", "float32", "--threads", "1",
-                           "--budget", "0.01"], capture_output=True, text=True, timeout=120)
+                           "--budget", "0.01", "--evict", "0.25"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if " B/A " in line]
     assert len(rows) == 10, proc.stdout
