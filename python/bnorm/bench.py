@@ -874,6 +874,9 @@ def build_parser():
     p.add_argument("--busy", action="store_true",
                    help="time bnorm (default threads), bnorm on 1 thread and PyTorch on an idle machine, then with "
                         "a process spinning on one core (issue 12's targets)")
+    p.add_argument("--passes", type=int, default=1,
+                   help="with --busy: measure each phase's rows that many times, a pass over them at a time on "
+                        "fresh arrays, and judge the medians of the passes (default 1)")
     p.add_argument("--sweep-size", type=int, default=1 << 22, help="elements per sweep point (default 2**22)")
     p.add_argument("--plot", metavar="PATH", default=None, help="write the sweep chart PNG (implies --sweep)")
     p.add_argument("--json", metavar="PATH", default=None, help="write machine-readable results")
@@ -896,6 +899,8 @@ def main(argv=None) -> dict:
         args.sweep = True
     if args.repeat is not None and args.repeat < 1:
         raise SystemExit("bench: --repeat must be >= 1")
+    if args.passes < 1:
+        raise SystemExit("bench: --passes must be >= 1")
     malloc_reuse = False if args.no_malloc_reuse else _malloc_reuse()
     torch = _import_torch(not args.no_torch)
     if args.threads is not None:
@@ -930,7 +935,7 @@ def main(argv=None) -> dict:
         from bnorm._bench_busy import run_busy
 
         results["busy"] = run_busy(args.shapes, args.ops, torch=torch, rounds=args.repeat or 15,
-                                   budget=args.budget if args.budget is not None else 1.0)
+                                   budget=args.budget if args.budget is not None else 1.0, passes=args.passes)
     else:
         rows = run_table(args.shapes, args.dtype, args.ops, torch=torch, numpy_ref=not args.no_numpy,
                          rounds=args.repeat, warmup=args.warmup,

@@ -6,6 +6,7 @@ Tiny sizes and repeat counts; nothing here asserts anything about timings.
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -65,6 +66,23 @@ def test_busy_tables(tmp_path):
     assert all(r["bnorm_ms"] > 0 and r["one_thread_ms"] > 0 for r in data["busy"])
     assert "busy targets:" in out
 
+
+def test_busy_tables_in_passes(tmp_path):
+    """--busy --passes 2: each row measured in two passes (fresh arrays each), judged on the
+    medians of the passes, with the passes' range printed and stored."""
+    jpath = tmp_path / "busy.json"
+    out = _run(["--busy", "--shapes", "4x3x5x5:1", "--ops", "infer", "--repeat", "2", "--budget", "0",
+                "--passes", "2", "--json", str(jpath)], tmp_path)
+    rows = [line for line in out.splitlines() if line.startswith("| infer")]
+    assert len(rows) == 6 and all(re.search(r"\| \d+\.\d\d \(\d+\.\d\d-\d+\.\d\d\) \|", r) for r in rows), out
+    data = json.loads(jpath.read_text())
+    for r in data["busy"]:
+        assert len(r["passes"]) == 2
+        assert r["bnorm_ms"] == pytest.approx(float(np.median([p["bnorm"] for p in r["passes"]])))
+    assert "(medians of 2 passes)" in out
+    proc = subprocess.run([sys.executable, "-m", "bnorm.bench", "--busy", "--passes", "0"], capture_output=True,
+                          text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode != 0 and "--passes must be >= 1" in proc.stderr
 
 @pytest.mark.parametrize("dtype", ["float64", "float16"])
 def test_other_dtypes(tmp_path, dtype):
