@@ -70,6 +70,8 @@ void set_num_threads(int n) {
 
 int get_num_threads() { return detail::configured_threads(); }
 
+int64_t backoff_count() { return detail::backoff_count(); }
+
 const char* cpu_isa() { return kernels::isa_name(kernels::isa()); }
 
 template <class T>

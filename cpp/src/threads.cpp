@@ -111,6 +111,7 @@ std::atomic<int64_t> g_serial_until_ns{0};
 std::atomic<int64_t> g_serial_calls{0};  // calls still to run on one thread
 std::atomic<int64_t> g_backoff_ns{0}, g_backoff_calls{0};
 std::atomic<int64_t> g_region_end_ns{0};  // when the last region ended; 0: the pool has no threads yet
+std::atomic<int64_t> g_backoff_count{0};  // call_threads() cut to one thread by a back-off
 
 int64_t now_ns() {
     return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
@@ -170,11 +171,18 @@ int call_threads() {
     if (n == 1 || g_threads.load(std::memory_order_relaxed) != 0) return n;
     if (g_serial_calls.load(std::memory_order_relaxed) > 0) {
         g_serial_calls.fetch_sub(1, std::memory_order_relaxed);
+        g_backoff_count.fetch_add(1, std::memory_order_relaxed);
         return 1;
     }
     const int64_t until = g_serial_until_ns.load(std::memory_order_relaxed);
-    return until > 0 && now_ns() < until ? 1 : n;
+    if (until > 0 && now_ns() < until) {
+        g_backoff_count.fetch_add(1, std::memory_order_relaxed);
+        return 1;
+    }
+    return n;
 }
+
+int64_t backoff_count() { return g_backoff_count.load(std::memory_order_relaxed); }
 
 void note_parallel_region(int64_t busy_ns, int64_t wait_ns) {
     const int64_t now = now_ns(), last_end = g_region_end_ns.exchange(now, std::memory_order_relaxed);

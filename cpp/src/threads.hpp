@@ -28,6 +28,9 @@ bool forked_single_threaded();
 /// while backing off after a parallel region waited for a preempted thread (a busy machine).
 int call_threads();
 
+/// How many times call_threads() has returned 1 for a back-off (bnorm::backoff_count()).
+int64_t backoff_count();
+
 /// What a parallel region says about the machine (busy_ns, wait_ns as below; gap_ns: how
 /// long the team was idle since the previous region ended, or -1 for the pool's first
 /// region, which starts its threads). libgomp's threads spin for about a millisecond after

@@ -11,6 +11,10 @@ Contenders, interleaved round by round as in the other tables:
   calls on request;
 - ``torch``: PyTorch CPU (when importable) with as many threads as bnorm's default.
 
+``cut to 1t``: how many of bnorm's kernel passes in the row ran on one thread because its
+default count was backing off from a busy machine (``bnorm._core._backoff_count``; a call
+makes one to three passes), over its timed calls.
+
 Issue 12's targets: on the busy machine, bnorm within 1.3x of min(bnorm, bnorm 1t) and
 faster than PyTorch on every row; on the idle one, at least as fast as PyTorch.
 """
@@ -87,6 +91,7 @@ def _time_row(case, op, one, torch, rounds, budget):
     for f in fns.values():
         f(), f()
     times = {n: [] for n in [*fns, "bnorm 1t"]}
+    cuts = bnorm._core._backoff_count()
     names = list(times)
     cycle = interleaved_order(names, len(names) - 1)  # one whole cycle: each follows each other once
     start = time.perf_counter()
@@ -100,7 +105,9 @@ def _time_row(case, op, one, torch, rounds, budget):
                 fns[n]()
                 times[n].append(time.perf_counter() - t0)
         r += len(cycle) // len(names)
-    return {n: float(np.median(t)) for n, t in times.items()}, r
+    # (only this process's bnorm calls move the count: the one-thread worker is another process)
+    cuts = bnorm._core._backoff_count() - cuts
+    return {n: float(np.median(t)) for n, t in times.items()}, len(times["bnorm"]), cuts
 
 
 def run_busy(shapes, ops, torch=None, rounds=15, budget=1.0, passes=1, out=print) -> list[dict]:
@@ -152,8 +159,8 @@ def _print_phase(phase, measured, with_torch, out) -> list[dict]:
     out("")
     out(f"### {phase}" + (": a process spinning on one core" if phase == "busy" else ""))
     out("")
-    hdr = "| op | shape | bnorm ms | bnorm 1t ms | bnorm / min(bnorm, 1t) |"
-    sep = "|---|---|---:|---:|---:|"
+    hdr = "| op | shape | bnorm ms | bnorm 1t ms | bnorm / min(bnorm, 1t) | cut to 1t |"
+    sep = "|---|---|---:|---:|---:|---:|"
     if with_torch:
         hdr += " torch ms | torch / bnorm |"
         sep += "---:|---:|"
@@ -171,7 +178,8 @@ def _print_phase(phase, measured, with_torch, out) -> list[dict]:
             missed.append("1t")
         if vs_torch is not None and vs_torch < 1.0:
             missed.append("torch")
-        row = {"phase": phase, "op": op, "shape": list(shape), "axis": axis, "rounds": sum(r[1] for r in runs),
+        calls, cuts = sum(r[1] for r in runs), sum(r[2] for r in runs)
+        row = {"phase": phase, "op": op, "shape": list(shape), "axis": axis, "rounds": calls, "backoff_cuts": cuts,
                "bnorm_ms": med["bnorm"] * 1e3, "one_thread_ms": med["bnorm 1t"] * 1e3,
                "torch_ms": med["torch"] * 1e3 if with_torch else None,
                "vs_best": vs_best, "torch_speedup": vs_torch, "missed": missed,
@@ -182,7 +190,7 @@ def _print_phase(phase, measured, with_torch, out) -> list[dict]:
             return f" ({min(values):.2f}-{max(values):.2f})" if passes > 1 else ""
 
         line = (f"| {op} | {_shape_str(shape)}:{axis} | {row['bnorm_ms']:.3f} | {row['one_thread_ms']:.3f} | "
-                f"{vs_best:.2f}{spread(each_best)} |")
+                f"{vs_best:.2f}{spread(each_best)} | {cuts}/{calls} |")
         if with_torch:
             line += f" {row['torch_ms']:.3f} | {vs_torch:.2f}{spread(each_torch)} |"
         out(line + (" met |" if not missed else f" miss {'+'.join(missed)} |"))

@@ -419,6 +419,7 @@ NB_MODULE(_core, m) {
     m.def("set_num_threads", &bnorm::set_num_threads, "n"_a);
     m.def("get_num_threads", &bnorm::get_num_threads);
     m.def("max_num_threads", &bnorm::max_num_threads);
+    m.def("_backoff_count", &bnorm::backoff_count);  // (a diagnostic for the benchmarks: private)
     m.def("cpu_isa", &bnorm::cpu_isa);
     m.def("cuda_available", &cuda_available);
 #if BNORM_HAS_CUDA

@@ -1,8 +1,36 @@
-// The busy-machine back-off's judgment of a parallel region (threads.hpp), on made-up
-// timings: what a region says depends on how long its team was idle before it.
+// The busy-machine back-off (threads.hpp): its judgment of a parallel region, on made-up
+// timings (what a region says depends on how long its team was idle before it), and what a
+// busy verdict does to the next calls' threads and to backoff_count().
 #include "../../cpp/src/threads.hpp"
 
+#include <chrono>
+#include <thread>
+
 #include "check.hpp"
+
+namespace {
+
+void test_backoff_is_counted() {
+    using namespace bnorm::detail;
+    constexpr int64_t us = 1000, ms = 1000 * us;
+    configure_threads(0);  // the default count: the one that backs off
+    const int n = configured_threads();
+    if (n < 2) return;  // a one-CPU machine has nothing to back off from
+    const int64_t before = backoff_count();
+    CHECK(call_threads() == n);
+    note_parallel_region(100 * us, 10 * us);  // the pool's first region: no verdict
+    CHECK(call_threads() == n);
+    std::this_thread::sleep_for(std::chrono::milliseconds(3));
+    note_parallel_region(0, 2 * ms);  // a wait longer than any wake-up: a busy machine
+    CHECK(call_threads() == 1);
+    CHECK(call_threads() == 1);
+    CHECK(backoff_count() == before + 2);
+    configure_threads(n);  // a count asked for is never cut, nor counted
+    CHECK(call_threads() == n);
+    CHECK(backoff_count() == before + 2);
+}
+
+}  // namespace
 
 int main() {
     using bnorm::detail::judge_region;
@@ -23,5 +51,6 @@ int main() {
     CHECK(judge_region(100 * us, 30 * us, 44 * ms) == RegionVerdict::idle);
     CHECK(judge_region(100 * us, 1100 * us, 10 * ms) == RegionVerdict::busy);  // longer than any wake-up
     CHECK(judge_region(2 * ms, 1400 * us, 10 * ms) == RegionVerdict::unknown);  // 1 ms + busy / 4
+    test_backoff_is_counted();
     return check::failures();
 }

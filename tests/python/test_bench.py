@@ -76,8 +76,9 @@ def test_busy_tables_in_passes(tmp_path):
     rows = [line for line in out.splitlines() if line.startswith("| infer")]
     assert len(rows) == 6 and all(re.search(r"\| \d+\.\d\d \(\d+\.\d\d-\d+\.\d\d\) \|", r) for r in rows), out
     data = json.loads(jpath.read_text())
+    assert all(re.search(r"\| \d+/\d+ \|", r) for r in rows), out  # cut to 1t / calls
     for r in data["busy"]:
-        assert len(r["passes"]) == 2
+        assert len(r["passes"]) == 2 and 0 <= r["backoff_cuts"] and r["rounds"] >= 2
         assert r["bnorm_ms"] == pytest.approx(float(np.median([p["bnorm"] for p in r["passes"]])))
     assert "(medians of 2 passes)" in out
     proc = subprocess.run([sys.executable, "-m", "bnorm.bench", "--busy", "--passes", "0"], capture_output=True,

@@ -78,6 +78,19 @@ def test_num_threads_roundtrip(restore_threads):
         assert bnorm.get_num_threads() == n
 
 
+def test_backoff_count_is_not_moved_by_a_count_asked_for(rng, restore_threads):
+    """bnorm._core._backoff_count (the benchmarks' diagnostic): a count of this process's
+    passes cut to one thread by the default count's back-off (tests/cpp/test_threads.cpp
+    makes one); with set_num_threads, calls never back off, so it stays put."""
+    before = bnorm._core._backoff_count()
+    assert isinstance(before, int) and before >= 0
+    bnorm.set_num_threads(2)
+    x = rng.standard_normal((64, 32, 16, 16)).astype(np.float32)
+    for _ in range(5):
+        bnorm.forward_train(x, None, None)
+    assert bnorm._core._backoff_count() == before
+
+
 @pytest.mark.parametrize("n,exc", [(0, ValueError), (-1, ValueError), (100000, ValueError), (2**31 - 1, ValueError),
                                    (2**40, ValueError), (1.5, TypeError), (True, TypeError)], ids=str)
 def test_num_threads_out_of_range(restore_threads, n, exc):

@@ -144,6 +144,10 @@ void set_num_threads(int n);
 int get_num_threads();
 /// max(1024, the number of processors): the largest n set_num_threads accepts.
 int max_num_threads();
+/// How many times, since the process started, a pass of a call ran on one thread because
+/// the default thread count was backing off from a busy machine (never after
+/// set_num_threads). A diagnostic: timings beside it tell whether they were one thread's.
+int64_t backoff_count();
 
 /// The instruction set of the CPU kernels in use: "baseline" (SSE2 on x86-64), "avx2",
 /// "avx512" or "avx512bf16" (AVX-512 with its bfloat16 conversion): the widest this CPU runs
