@@ -128,7 +128,7 @@ def run_busy(shapes, ops, torch=None, rounds=15, budget=1.0, passes=1, out=print
             spinner = _spinner() if phase == "busy" else None
             try:
                 time.sleep(0.5 if spinner else 0)
-                measured = {}  # (shape, axis, op) -> [(medians, rounds)] per pass
+                measured = {}  # (shape, axis, op) -> [(medians, calls, cuts)], one per pass
                 for _ in range(passes):
                     for shape, axis in shapes:
                         case = _Case(shape, axis, "float32", torch=torch)
@@ -166,6 +166,10 @@ def _print_phase(phase, measured, with_torch, out) -> list[dict]:
         sep += "---:|---:|"
     out(hdr + " targets |")
     out(sep + "---|")
+
+    def spread(values):  # the passes' range
+        return f" ({min(values):.2f}-{max(values):.2f})" if passes > 1 else ""
+
     rows = []
     for (shape, axis, op), runs in measured.items():
         med = {n: float(np.median([r[0][n] for r in runs])) for n in runs[0][0]}
@@ -185,10 +189,6 @@ def _print_phase(phase, measured, with_torch, out) -> list[dict]:
                "vs_best": vs_best, "torch_speedup": vs_torch, "missed": missed,
                "passes": [{n: v * 1e3 for n, v in r[0].items()} for r in runs]}
         rows.append(row)
-
-        def spread(values):
-            return f" ({min(values):.2f}-{max(values):.2f})" if passes > 1 else ""
-
         line = (f"| {op} | {_shape_str(shape)}:{axis} | {row['bnorm_ms']:.3f} | {row['one_thread_ms']:.3f} | "
                 f"{vs_best:.2f}{spread(each_best)} | {cuts}/{calls} |")
         if with_torch:
