@@ -74,8 +74,9 @@ def main(argv=None):
         B.set_num_threads(args.threads)
     pdt = np.float64 if dtype == np.float64 else np.float32
     rng = np.random.default_rng(0)
+    evicting = f", {args.evict:g} MiB copied before each call" if args.evict else ""
     print(f"A = {args.a} ({A.__file__}), B = {args.b} ({B.__file__}); {dtype.name}, "
-          f"threads {args.threads or 'default'}" + (f", {args.evict:g} MiB copied before each call" if args.evict else ""))
+          f"threads {args.threads or 'default'}{evicting}")
     for spec in args.shapes.split(","):
         dims, _, ax = spec.partition(":")
         shape, axis = tuple(int(v) for v in dims.split("x")), int(ax or 1)

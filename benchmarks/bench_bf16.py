@@ -12,9 +12,9 @@ dtype ran first, and 1.03-1.04x on one output. Smaller outputs stay their own: a
 `out` takes bnorm's general argument path (a few microseconds more a call; the fast path
 takes outputs that own their memory), which would weigh on calls in cache. Memory-bound
 rows still swing on a shared VM: compare them over several runs, and in-cache rows for the
-kernels' own cost. Prints the medians, the bf16/f16 ratio (target: <= 1.0, "as fast as float16 per
-byte"), the same ratio of the minimum times (steadier on a busy VM for calls that run in
-cache) and, with --torch, torch_bf16/bnorm_bf16.
+kernels' own cost. Prints the medians, the bf16/f16 ratio (target: <= 1.0, "as fast as
+float16 per byte"), the same ratio of the minimum times (steadier on a busy VM for calls
+that run in cache) and, with --torch, torch_bf16/bnorm_bf16.
 
     python benchmarks/bench_bf16.py --threads 2,1 [--torch] [--budget 1.5]
 """

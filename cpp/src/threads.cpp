@@ -169,17 +169,16 @@ bool forked_single_threaded() { return g_forked_single.load(std::memory_order_re
 int call_threads() {
     const int n = configured_threads();
     if (n == 1 || g_threads.load(std::memory_order_relaxed) != 0) return n;
-    if (g_serial_calls.load(std::memory_order_relaxed) > 0) {
+    bool backing_off = g_serial_calls.load(std::memory_order_relaxed) > 0;
+    if (backing_off) {
         g_serial_calls.fetch_sub(1, std::memory_order_relaxed);
-        g_backoff_count.fetch_add(1, std::memory_order_relaxed);
-        return 1;
+    } else {
+        const int64_t until = g_serial_until_ns.load(std::memory_order_relaxed);
+        backing_off = until > 0 && now_ns() < until;
     }
-    const int64_t until = g_serial_until_ns.load(std::memory_order_relaxed);
-    if (until > 0 && now_ns() < until) {
-        g_backoff_count.fetch_add(1, std::memory_order_relaxed);
-        return 1;
-    }
-    return n;
+    if (!backing_off) return n;
+    g_backoff_count.fetch_add(1, std::memory_order_relaxed);
+    return 1;
 }
 
 int64_t backoff_count() { return g_backoff_count.load(std::memory_order_relaxed); }

@@ -107,7 +107,7 @@ def _time_row(case, op, one, torch, rounds, budget):
         r += len(cycle) // len(names)
     # (only this process's bnorm calls move the count: the one-thread worker is another process)
     cuts = bnorm._core._backoff_count() - cuts
-    return {n: float(np.median(t)) for n, t in times.items()}, len(times["bnorm"]), cuts
+    return {n: float(np.median(t)) for n, t in times.items()}, r, cuts
 
 
 def run_busy(shapes, ops, torch=None, rounds=15, budget=1.0, passes=1, out=print) -> list[dict]:

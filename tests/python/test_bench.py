@@ -75,8 +75,8 @@ def test_busy_tables_in_passes(tmp_path):
                 "--passes", "2", "--json", str(jpath)], tmp_path)
     rows = [line for line in out.splitlines() if line.startswith("| infer")]
     assert len(rows) == 6 and all(re.search(r"\| \d+\.\d\d \(\d+\.\d\d-\d+\.\d\d\) \|", r) for r in rows), out
-    data = json.loads(jpath.read_text())
     assert all(re.search(r"\| \d+/\d+ \|", r) for r in rows), out  # cut to 1t / calls
+    data = json.loads(jpath.read_text())
     for r in data["busy"]:
         assert len(r["passes"]) == 2 and 0 <= r["backoff_cuts"] and r["rounds"] >= 2
         assert r["bnorm_ms"] == pytest.approx(float(np.median([p["bnorm"] for p in r["passes"]])))
@@ -84,6 +84,7 @@ def test_busy_tables_in_passes(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "bnorm.bench", "--busy", "--passes", "0"], capture_output=True,
                           text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode != 0 and "--passes must be >= 1" in proc.stderr
+
 
 @pytest.mark.parametrize("dtype", ["float64", "float16"])
 def test_other_dtypes(tmp_path, dtype):
@@ -204,7 +205,8 @@ def test_bf16_script_runs_both_dtypes_on_the_same_memory(large, monkeypatch):
     for name in ("x", "dy", "y", "dx"):
         assert np.shares_memory(getattr(f16, name), getattr(bf16, name)) == (large or name in ("x", "dy")), name
         assert getattr(bf16, name).dtype.name == "bfloat16"
-        assert getattr(f16, name).flags.owndata and getattr(bf16, name).flags.owndata == (name in ("y", "dx") and not large)
+        owns = name in ("y", "dx") and not large
+        assert getattr(f16, name).flags.owndata and getattr(bf16, name).flags.owndata == owns
     for name in ("x", "dy"):
         for case in (f16, bf16):
             v = np.abs(getattr(case, name).astype(np.float64))
