@@ -1,6 +1,7 @@
 // The backward passes: the reductions (sum(g), sum(g * (x - mean))), dx, and both fused
 // per channel or per strip where the layout allows; g is dy or ReLU's gradient (the
-// gradient mask of epilogue.hpp), and the pass that writes dx also writes dsum = g.
+// gradient mask of epilogue.hpp), and the pass that writes dx also writes dsum = g, except
+// where the data streams through memory in two passes: there the reduction writes it.
 #include <array>
 
 #include "coefficients.hpp"
@@ -20,6 +21,19 @@ struct BackwardSumsOp {
     const A* mean;
     Shape s;
     Mask mask{};  // the gradient read in place of dy (epilogue.hpp)
+    // A storing mask also writes dsum = g (the fused backward's first pass, see
+    // backward_train_fused), `stream`ed: by write_run over each run or row of a tile right
+    // after its sums, while its inputs are in L1 or L2. Not from the sums' loops: their
+    // vectors start where a run or row starts, so where dsum is not 64-byte aligned (as
+    // NumPy's large arrays, 16 bytes into a line) none could be streamed, and each line
+    // was read before it was written ((64, 7, 7, 2048) backward with ReLU 1.06-1.10x the
+    // two-pass time instead of 0.92x); and the sums keep the bits of the plain pass.
+    bool stream = false;
+
+    void store_g(int64_t offset, int64_t n) const {
+        if constexpr (Mask::stores)
+            write_run(mask.dsum + offset, n, stream, [&](auto lanes, int64_t i) { return mask.load(lanes, dy, offset + i); });
+    }
 
     BNORM_FLATTEN Sums plane_tile(int64_t c, PlaneTiles::Tile t) const {
         const int64_t stride = s.channels * s.inner, len = t.i1 - t.i0;
@@ -34,6 +48,8 @@ struct BackwardSumsOp {
             a += d;
             b += d * (L::load(p + k) - L::set(m));
         });
+        if constexpr (Mask::stores)
+            for (int64_t r = 0; r < t.r1 - t.r0; ++r) store_g(offset + r * stride, len);
         return {double(sums.a), double(sums.b)};
     }
 
@@ -41,7 +57,8 @@ struct BackwardSumsOp {
         const int64_t w = c1 - c0, C = s.channels;
         A sum_dy[kChannelBlock], sum_dy_xmu[kChannelBlock];
         for (int64_t j = 0; j < w; ++j) sum_dy[j] = sum_dy_xmu[j] = 0;
-        for_row_lanes<T>(r0, r1, w, grouped_rows<T>(s, 2), [&](auto lanes, auto acc_lanes, auto group, int64_t r, int64_t j) {
+        const bool grouped = grouped_rows<T>(s, 2);
+        const auto sums = [&](auto lanes, auto acc_lanes, auto group, int64_t r, int64_t j) {
             using L = decltype(lanes);
             using P = decltype(acc_lanes);
             const auto m = P::load(mean + c0 + j);
@@ -53,7 +70,17 @@ struct BackwardSumsOp {
             });
             P::store(sum_dy + j, P::load(sum_dy + j) + g);
             P::store(sum_dy_xmu + j, P::load(sum_dy_xmu + j) + gx);
-        });
+        };
+        if constexpr (Mask::stores) {  // a group of rows at a time (the same groups), then their g
+            const int64_t group = grouped ? 4 : 1;
+            for (int64_t r = r0; r < r1; r += group) {
+                const int64_t end = std::min(r1, r + group);
+                for_row_lanes<T>(r, end, w, grouped, sums);
+                for (int64_t q = r; q < end; ++q) store_g(q * C + c0, w);
+            }
+        } else {
+            for_row_lanes<T>(r0, r1, w, grouped, sums);
+        }
         for (int64_t j = 0; j < w; ++j) merge(acc[j], Sums{double(sum_dy[j]), double(sum_dy_xmu[j])});
     }
 };
@@ -168,16 +195,17 @@ void dx_coefficients(int64_t c0, int64_t c1, const SumsOf& sums, const P* invstd
 
 // The kernels with their gradient mask (Mask: a GradientMask) as a type; the entry points
 // below pick it once per call.
+// With a storing mask the reductions also write dsum = g (streamed with `stream`).
 template <class T, class Mask>
 void backward_sums_fused(const T* dy, const T* x, Shape shape, int threads, const param_t<T>* mean,
-                         double* sum_dy, double* sum_dy_xmu, const Mask& mask) {
+                         double* sum_dy, double* sum_dy_xmu, const Mask& mask, bool stream = false) {
     using Op = BackwardSumsOp<T, Mask>;
     const int team = team_size(shape, threads);
     if (const int64_t strip = strip_width(shape, team, 2 * sizeof(T))) {
         const RowSplits plan(shape);
-        const Op op{dy, x, mean, shape, mask};
+        const Op op{dy, x, mean, shape, mask, stream};
         using Work = typename Op::Work;
-        for_each_strip<Work>(shape, team, strip, false, [&](int64_t c0, int64_t c1, Work& work) {
+        for_each_strip<Work>(shape, team, strip, stream, [&](int64_t c0, int64_t c1, Work& work) {
             plan.strip_partials(shape, op, c0, c1, work);
             for (int64_t c = c0; c < c1; ++c) sum_dy[c] = work.strip[c - c0].dy, sum_dy_xmu[c] = work.strip[c - c0].dy_xmu;
         });
@@ -188,15 +216,16 @@ void backward_sums_fused(const T* dy, const T* x, Shape shape, int threads, cons
     if (pos.view.channels > 0) {
         const auto mean_at = pos.expand(mean);
         Scratch<Sums> per_position(pos.view.channels), rest(pos.rest.outer > 0 ? shape.channels : 0);
-        reduce(pos.view, threads, Op{dy, x, mean_at.data(), pos.view, mask}, per_position.data());
+        reduce(pos.view, threads, Op{dy, x, mean_at.data(), pos.view, mask, stream}, per_position.data(), stream);
         for (int64_t c = 0; c < shape.channels; ++c) result[c] = pos.fold_channel(per_position.data(), c);
         if (pos.rest.outer > 0) {
             const int64_t offset = pos.view.size();
-            reduce(pos.rest, threads, Op{dy + offset, x + offset, mean, pos.rest, mask.at(offset)}, rest.data());
+            reduce(pos.rest, threads, Op{dy + offset, x + offset, mean, pos.rest, mask.at(offset), stream}, rest.data(),
+                   stream);
             for (int64_t c = 0; c < shape.channels; ++c) merge(result[c], rest[c]);
         }
     } else {
-        reduce(shape, threads, Op{dy, x, mean, shape, mask}, result.data());
+        reduce(shape, threads, Op{dy, x, mean, shape, mask, stream}, result.data(), stream);
     }
     for (int64_t c = 0; c < shape.channels; ++c) {
         sum_dy[c] = result[c].dy;
@@ -248,7 +277,7 @@ void backward_train_fused(const T* dy, const T* x, Shape s, int threads, const p
                           const param_t<T>* invstd, const param_t<T>* weight, T* dx, param_t<T>* sum_dy,
                           param_t<T>* sum_dy_xhat, const Mask& mask) {
     using P = param_t<T>;
-    using Op = BackwardSumsOp<T, Mask>;
+    using SumsOp = BackwardSumsOp<T, decltype(mask.reading())>;  // the reductions read g, store nothing
     const int team = team_size(s, threads);
     const double count = double(s.count());
     const bool stream = streams<T>(s);
@@ -258,8 +287,8 @@ void backward_train_fused(const T* dy, const T* x, Shape s, int threads, const p
         const RowSplits plan(view);
         const auto expanded_mean = strips.pos.expand(mean);  // short planes: the mean of each column
         const P* column_mean = strips.per_channel == 1 ? mean : expanded_mean.data();
-        const Op op{dy, x, column_mean, view, mask};
-        using Work = typename Op::Work;
+        const SumsOp op{dy, x, column_mean, view, mask.reading()};
+        using Work = typename SumsOp::Work;
         strips.run<Work>(s, team, stream, [&](int64_t c0, int64_t c1, Work& work, const auto& channel) {
             const int64_t p0 = c0 * strips.per_channel, width = (c1 - c0) * strips.per_channel;
             plan.strip_partials(view, op, p0, p0 + width, work);
@@ -278,17 +307,39 @@ void backward_train_fused(const T* dy, const T* x, Shape s, int threads, const p
         return;
     }
     if (!fuse_per_channel(s, team, 2 * sizeof(T))) {
+        // Two passes. With ReLU and a dsum that streams (too large to be cached), the first
+        // also writes dsum = g, and the second reads g back in place of dy and y: 7S of
+        // traffic (read dy, y, x, write dsum; read dsum, x, write dx) instead of 8S (read dy,
+        // y, x; read them again, write dx and dsum), the least any schedule moves where the
+        // data is not cached between the passes (dx needs every element's sums first, so g
+        // and x are read twice, and dsum is an output). benchmarks/ab_builds.py against the
+        // 8S passes, float32, 2 threads: channels-last (64, 56, 56, 256) 0.76x the time,
+        // (64, 28, 28, 512) 0.87x, (64, 56, 56, 64) 0.93x, (8192, 1024) 0.90x; 1 thread
+        // 0.78-0.80x. Cached (no stream), the extra write loop cost more than re-reading
+        // dy and y from L2/L3: (1024, 512) 1.05-1.11x, (2048, 96) 1.02-1.10x.
         Scratch<double> s_dy(s.channels), s_dy_xmu(s.channels);
-        backward_sums_fused(dy, x, s, threads, mean, s_dy.data(), s_dy_xmu.data(), mask);
         Scratch<P> dy_mean(C), xmu_scale(C), scale(C);
-        dx_coefficients(
-            int64_t(0), C, [&](int64_t c) { return Sums{s_dy[c], s_dy_xmu[c]}; }, invstd, weight, count, sum_dy,
-            sum_dy_xhat, dy_mean.data(), xmu_scale.data(), scale.data());
+        const auto coefficients = [&] {
+            dx_coefficients(
+                int64_t(0), C, [&](int64_t c) { return Sums{s_dy[c], s_dy_xmu[c]}; }, invstd, weight, count, sum_dy,
+                sum_dy_xhat, dy_mean.data(), xmu_scale.data(), scale.data());
+        };
+        if constexpr (Mask::relu && Mask::stores) {
+            if (streams_output(s, mask.dsum)) {
+                backward_sums_fused(dy, x, s, threads, mean, s_dy.data(), s_dy_xmu.data(), mask, true);
+                coefficients();
+                backward_dx_fused(static_cast<const T*>(mask.dsum), x, s, threads, mean, dy_mean.data(),
+                                  xmu_scale.data(), scale.data(), dx, GradientMask<T, false, false>{nullptr, nullptr});
+                return;
+            }
+        }
+        backward_sums_fused(dy, x, s, threads, mean, s_dy.data(), s_dy_xmu.data(), mask.reading());
+        coefficients();
         backward_dx_fused(dy, x, s, threads, mean, dy_mean.data(), xmu_scale.data(), scale.data(), dx, mask);
         return;
     }
     const PlaneSplits plan(s);
-    const Op op{dy, x, mean, s, mask};
+    const SumsOp op{dy, x, mean, s, mask.reading()};
     const int64_t stride = C * s.inner;
     const int64_t run_bytes = s.inner * int64_t(sizeof(T));
     const bool prefetch = prefetches_next_channel<T>(s, stream);

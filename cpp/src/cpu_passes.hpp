@@ -357,12 +357,19 @@ bool streams(Shape s) {
 // apart: unstreamed, (128, 1024, 8, 8) training took 1.26x the time.
 constexpr int64_t kStreamRunBytes = 512;
 
+// Whether a pass writing `out` (of shape s) streams it, by the rule above.
+template <class T>
+bool streams_output(Shape s, const T* out) {
+    const int64_t run_bytes = s.inner * int64_t(sizeof(T));
+    const bool whole_lines = reinterpret_cast<uintptr_t>(out) % 64 == 0 && run_bytes % 64 == 0;
+    return streams<T>(s) && (s.inner == 1 || run_bytes >= kStreamRunBytes || whole_lines);
+}
+
 template <class T, class Run, class Row>
 void for_each_write(Shape s, int threads, const T* out, const Run& run, const Row& row) {
     const int team = team_size(s, threads);
-    const int64_t C = s.channels, run_bytes = s.inner * int64_t(sizeof(T));
-    const bool whole_lines = reinterpret_cast<uintptr_t>(out) % 64 == 0 && run_bytes % 64 == 0;
-    const bool stream = streams<T>(s) && (s.inner == 1 || run_bytes >= kStreamRunBytes || whole_lines);
+    const int64_t C = s.channels;
+    const bool stream = streams_output(s, out);
     if (s.inner > 1)
         parallel_writes(team, s.outer * C, rows_per_chunk(s, team, s.inner), stream,
                         [&](int64_t r, int) BNORM_INLINE_LAMBDA { run(r % C, r * s.inner, stream); });

@@ -162,8 +162,9 @@ struct RowSplits {
 // Runs op over every tile and writes one merged Partial per channel. Op provides
 //   Partial plane_tile(c, PlaneTiles::Tile)                      (planes schedule)
 //   void row_tile(c0, c1, r0, r1, Partial* acc)  merging into acc[c - c0]  (rows schedule)
+// `stream`: the op streams stores of its own (each thread fences them).
 template <class Partial, class Op>
-void reduce(Shape s, int threads, const Op& op, Partial* result) {
+void reduce(Shape s, int threads, const Op& op, Partial* result, bool stream = false) {
     const int64_t C = s.channels;
     std::fill(result, result + C, Partial{});
     const int team = team_size(s, threads);
@@ -174,7 +175,7 @@ void reduce(Shape s, int threads, const Op& op, Partial* result) {
         const int64_t splits = plan.splits;
         Scratch<Partial> part(splits == 1 ? 0 : C * splits);
         Partial* out = splits == 1 ? result : part.data();
-        parallel_writes(team, C * splits, 1, false, [&](int64_t item, int) {
+        parallel_writes(team, C * splits, 1, stream, [&](int64_t item, int) {
             out[item] = plan.split_partial<Partial>(s, op, item / splits, item % splits);
         });
         if (splits > 1)
@@ -184,7 +185,7 @@ void reduce(Shape s, int threads, const Op& op, Partial* result) {
         const RowSplits plan(s);
         Scratch<Partial> part(plan.splits == 1 ? 0 : plan.splits * C, Partial{});
         Partial* out = plan.splits == 1 ? result : part.data();
-        parallel_writes(team, plan.blocks * plan.splits, 1, false, [&](int64_t item, int) {
+        parallel_writes(team, plan.blocks * plan.splits, 1, stream, [&](int64_t item, int) {
             const int64_t block = item / plan.splits, split = item % plan.splits;
             const int64_t c0 = block * plan.width;
             plan.split_tiles(s, op, c0, std::min(C, c0 + plan.width), split, out + split * C + c0);

@@ -4,7 +4,8 @@
 //  - forward write loops: y = act(value + residual), value being the normalized x;
 //  - backward reductions and write loops: g = y > 0 ? dy : 0 (ReLU's gradient, the mask
 //    taken from the fused forward's output y) in place of dy, and dsum = g written by the
-//    same loop that writes dx.
+//    same loop that writes dx (or, with two passes through memory, by the reduction's
+//    tiles: BackwardSumsOp, cpu_backward.cpp).
 // The variants are types chosen once per call (ForwardEpilogue, GradientMask), so the
 // loops of the plain ops compile exactly as before and the fused ones carry no per-element
 // branch on the variant.
@@ -83,12 +84,15 @@ struct ForwardEpilogue {
 // the same value, and the loop's fence orders every non-temporal store of the thread.
 template <class T, bool kRelu, bool kStore>
 struct GradientMask {
+    static constexpr bool relu = kRelu, stores = kStore;
     const T* y;
     T* dsum;
 
     GradientMask at(int64_t offset) const {
         return {kRelu ? y + offset : y, kStore ? dsum + offset : dsum};
     }
+    // The same mask without the store (a pass that reads g but must not write dsum).
+    GradientMask<T, kRelu, false> reading() const { return {y, nullptr}; }
 
     template <class L>
     auto load(L, const T* dy, int64_t i) const {

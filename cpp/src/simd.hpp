@@ -165,7 +165,9 @@ struct Simd<bfloat16> {
     // |v| < 2^-126) take narrow_portable's bits, so every build gives the same results.
     // The groups below test for them in two steps: the narrowed words that are +-0 (a lane
     // read as zero, or a zero: one vptestnmw per pair of vectors), then, only for a group
-    // with such a word (rare outside ReLU's outputs), each lane's class (vfpclassps). One
+    // with such a word (common in ReLU's outputs and gradients: zeros), each lane's class
+    // (vfpclassps, inline: out of line with the narrowing redone, as store_exact, a
+    // bfloat16 ReLU gradient written by write_run took 1.1x the time). One
     // vfpclassps per vector in the loops cost 5-10% of bfloat16 inference in cache
     // ((256, 512), (1024, 512), (32, 64, 14, 14): 1.07-1.09x float16's time, now
     // 0.99-1.02x; C++ harness through the public API, one thread).
@@ -175,22 +177,12 @@ struct Simd<bfloat16> {
         for (int k = 0; k < count; ++k) subnormal = _kor_mask16(subnormal, _mm512_fpclass_ps_mask(v[k], 0x20));
         return subnormal != 0;
     }
-    // Stores count (<= 8) vectors `step` elements apart for a group with a zero word: the
-    // fast narrowing where no lane is subnormal, else narrow() vector by vector. Out of line
-    // and cold, so that the loops inlining the groups keep their registers; the vectors by
-    // value, in registers.
+    // Stores count (<= 8) vectors `step` elements apart for a group with a subnormal lane,
+    // narrow() vector by vector. Out of line and cold, so that the loops inlining the groups
+    // keep their registers; the vectors by value, in registers.
     __attribute__((noinline, cold)) static void store_exact(bfloat16* p, int64_t step, int count, bool stream, R v0,
                                                             R v1, R v2, R v3, R v4, R v5, R v6, R v7) {
         const R v[8] = {v0, v1, v2, v3, v4, v5, v6, v7};
-        if (!any_subnormal(v, count)) {
-            for (int k = 0; k + 1 < count; k += 2) {
-                const __m512i pair = (__m512i)_mm512_cvtne2ps_pbh(v[k + 1], v[k]);
-                store_words(p + k * step, _mm512_maskz_extracti64x4_epi64(0xf, pair, 0), stream);
-                store_words(p + (k + 1) * step, _mm512_maskz_extracti64x4_epi64(0xf, pair, 1), stream);
-            }
-            if (count % 2) store_words(p + (count - 1) * step, (__m256i)_mm512_cvtneps_pbh(v[count - 1]), stream);
-            return;
-        }
         for (int k = 0; k < count; ++k) store_words(p + k * step, narrow(v[k]), stream);
     }
     template <int G>
@@ -230,7 +222,7 @@ struct Simd<bfloat16> {
             pairs[k / 2] = (__m512i)_mm512_cvtne2ps_pbh(v[k + 1], v[k]);  // v[k] in the low half
             zero = _kor_mask32(zero, zero_words(pairs[k / 2]));
         }
-        if (__builtin_expect(zero != 0, 0)) return store_exact(p, width, G, kStream, v);
+        if (__builtin_expect(zero != 0, 0) && any_subnormal(v, G)) return store_exact(p, width, G, kStream, v);
         for (int k = 0; k < G; k += 2) {
             __m512i* out = reinterpret_cast<__m512i*>(p + k * width);
             if (kStream) _mm512_stream_si512(out, pairs[k / 2]);
@@ -253,7 +245,7 @@ struct Simd<bfloat16> {
                 pairs[k / 2] = (__m512i)_mm512_cvtne2ps_pbh(v[k + 1], v[k]);  // row k in the low half
                 zero = _kor_mask32(zero, zero_words(pairs[k / 2]));
             }
-            if (__builtin_expect(zero != 0, 0)) return store_exact(p, stride, G, false, v);
+            if (__builtin_expect(zero != 0, 0) && any_subnormal(v, G)) return store_exact(p, stride, G, false, v);
             for (int k = 0; k < G; k += 2) {
                 _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + k * stride),
                                     _mm512_maskz_extracti64x4_epi64(0xf, pairs[k / 2], 0));

@@ -430,3 +430,41 @@ def test_dsum_shares_dx_alignment(rng, shift):
                                       out=out)
     assert (dsum2.ctypes.data - dx2.ctypes.data) % 64 == 0 and dsum2.flags.c_contiguous
     np.testing.assert_array_equal(dsum2, dy * (y > 0))
+
+
+def _dtype(name):
+    if name == "bfloat16":
+        return pytest.importorskip("ml_dtypes").bfloat16
+    return np.dtype(name)
+
+
+# The backward's streamed two-pass schedule (over 4 MiB an array, too large for a channel or
+# strip to stay cached between the reduction and dx): the reduction writes dsum and the
+# second pass reads it back in place of dy and y. Rows, channels-last and planes, every
+# dtype, dx (hence dsum) at two alignments; results bit for bit those of the plain backward
+# of g = dy * (y > 0).
+@pytest.mark.parametrize("shift", [0, 1])
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "bfloat16"])
+@pytest.mark.parametrize("layout", [((24000, 100), 1), ((32, 28, 28, 96), -1), ((8, 2, 512, 512), 1)],
+                         ids=lambda l: f"{'x'.join(map(str, l[0]))}-ax{l[1]}")
+def test_backward_streamed_two_pass(rng, layout, dtype, shift):
+    shape, axis = layout
+    dtype = _dtype(dtype)
+    pdtype = np.float64 if dtype == np.float64 else np.float32
+    c = shape[axis]
+    x = (rng.standard_normal(shape) + 0.5).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    w = rng.uniform(0.5, 1.5, c).astype(pdtype)
+    b = rng.uniform(-0.5, 0.5, c).astype(pdtype)
+    y, mean, invstd = bnorm.forward_train(x, w, b, axis=axis, activation="relu")
+    before = _snapshot(dy, x, y)
+    buf = np.zeros(x.size + 32, dtype)
+    out = buf[shift:shift + x.size].reshape(shape)
+    dx, dw, db, dsum = bnorm.backward(dy, x, mean, invstd, w, axis=axis, activation="relu", y=y, out=out)
+    _unchanged(before, dy, x, y)
+    g = np.where(y > 0, dy, np.zeros((), dtype)).astype(dtype)
+    ref.assert_bitwise(dsum, g, "dsum")
+    pdx, pdw, pdb = bnorm.backward(g, x, mean, invstd, w, axis=axis)
+    ref.assert_bitwise(dx, pdx, "dx vs plain backward of g")
+    ref.assert_bitwise(dw, pdw, "dweight")
+    ref.assert_bitwise(db, pdb, "dbias")

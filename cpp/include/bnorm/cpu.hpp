@@ -94,7 +94,8 @@ void backward(const T* dy, const T* x, Shape shape, const param_t<T>* mean,
 /// y = activation(BN(x) + residual) (statistics of x alone); the backward ones take
 /// g = dy * (y > 0) in place of dy when grad.activation is relu (grad.y required), and
 /// backward_elemt and backward also write dsum = g, the gradient at BN(x) + residual (so
-/// the residual's gradient), from the pass that writes dx when dsum is not null. dx,
+/// the residual's gradient) when dsum is not null, with no pass of their own (backward
+/// writes it from its reduction where the data goes through memory twice). dx,
 /// dweight and dbias are BN's gradients for g. dsum may be dy itself, and must not overlap
 /// x, grad.y or dx otherwise; dx may be dy, x or grad.y. ValueError for an activation other
 /// than none or relu, a null grad.y with relu, or outputs overlapping as excluded above.
