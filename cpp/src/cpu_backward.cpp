@@ -76,7 +76,10 @@ struct BackwardSumsOp {
             for (int64_t r = r0; r < r1; r += group) {
                 const int64_t end = std::min(r1, r + group);
                 for_row_lanes<T>(r, end, w, grouped, sums);
-                for (int64_t q = r; q < end; ++q) store_g(q * C + c0, w);
+                if (w == C)  // whole rows: one run (partial lines only at its ends, not each row's)
+                    store_g(r * C, (end - r) * C);
+                else
+                    for (int64_t q = r; q < end; ++q) store_g(q * C + c0, w);
             }
         } else {
             for_row_lanes<T>(r0, r1, w, grouped, sums);
@@ -314,8 +317,9 @@ void backward_train_fused(const T* dy, const T* x, Shape s, int threads, const p
         // data is not cached between the passes (dx needs every element's sums first, so g
         // and x are read twice, and dsum is an output). benchmarks/ab_builds.py against the
         // 8S passes, float32, 2 threads: channels-last (64, 56, 56, 256) 0.76x the time,
-        // (64, 28, 28, 512) 0.87x, (64, 56, 56, 64) 0.93x, (8192, 1024) 0.90x; 1 thread
-        // 0.78-0.80x. Cached (no stream), the extra write loop cost more than re-reading
+        // (64, 28, 28, 512) 0.78-0.87x, (64, 56, 56, 64) 0.90x (its 256-byte rows written
+        // as one run a group of rows: 0.95x of each row its own), (8192, 1024) 0.90x; 1
+        // thread 0.73-0.80x; float16 0.80-0.82x. Cached (no stream), the extra write loop cost more than re-reading
         // dy and y from L2/L3: (1024, 512) 1.05-1.11x, (2048, 96) 1.02-1.10x.
         Scratch<double> s_dy(s.channels), s_dy_xmu(s.channels);
         Scratch<P> dy_mean(C), xmu_scale(C), scale(C);
