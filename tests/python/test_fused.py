@@ -438,16 +438,18 @@ def _dtype(name):
     return np.dtype(name)
 
 
-# The backward's streamed two-pass schedule (over 4 MiB an array, too large for a channel or
-# strip to stay cached between the reduction and dx): the reduction writes dsum and the
-# second pass reads it back in place of dy and y. Rows, channels-last and planes, every
-# dtype, dx (hence dsum) at two alignments; results bit for bit those of the plain backward
-# of g = dy * (y > 0).
+# The backward's streamed outputs (over 4 MiB an array). In two passes (too large for a
+# channel or strip to stay cached between the reduction and dx: rows, channels-last, planes
+# of 8 MiB) the reduction writes dsum and the second pass reads it back in place of dy and
+# y; fused per channel (14x14 planes), dsum gets a write loop of its own before each run's
+# dx. Every dtype, dx (hence dsum) at two alignments; results bit for bit those of the
+# plain backward of g = dy * (y > 0).
 @pytest.mark.parametrize("shift", [0, 1])
 @pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "bfloat16"])
-@pytest.mark.parametrize("layout", [((24000, 100), 1), ((32, 28, 28, 96), -1), ((8, 2, 512, 512), 1)],
+@pytest.mark.parametrize("layout", [((24000, 100), 1), ((32, 28, 28, 96), -1), ((8, 2, 512, 512), 1),
+                                    ((128, 128, 14, 14), 1)],
                          ids=lambda l: f"{'x'.join(map(str, l[0]))}-ax{l[1]}")
-def test_backward_streamed_two_pass(rng, layout, dtype, shift):
+def test_backward_streamed(rng, layout, dtype, shift):
     shape, axis = layout
     dtype = _dtype(dtype)
     pdtype = np.float64 if dtype == np.float64 else np.float32
