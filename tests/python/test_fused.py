@@ -470,3 +470,10 @@ def test_backward_streamed(rng, layout, dtype, shift):
     ref.assert_bitwise(dx, pdx, "dx vs plain backward of g")
     ref.assert_bitwise(dw, pdw, "dweight")
     ref.assert_bitwise(db, pdb, "dbias")
+    # the phases (their dx pass writes dsum beside dx on every schedule)
+    sdy, sdyx = bnorm.backward_reduce(dy, x, mean, invstd, axis=axis, activation="relu", y=y)
+    count = x.size // c
+    edx, edsum = bnorm.backward_elemt(dy, x, mean, invstd, w, sdy, sdyx, count, axis=axis, activation="relu", y=y,
+                                      out=out)
+    ref.assert_bitwise(edsum, g, "backward_elemt's dsum")
+    ref.assert_bitwise(edx, bnorm.backward_elemt(g, x, mean, invstd, w, sdy, sdyx, count, axis=axis), "elemt dx")
