@@ -11,6 +11,21 @@
 namespace bnorm::kernels::BNORM_KERNEL_ISA {
 namespace {
 
+// dsum = g over a run, streamed: by the dx passes before each streamed run's dx, and by
+// the reduction's tiles where it writes dsum (BackwardSumsOp). write_run streams the
+// whole cache lines of its output, and stores the partial lines at a run's ends, the
+// lanes of its overlapping end vectors that fall in them. dsum stored from dx's loop got
+// the whole end vectors (their lanes in streamed lines too: a partial write-combining
+// flush per run), and ordinary stores throughout where its alignment differs from dx's:
+// float32 (64, 1024, 14, 14) backward with ReLU took 10.0-10.4 ms, 5.8-6.1 without dsum
+// (C++ harness, 2 threads). First, so that dx may be dy: g is read before dx overwrites
+// it, and dsum may be dy (each element masks to itself). The inputs are in L1 for the dx
+// loop that follows.
+template <bool kInputsFromMemory, class T, class Mask>
+BNORM_INLINE void store_dsum_first(const T* dy, int64_t n, const Mask& mask) {
+    write_run<kInputsFromMemory>(mask.dsum, n, true, [&](auto lanes, int64_t i) { return mask.load(lanes, dy, i); });
+}
+
 template <class T, class Mask = GradientMask<T, false, false>>
 struct BackwardSumsOp {
     using A = param_t<T>;
@@ -21,19 +36,15 @@ struct BackwardSumsOp {
     const A* mean;
     Shape s;
     Mask mask{};  // the gradient read in place of dy (epilogue.hpp)
-    // A storing mask also writes dsum = g (the fused backward's first pass, see
-    // backward_train_fused), `stream`ed: by write_run over each run or row of a tile right
-    // after its sums, while its inputs are in L1 or L2. Not from the sums' loops: their
-    // vectors start where a run or row starts, so where dsum is not 64-byte aligned (as
-    // NumPy's large arrays, 16 bytes into a line) none could be streamed, and each line
-    // was read before it was written ((64, 7, 7, 2048) backward with ReLU 1.06-1.10x the
-    // two-pass time instead of 0.92x); and the sums keep the bits of the plain pass.
-    bool stream = false;
-
-    void store_g(int64_t offset, int64_t n) const {
-        if constexpr (Mask::stores)
-            write_run(mask.dsum + offset, n, stream, [&](auto lanes, int64_t i) { return mask.load(lanes, dy, offset + i); });
-    }
+    // A storing mask also writes dsum = g, streamed (the fused backward's first pass where
+    // dsum streams, see backward_train_fused): store_dsum_first over each run or row of a
+    // tile right after its sums, while its inputs are in L1 or L2. Not from the sums'
+    // loops: their vectors start where a run or row starts, so where dsum is not 64-byte
+    // aligned (as NumPy's large arrays, 16 bytes into a line) none could be streamed, and
+    // each line was read before it was written ((64, 7, 7, 2048) backward with ReLU
+    // 1.06-1.10x the two-pass time instead of 0.92x); and the sums keep the bits of the
+    // plain pass.
+    void store_g(int64_t offset, int64_t n) const { store_dsum_first<false>(dy + offset, n, mask.at(offset)); }
 
     BNORM_FLATTEN Sums plane_tile(int64_t c, PlaneTiles::Tile t) const {
         const int64_t stride = s.channels * s.inner, len = t.i1 - t.i0;
@@ -88,20 +99,6 @@ struct BackwardSumsOp {
     }
 };
 
-// dsum = g over a run that the caller then writes dx of, streamed: write_run streams the
-// whole cache lines of its output, and stores the partial lines at a run's ends, the
-// lanes of its overlapping end vectors that fall in them. dsum stored from dx's loop got
-// the whole end vectors (their lanes in streamed lines too: a partial write-combining
-// flush per run), and ordinary stores throughout where its alignment differs from dx's:
-// float32 (64, 1024, 14, 14) backward with ReLU took 10.0-10.4 ms, 5.8-6.1 without dsum
-// (C++ harness, 2 threads). First, so that dx may be dy: g is read before dx overwrites
-// it, and dsum may be dy (each element masks to itself). The inputs are in L1 for the dx
-// loop that follows.
-template <bool kInputsFromMemory, class T, class Mask>
-BNORM_INLINE void store_dsum_first(const T* dy, int64_t n, const Mask& mask) {
-    write_run<kInputsFromMemory>(mask.dsum, n, true, [&](auto lanes, int64_t i) { return mask.load(lanes, dy, i); });
-}
-
 // dx = (g - dy_mean - (x - mean) * xmu_scale) * scale over one run of a single channel, g
 // being dy or ReLU's gradient of it (mask, which also stores dsum = g); with x null (eval
 // mode), dx = g * scale. (kInputsFromMemory: see write_run; the unfused pass.)
@@ -117,7 +114,7 @@ BNORM_INLINE void backward_run(const T* dy, const T* x, T* dx, int64_t n, param_
     if (!x) {
         write_run<kInputsFromMemory>(dx, n, stream, [&](auto lanes, int64_t i) {
             const auto g = mask.load(lanes, dy, i);
-            mask.write(lanes, g, i, stream);
+            mask.write(lanes, g, i);
             return g * decltype(lanes)::set(k.scale);
         });
         return;
@@ -125,7 +122,7 @@ BNORM_INLINE void backward_run(const T* dy, const T* x, T* dx, int64_t n, param_
     write_run<kInputsFromMemory>(dx, n, stream, [&](auto lanes, int64_t i) {
         using L = decltype(lanes);
         const auto g = mask.load(L{}, dy, i);
-        mask.write(L{}, g, i, stream);
+        mask.write(L{}, g, i);
         return (g - L::set(k.dy_mean) - (L::load(x + i) - L::set(mean)) * L::set(k.xmu_scale)) * L::set(k.scale);
     });
 }
@@ -146,7 +143,7 @@ BNORM_FLATTEN void backward_row(const T* dy, const T* x, T* dx, int64_t n, const
             using L = decltype(lanes);
             using C = CoefficientLanes<T, L>;
             const auto g = mask.load(L{}, dy, c);
-            mask.write(L{}, g, c, stream);
+            mask.write(L{}, g, c);
             return g * C::load(scale + c);
         });
         return;
@@ -156,7 +153,7 @@ BNORM_FLATTEN void backward_row(const T* dy, const T* x, T* dx, int64_t n, const
         using C = CoefficientLanes<T, L>;
         static_assert(C::width == L::width, "x and coefficient vectors have the same lanes");
         const auto g = mask.load(L{}, dy, c);
-        mask.write(L{}, g, c, stream);
+        mask.write(L{}, g, c);
         return (g - C::load(dy_mean + c) - (L::load(x + c) - C::load(mean + c)) * C::load(xmu_scale + c)) *
                C::load(scale + c);
     });
@@ -188,7 +185,7 @@ BNORM_FLATTEN void backward_rows(const T* dy, const T* x, T* dx, int64_t stride,
             },
             [&](auto lanes, const auto& k, int64_t at) {
                 const auto g = mask.load(lanes, dy, at);
-                mask.write(lanes, g, at, false);
+                mask.write(lanes, g, at);
                 return g * k;
             });
         return;
@@ -202,7 +199,7 @@ BNORM_FLATTEN void backward_rows(const T* dy, const T* x, T* dx, int64_t stride,
         [&](auto lanes, const auto& k, int64_t at) {
             using L = decltype(lanes);
             const auto g = mask.load(L{}, dy, at);
-            mask.write(L{}, g, at, false);
+            mask.write(L{}, g, at);
             return (g - k[1] - (L::load(x + at) - k[0]) * k[2]) * k[3];
         });
 }
@@ -225,15 +222,16 @@ void dx_coefficients(int64_t c0, int64_t c1, const SumsOf& sums, const P* invstd
 
 // The kernels with their gradient mask (Mask: a GradientMask) as a type; the entry points
 // below pick it once per call.
-// With a storing mask the reductions also write dsum = g (streamed with `stream`).
+// With a storing mask the reductions also write dsum = g, streamed (BackwardSumsOp).
 template <class T, class Mask>
 void backward_sums_fused(const T* dy, const T* x, Shape shape, int threads, const param_t<T>* mean,
-                         double* sum_dy, double* sum_dy_xmu, const Mask& mask, bool stream = false) {
+                         double* sum_dy, double* sum_dy_xmu, const Mask& mask) {
     using Op = BackwardSumsOp<T, Mask>;
+    constexpr bool stream = Mask::stores;
     const int team = team_size(shape, threads);
     if (const int64_t strip = strip_width(shape, team, 2 * sizeof(T))) {
         const RowSplits plan(shape);
-        const Op op{dy, x, mean, shape, mask, stream};
+        const Op op{dy, x, mean, shape, mask};
         using Work = typename Op::Work;
         for_each_strip<Work>(shape, team, strip, stream, [&](int64_t c0, int64_t c1, Work& work) {
             plan.strip_partials(shape, op, c0, c1, work);
@@ -246,16 +244,16 @@ void backward_sums_fused(const T* dy, const T* x, Shape shape, int threads, cons
     if (pos.view.channels > 0) {
         const auto mean_at = pos.expand(mean);
         Scratch<Sums> per_position(pos.view.channels), rest(pos.rest.outer > 0 ? shape.channels : 0);
-        reduce(pos.view, threads, Op{dy, x, mean_at.data(), pos.view, mask, stream}, per_position.data(), stream);
+        reduce(pos.view, threads, Op{dy, x, mean_at.data(), pos.view, mask}, per_position.data(), stream);
         for (int64_t c = 0; c < shape.channels; ++c) result[c] = pos.fold_channel(per_position.data(), c);
         if (pos.rest.outer > 0) {
             const int64_t offset = pos.view.size();
-            reduce(pos.rest, threads, Op{dy + offset, x + offset, mean, pos.rest, mask.at(offset), stream}, rest.data(),
+            reduce(pos.rest, threads, Op{dy + offset, x + offset, mean, pos.rest, mask.at(offset)}, rest.data(),
                    stream);
             for (int64_t c = 0; c < shape.channels; ++c) merge(result[c], rest[c]);
         }
     } else {
-        reduce(shape, threads, Op{dy, x, mean, shape, mask, stream}, result.data(), stream);
+        reduce(shape, threads, Op{dy, x, mean, shape, mask}, result.data(), stream);
     }
     for (int64_t c = 0; c < shape.channels; ++c) {
         sum_dy[c] = result[c].dy;
@@ -346,8 +344,9 @@ void backward_train_fused(const T* dy, const T* x, Shape s, int threads, const p
         // 8S passes, float32, 2 threads: channels-last (64, 56, 56, 256) 0.76x the time,
         // (64, 28, 28, 512) 0.78-0.87x, (64, 56, 56, 64) 0.90x (its 256-byte rows written
         // as one run a group of rows: 0.95x of each row its own), (8192, 1024) 0.90x; 1
-        // thread 0.73-0.80x; float16 0.80-0.82x. Cached (no stream), the extra write loop cost more than re-reading
-        // dy and y from L2/L3: (1024, 512) 1.05-1.11x, (2048, 96) 1.02-1.10x.
+        // thread 0.73-0.80x; float16 0.80-0.82x. Cached (no stream), the extra write loop
+        // cost more than re-reading dy and y from L2/L3: (1024, 512) 1.05-1.11x, (2048, 96)
+        // 1.02-1.10x.
         Scratch<double> s_dy(s.channels), s_dy_xmu(s.channels);
         Scratch<P> dy_mean(C), xmu_scale(C), scale(C);
         const auto coefficients = [&] {
@@ -357,7 +356,7 @@ void backward_train_fused(const T* dy, const T* x, Shape s, int threads, const p
         };
         if constexpr (Mask::relu && Mask::stores) {
             if (streams_output(s, mask.dsum)) {
-                backward_sums_fused(dy, x, s, threads, mean, s_dy.data(), s_dy_xmu.data(), mask, true);
+                backward_sums_fused(dy, x, s, threads, mean, s_dy.data(), s_dy_xmu.data(), mask);
                 coefficients();
                 backward_dx_fused(static_cast<const T*>(mask.dsum), x, s, threads, mean, dy_mean.data(),
                                   xmu_scale.data(), scale.data(), dx, GradientMask<T, false, false>{nullptr, nullptr});

@@ -75,13 +75,10 @@ struct ForwardEpilogue {
 };
 
 // The gradient a backward pass reads in place of dy: dy itself (kRelu false), or the masked
-// g = y > 0 ? dy : 0. With kStore, write loops also store g to dsum (write(), called by
-// the loop computing element i's dx), so dsum may be dy itself: each element is read before
-// it is overwritten with a value that masks to itself. Where the loop streams dx, whole
-// vectors of dsum at vector-aligned addresses are streamed too (no read-for-ownership of
-// dsum: 5S of traffic, not 6S); the rest are ordinary stores. write_run computes some
-// vectors twice (its ends overlap), so an element may get both kinds of store: always of
-// the same value, and the loop's fence orders every non-temporal store of the thread.
+// g = y > 0 ? dy : 0. With kStore, unstreamed write loops also store g to dsum (write(),
+// called by the loop computing element i's dx), so dsum may be dy itself: each element is
+// read before it is overwritten with a value that masks to itself. Streamed runs write
+// dsum by a write_run of its own instead (store_dsum_first, cpu_backward.cpp).
 template <class T, bool kRelu, bool kStore>
 struct GradientMask {
     static constexpr bool relu = kRelu, stores = kStore;
@@ -101,14 +98,8 @@ struct GradientMask {
     }
 
     template <class L, class V>
-    void write(L, V g, int64_t i, bool stream) const {
-        if constexpr (kStore) {
-            constexpr auto vector_bytes = uintptr_t(L::width) * sizeof(T);
-            if (L::width > 1 && stream && reinterpret_cast<uintptr_t>(dsum + i) % vector_bytes == 0)
-                L::stream(dsum + i, g);
-            else
-                L::store(dsum + i, g);
-        }
+    void write(L, V g, int64_t i) const {
+        if constexpr (kStore) L::store(dsum + i, g);
     }
 };
 
