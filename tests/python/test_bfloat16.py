@@ -128,29 +128,35 @@ import json, sys
 import numpy as np, ml_dtypes
 import bnorm
 bf16 = np.dtype(ml_dtypes.bfloat16)
-rng = np.random.default_rng(1)
-run, rows, relu = int(sys.argv[1]), sys.argv[2] == "rows", sys.argv[3] == "relu"
-C = run if rows else 8  # rows: (N, run) with run channels; planes: (N, 8, run)
-shape = (max(8, 120000 // run), run) if rows else (max(3, 120000 // run), 8, run)
-bits = rng.integers(0, 1 << 16, shape, dtype=np.uint16)   # every kind of bfloat16 input
-x = bits.view(bf16)
-mean = rng.standard_normal(C).astype(np.float32)
-invstd = np.exp(rng.uniform(-3, 3, C)).astype(np.float32)
-invstd[0] = 1.0
-mean[:2] = 0.0  # channels 0 and 1 pass subnormal inputs on: exact (0), to be rounded (1)
-invstd[1] = 0.7
-y = bnorm.normalize(x, mean, invstd, activation="relu" if relu else None)
-per_channel = (slice(None),) if rows else (slice(None), None)
-f = (x.astype(np.float32) - mean[per_channel]) - np.float32(0)
-f = f * invstd[per_channel] + np.float32(0)
-if relu:
-    f = np.where(np.isnan(f) | (f > 0), f, np.float32(0))
-want = f.astype(bf16)
-ties = int(np.sum((f.view(np.uint32) & 0xffff) == 0x8000))
-same = (y.view(np.uint16) == want.view(np.uint16)) | (np.isnan(f) & np.isnan(y.astype(np.float32)))
-print(json.dumps({"isa": bnorm.cpu_isa(), "mismatches": int(np.sum(~same)), "ties": ties,
-                  "nan": int(np.isnan(f).sum()), "inf": int(np.isinf(f).sum()),
-                  "subnormal": int(np.sum((f != 0) & (np.abs(f) < np.finfo(np.float32).tiny)))}))
+
+def case(run, rows, relu):
+  rng = np.random.default_rng(1)
+  C = run if rows else 8  # rows: (N, run) with run channels; planes: (N, 8, run)
+  shape = (max(8, 120000 // run), run) if rows else (max(3, 120000 // run), 8, run)
+  bits = rng.integers(0, 1 << 16, shape, dtype=np.uint16)   # every kind of bfloat16 input
+  x = bits.view(bf16)
+  mean = rng.standard_normal(C).astype(np.float32)
+  invstd = np.exp(rng.uniform(-3, 3, C)).astype(np.float32)
+  invstd[0] = 1.0
+  mean[:2] = 0.0  # channels 0 and 1 pass subnormal inputs on: exact (0), to be rounded (1)
+  invstd[1] = 0.7
+  y = bnorm.normalize(x, mean, invstd, activation="relu" if relu else None)
+  per_channel = (slice(None),) if rows else (slice(None), None)
+  f = (x.astype(np.float32) - mean[per_channel]) - np.float32(0)
+  f = f * invstd[per_channel] + np.float32(0)
+  if relu:
+      f = np.where(np.isnan(f) | (f > 0), f, np.float32(0))
+  want = f.astype(bf16)
+  ties = int(np.sum((f.view(np.uint32) & 0xffff) == 0x8000))
+  same = (y.view(np.uint16) == want.view(np.uint16)) | (np.isnan(f) & np.isnan(y.astype(np.float32)))
+  return {"mismatches": int(np.sum(~same)), "ties": ties, "nan": int(np.isnan(f).sum()),
+          "inf": int(np.isinf(f).sum()),
+          "subnormal": int(np.sum((f != 0) & (np.abs(f) < np.finfo(np.float32).tiny)))}
+
+# every case in one process per kernel build: the cases' arrays are small, the start-up is not
+cases = json.loads(sys.argv[1])
+print(json.dumps({"isa": bnorm.cpu_isa(),
+                  "results": [case(int(run), layout == "rows", relu == "relu") for run, layout, relu in cases]}))
 """
 ORDER = ["baseline", "avx2", "avx512", "avx512bf16"]
 
@@ -169,19 +175,30 @@ ROUNDING_RUNS = [(run, None) for run in (16, 20, 33, 49, 64, 40001, 40017, 20000
                                                                                   "rows512")]
 
 
+_ROUNDING_RESULTS = {}
+
+
+def rounding_results(isa):
+    """Every case of ROUNDING_RUNS under kernel build isa, in one subprocess (run once)."""
+    if isa not in _ROUNDING_RESULTS:
+        cases = [(str(run).removeprefix("rows"), "rows" if str(run).startswith("rows") else "planes",
+                  str(activation)) for run, activation in ROUNDING_RUNS]
+        out = subprocess.run([sys.executable, "-c", ROUNDING, json.dumps(cases)],
+                             env=dict(os.environ, BNORM_CPU_ISA=isa), capture_output=True, text=True,
+                             timeout=600)
+        assert out.returncode == 0, out.stderr
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+        assert result["isa"] == isa
+        _ROUNDING_RESULTS[isa] = dict(zip(ROUNDING_RUNS, result["results"]))
+    return _ROUNDING_RESULTS[isa]
+
+
 @pytest.mark.parametrize("run,activation", ROUNDING_RUNS)
 @pytest.mark.parametrize("isa", ORDER)
 def test_rounding_is_ml_dtypes_bitwise(isa, run, activation):
     if isa not in ORDER[: ORDER.index(bnorm.cpu_isa()) + 1]:
         pytest.skip(f"this CPU runs up to {bnorm.cpu_isa()}, not {isa}")
-    env = dict(os.environ, BNORM_CPU_ISA=isa)
-    layout = "rows" if str(run).startswith("rows") else "planes"
-    out = subprocess.run([sys.executable, "-c", ROUNDING, str(run).removeprefix("rows"), layout,
-                          str(activation)], env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["isa"] == isa
+    result = rounding_results(isa)[run, activation]
     assert result["ties"] > 0 and result["nan"] > 0 and result["inf"] > 0 and result["subnormal"] > 0, result
     assert result["mismatches"] == 0, result
 
