@@ -30,6 +30,7 @@ struct MomentsOp {
         }).a;
         const double n = double(rows * len);
         const A mean1 = shift + A(sum / A(n));
+        prefetch_next_tile(x, s, c, t);
         const Pair<A> dev = chained_sums<T>(rows, stride, len, [&](auto lanes, int64_t k, auto& a, auto& b) {
             using L = decltype(lanes);
             const auto d = L::load(base + k) - L::set(mean1);
