@@ -37,6 +37,10 @@ def _calls(m, a, axis):
         "train": lambda: m.forward_train(x, w, b, rm, rv, axis=axis, out=y),
         "backward": lambda: m.backward(dy, x, mean, invstd, w, axis=axis, out=dx),
         "infer_relu": lambda: m.forward_infer(x, rm, rv, w, b, axis=axis, out=y, activation="relu"),
+        # (dy serves as the residual z: an array of x's shape and dtype)
+        "train_add_relu": lambda: m.forward_train(x, w, b, rm, rv, axis=axis, out=y, residual=dy, activation="relu"),
+        "infer_add_relu": lambda: m.forward_infer(x, rm, rv, w, b, axis=axis, out=y, residual=dy,
+                                                  activation="relu"),
         "backward_relu": lambda: m.backward(dy, x, mean, invstd, w, axis=axis, out=dx, activation="relu", y=y),
         "stats": lambda: m.batch_stats(x, axis=axis),
         "backward_reduce": lambda: m.backward_reduce(dy, x, mean, invstd, axis=axis),
@@ -49,8 +53,8 @@ def main(argv=None):
     p.add_argument("b", help="module name of build B (the change)")
     p.add_argument("shapes", help="comma list of SHAPE:AXIS, e.g. 64x256x28x28:1,64x28x28x256:-1")
     p.add_argument("--ops", default="infer,train,backward",
-                   help="comma list of infer, train, backward, infer_relu, backward_relu, stats (batch_stats), "
-                        "backward_reduce (default: %(default)s)")
+                   help="comma list of infer, train, backward, infer_relu, backward_relu, train_add_relu, "
+                        "infer_add_relu, stats (batch_stats), backward_reduce (default: %(default)s)")
     p.add_argument("--dtype", default="float32", help="float32 (default), float64, float16 or bfloat16")
     p.add_argument("--threads", type=int, default=0, help="threads of both builds (default: their default)")
     p.add_argument("--budget", type=float, default=1.0, help="seconds per op and shape (default: %(default)s)")

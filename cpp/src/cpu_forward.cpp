@@ -149,7 +149,10 @@ void forward_train_fused(const T* x, Shape s, int threads, double eps, const par
         const auto k = detail::train_affine(mean[c], invstd[c], weight, bias, c);
         for (int64_t o = 0; o < s.outer; ++o) {
             const int64_t offset = o * stride + c * s.inner;
-            if (prefetch) prefetch_range(x + offset + s.inner, run_bytes);  // the next channel's run
+            if (prefetch) {  // the next channel's runs, which follow this one's in memory
+                prefetch_range(x + offset + s.inner, run_bytes);
+                epilogue.prefetch(offset + s.inner, run_bytes);
+            }
             affine_run(x + offset, y + offset, s.inner, k, stream, epilogue.at(offset));
         }
     });

@@ -66,6 +66,11 @@ struct ForwardEpilogue {
 
     ForwardEpilogue at(int64_t offset) const { return {kAdd ? residual + offset : residual}; }
 
+    // Asks for the residual's run at `offset` (prefetch_range), where there is a residual.
+    void prefetch(int64_t offset, int64_t bytes) const {
+        if constexpr (kAdd) prefetch_range(residual + offset, bytes);
+    }
+
     template <class L, class V>
     V operator()(L, V value, int64_t i) const {
         if constexpr (kAdd) value = value + L::load(residual + i);
