@@ -30,6 +30,10 @@ merge_stats_kernel(int64_t parts, int64_t channels, const double* counts, const 
             continue;
         }
         if (nb == 0) continue;
+        if (vars[i] < P(0)) {  // a negative variance: NaN as for a bad count (the CPU raises)
+            bad = true;
+            continue;
+        }
         const double mb = double(means[i]);
         const double m2b = double(vars[i]) * nb;
         const double total = n + nb;

@@ -107,9 +107,13 @@ void merge_stats(int64_t parts, int64_t channels, const double* counts, const P*
         check_pointer(op, means, "means");
         check_pointer(op, vars, "vars");
     }
-    for (int64_t i = 0; i < parts * channels; ++i)
+    for (int64_t i = 0; i < parts * channels; ++i) {
         if (!(counts[i] >= 0) || !std::isfinite(counts[i]))
             throw ValueError(detail::message(op, "counts must be finite and >= 0, got ", counts[i]));
+        if (counts[i] > 0 && vars[i] < 0)  // (a variance is never negative; NaN passes to its channel)
+            throw ValueError(detail::message(op, "vars must be >= 0, got ", vars[i]) + " (part " +
+                             std::to_string(i / channels) + ", channel " + std::to_string(i % channels) + ")");
+    }
     // Chan et al.: combine (n, mean, M2) pairwise in part order, in double.
     for (int64_t c = 0; c < channels; ++c) {
         double n = 0, m = 0, m2 = 0;
@@ -120,8 +124,13 @@ void merge_stats(int64_t parts, int64_t channels, const double* counts, const P*
             const double m2b = double(vars[p * channels + c]) * nb;
             const double total = n + nb;
             const double delta = mb - m;
-            m += delta * (nb / total);
-            m2 += m2b + delta * delta * (n * (nb / total));
+            if (n == 0) {  // the first part as it is: delta * delta * 0 is NaN for a mean over 1e154
+                m = mb;
+                m2 = m2b;
+            } else {
+                m += delta * (nb / total);
+                m2 += m2b + delta * delta * (n * (nb / total));
+            }
             n = total;
         }
         count[c] = n;

@@ -408,6 +408,20 @@ void test_merge_stats() {
     CHECK_CLOSE(var, 2.0, 1e-15, 0);
     const double bad[3] = {2, -1, 3};
     CHECK_THROWS(bnorm::merge_stats<double>(3, 1, bad, means, vars, &count, &mean, &var), bnorm::ValueError);
+    // A negative variance is refused where its count is not 0, and ignored where it is;
+    // nothing is written by the refused call.
+    const double negative[3] = {0.25, -1, -2};
+    count = mean = var = 7;
+    CHECK_THROWS(bnorm::merge_stats<double>(3, 1, counts, means, negative, &count, &mean, &var), bnorm::ValueError);
+    CHECK(count == 7 && mean == 7 && var == 7);
+    const double empty_negative[3] = {0.25, -1, 2.0 / 3.0};
+    bnorm::merge_stats<double>(3, 1, counts, means, empty_negative, &count, &mean, &var);
+    CHECK_CLOSE(var, 2.0, 1e-15, 0);
+    // Means over 1e154 (their square overflows): the first part is taken as it is, not
+    // merged into nothing (delta * delta * 0 = inf * 0 = NaN).
+    const double huge[3] = {1e200, 99, 1e200}, zero[3] = {0, 0, 0};
+    bnorm::merge_stats<double>(3, 1, counts, huge, zero, &count, &mean, &var);
+    CHECK(mean == 1e200 && var == 0);
 }
 
 void test_half_conversion() {

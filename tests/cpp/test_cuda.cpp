@@ -404,6 +404,13 @@ void test_merge_stats(cudaStream_t stream) {
         Dev<double> bad(std::vector<double>{2, -1, 3});
         bc::merge_stats<double>(3, 1, bad.p, means.p, vars.p, count.p, mean.p, var.p, stream);
         CHECK(std::isnan(count.get()[0]) && std::isnan(mean.get()[0]) && std::isnan(var.get()[0]));
+        // Nor a negative variance (where its count is not 0; the empty shard's is ignored).
+        Dev<double> negative(std::vector<double>{0.25, -1, -2});
+        bc::merge_stats<double>(3, 1, counts.p, means.p, negative.p, count.p, mean.p, var.p, stream);
+        CHECK(std::isnan(var.get()[0]));
+        Dev<double> empty_negative(std::vector<double>{0.25, -1, 2.0 / 3.0});
+        bc::merge_stats<double>(3, 1, counts.p, means.p, empty_negative.p, count.p, mean.p, var.p, stream);
+        CHECK_CLOSE(var.get()[0], 2.0, 1e-15, 0);
     }
     // Shards of a float tensor along `outer`: merging their batch_stats = batch_stats of the whole.
     {

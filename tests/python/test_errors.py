@@ -225,6 +225,20 @@ def test_merge_stats_bad_input(counts, means, vars_):
         bnorm.merge_stats(counts, means, vars_)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_merge_stats_negative_variance(dtype):
+    """A negative variance is refused where its count is not 0 (an empty part's values are
+    ignored, whatever they hold), and nothing is returned half-computed."""
+    means, vars_ = np.zeros((2, 3), dtype), np.ones((2, 3), dtype)
+    vars_[1, 2] = -0.5
+    with pytest.raises(ValueError, match=r"vars must be >= 0, got -0.5 \(part 1, channel 2\)"):
+        bnorm.merge_stats(np.array([4, 5]), means, vars_)
+    count, mean, var = bnorm.merge_stats(np.array([4, 0]), means, vars_)
+    assert count == 4 and np.array_equal(var, np.ones(3, dtype))
+    vars_[1, 2] = np.nan  # NaN passes to its channel, as in every op
+    assert np.isnan(bnorm.merge_stats(np.array([4, 5]), means, vars_)[2][2])
+
+
 def test_merge_stats_dtype_mismatch():
     with pytest.raises(TypeError):
         bnorm.merge_stats(np.ones(2), np.zeros((2, 4), np.float32), np.zeros((2, 4)))

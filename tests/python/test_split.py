@@ -78,6 +78,16 @@ def test_merge_stats_integer_counts(rng):
     assert_close(var, rvar, 1e-12)
 
 
+@pytest.mark.parametrize("dtype,value", [(np.float64, 1e200), (np.float32, 3e38)], ids=["float64", "float32"])
+def test_merge_stats_huge_means(dtype, value):
+    """Means whose square overflows double (float64 over 1e154): the first part is taken as
+    it is, not merged into nothing (delta * delta * 0 was inf * 0 = NaN)."""
+    means = np.full((3, 2), value, dtype)
+    count, mean, var = bnorm.merge_stats(np.array([2, 0, 3]), means, np.zeros((3, 2), dtype))
+    assert count == 5
+    assert np.array_equal(mean, np.full(2, value, dtype)) and np.array_equal(var, np.zeros(2, dtype))
+
+
 def test_merge_stats_single_shard_is_identity(rng):
     means = rng.standard_normal((1, 5))
     vars_ = rng.uniform(0.5, 2, (1, 5))

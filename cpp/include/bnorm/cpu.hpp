@@ -33,7 +33,8 @@ void batch_stats(const T* x, Shape shape, param_t<T>* mean, param_t<T>* var);
 /// Chan's parallel combination of `parts` partial statistics of `channels` channels.
 /// counts, means, vars are row-major (parts, channels); vars are biased. Parts with a
 /// count of 0 contribute nothing. Writes the per-channel total count, mean and biased
-/// variance (0 and 0 where the total count is 0). Counts must be finite and >= 0.
+/// variance (0 and 0 where the total count is 0). Counts must be finite and >= 0, and
+/// variances >= 0 where their count is not 0 (else ValueError; NaN passes to its channel).
 template <class P>
 void merge_stats(int64_t parts, int64_t channels, const double* counts, const P* means,
                  const P* vars, double* count, P* mean, P* var);

@@ -10,7 +10,7 @@
 //
 // Differences from the CPU API, all on purpose:
 // - merge_stats reads counts on the device, where it cannot throw: invalid counts (negative,
-//   non-finite) give NaN statistics instead of a ValueError.
+//   non-finite) and negative variances give NaN statistics instead of a ValueError.
 // - backward with batch_stats = true: dweight and dbias must not alias mean (they are
 //   written before the elementwise pass reads mean); aliasing weight is fine.
 // - Scratch memory comes from a per-device stream-ordered pool created on the first call
