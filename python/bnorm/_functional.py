@@ -83,6 +83,8 @@ class _NumPy:
             if _is_bfloat16(a.dtype):  # (a "V" kind to NumPy)
                 _bfloat16()  # (its dtype object known from now on)
                 name = "bfloat16"
+            elif a.dtype.kind == "V" and not a.dtype.name.startswith("void"):  # ml_dtypes' float8_e4m3fn, int4, ...
+                name = a.dtype.name
             elif a.dtype.kind in "USV":  # (their names, such as str96, say the size in bits)
                 name = f"{a.dtype.str} ({dict(U='str', S='bytes', V='void')[a.dtype.kind]})"
             elif a.dtype.isnative:
@@ -203,11 +205,13 @@ def _exported(xp, a):
 
 
 def _kind(a) -> str:
-    """The NumPy dtype kind of an array of any framework ("f", "i", "u", "b", ...; "?")."""
+    """The NumPy dtype kind of an array or scalar of any framework ("f", "i", "u", "b", ...;
+    "?"); "f" for ml_dtypes' bfloat16 (a "V" kind to NumPy)."""
     try:
-        return np.dtype(str(a.dtype).removeprefix("torch.")).kind
+        dtype = np.dtype(str(a.dtype).removeprefix("torch."))
     except TypeError:
         return "?"
+    return "f" if _is_bfloat16(dtype) else dtype.kind
 
 
 def _real(value, name: str) -> float:
@@ -464,6 +468,8 @@ class _Call:
             return None
         if self.xp is _NumPy and not isinstance(a, np.ndarray):
             raise TypeError(f"bnorm: {name} must be a NumPy array (it is updated in place), got {type(a).__name__}")
+        if isinstance(a, np.ma.MaskedArray):
+            raise TypeError(f"bnorm: {name} is a masked array; pass {name}.data (it is updated in place)")
         self.vector(a, name)
         if not self.xp.is_writeable(a):
             raise ValueError(f"bnorm: {name} is read-only (it is updated in place)")
@@ -484,6 +490,8 @@ class _Call:
             return _Output(self.xp, self.xp.empty(self.input_shape, self.dtype))
         if self.xp is _NumPy and not isinstance(out, np.ndarray):
             raise TypeError(f"bnorm: out must be a NumPy array, got {type(out).__name__}")
+        if isinstance(out, np.ma.MaskedArray):  # (the results would be written under its mask)
+            raise TypeError("bnorm: out is a masked array; pass out.data")
         if self.xp is not _NumPy and not self.xp.owns(out):
             raise ValueError("bnorm: out must be an array of the same framework and device as x")
         if self.xp.dtype_name(out) != self.dtype:
@@ -763,7 +771,7 @@ def merge_stats(
         raise ValueError(
             f"bnorm: counts must have shape ({parts},) or ({parts}, {channels}), got {tuple(counts.shape)}"
         )
-    if xp.dtype_name(counts)[:1] not in ("i", "u", "f"):
+    if xp.dtype_name(counts)[:1] not in ("i", "u", "f") and xp.dtype_name(counts) != "bfloat16":
         raise TypeError(f"bnorm: counts must be integers or floats, got {xp.dtype_name(counts)}")
     table = xp.counts_table(counts, parts, channels)
     means = _exported(xp, means)

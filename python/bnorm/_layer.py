@@ -172,7 +172,7 @@ class BatchNorm:
             self._fused = (y if activation == "relu" else None, residual is not None)
             return y
         if self.training and self.track_running_stats:
-            _check_running_var(self.running_var)
+            self._check_running_buffers(x)
         y, means, invstds, vars_ = _ghost.forward(x, self.virtual_batch_size, self.weight, self.bias,
                                                   axis=self.axis, eps=self.eps, residual=residual,
                                                   activation=activation)
@@ -190,6 +190,17 @@ class BatchNorm:
         self._saved = None
         self._saved_groups = (np.ascontiguousarray(x), means, invstds)
         return y
+
+    def _check_running_buffers(self, x) -> None:
+        """forward_train's checks of the running buffers (dtype, shape, writeable,
+        contiguous, not overlapping, no negative variance), for the paths that update them
+        in Python (ghost batch norm, BatchRenorm), before anything is computed: a call that
+        raises changes nothing. Made by forward_train itself, on none of x's samples (an
+        empty x checks its arguments and updates no buffer)."""
+        first = next(i for i in range(x.ndim) if i != self.axis % x.ndim)
+        none = x[(slice(None),) * first + (slice(0, 0),)]
+        forward_train(none, self.weight, self.bias, self.running_mean, self.running_var, axis=self.axis,
+                      momentum=0.0, eps=self.eps)
 
     def _input(self, x):
         """x as a NumPy array (CPU arrays of other frameworks and lists converted, a float
@@ -328,6 +339,10 @@ class BatchNorm:
             where = _backend(value, None, key)
             if where is not _NumPy:  # a CUDA array (a state_dict of this layer on a GPU)
                 value = where.to_host(value)
+            if key == "num_batches_tracked" and isinstance(value, numbers.Integral) and not isinstance(value, bool):
+                if not 0 <= value < 2**63:  # (before NumPy makes an object array of a huge int)
+                    raise ValueError(f"bnorm: num_batches_tracked must be an integer scalar in [0, 2**63), got {value!r}")
+                value = np.int64(value)
             value = _as_numpy(value, key)
             if key == "num_batches_tracked":
                 if value.shape != () or value.dtype.kind not in "iu" or not 0 <= int(value) < 2**63:
@@ -341,6 +356,12 @@ class BatchNorm:
             if key == "running_var":
                 _check_running_var(value)
             values[key] = value
+        for key in values.keys() - {"num_batches_tracked"}:  # every destination before any write
+            dst = getattr(self, key)
+            if isinstance(dst, np.ndarray) and not dst.flags.writeable:
+                raise ValueError(f"bnorm: the layer's {key} is read-only (load_state_dict copies into it)")
+            if isinstance(dst, np.ndarray) and dst.shape != (self.num_features,):
+                raise ValueError(f"bnorm: the layer's {key} has shape {dst.shape}, not ({self.num_features},)")
         for key, value in values.items():
             if key == "num_batches_tracked":
                 self.num_batches_tracked = value

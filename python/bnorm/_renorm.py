@@ -17,7 +17,7 @@ import math
 
 import numpy as np
 
-from ._functional import _NumPy, _backend, _check_running_var, _real, backward, batch_stats, normalize
+from ._functional import _NumPy, _backend, _real, backward, batch_stats, normalize
 from ._layer import BatchNorm
 
 __all__ = ["BatchRenorm"]
@@ -90,7 +90,7 @@ class BatchRenorm(BatchNorm):
         x = self._input(x)
         if x.size == 0:  # nothing to learn from: as BatchNorm, no buffer changes
             return super().__call__(x)
-        _check_running_var(self.running_var)  # sigma below: a negative one would make NaN r and d
+        self._check_running_buffers(x)  # (sigma below: a negative running_var would make NaN r and d)
         x = np.ascontiguousarray(x)  # (read twice: convert once)
         count, mean_b, var_b = batch_stats(x, axis=self.axis)
         if count == 1:

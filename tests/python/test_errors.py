@@ -164,6 +164,11 @@ def _bad_inputs():
     add("forward_train", "x-masked", np.float32, lambda a: {"x": np.ma.masked_array(a.x)}, TypeError, "masked")
     add("forward_train", "weight-masked", np.float32, lambda a: {"weight": np.ma.masked_array(a.weight)}, TypeError,
         "weight is a masked array")
+    # and arrays written to: the results would be written under the mask
+    add("forward_train", "out-masked", np.float32,
+        lambda a: {"out": np.ma.masked_array(np.zeros_like(a.x), mask=True)}, TypeError, "out is a masked array")
+    add("forward_train", "running_mean-masked", np.float32,
+        lambda a: {"running_mean": np.ma.masked_array(a.running_mean)}, TypeError, "running_mean is a masked array")
     # backward_elemt's count: a number, a 0-d array or a (C,) array of one value
     for ident, count, exc in (("None", None, TypeError), ("str", "20", TypeError),
                               ("bool", True, TypeError), ("bool-array", np.ones(C, bool), TypeError),
@@ -295,6 +300,26 @@ def test_scalars_may_be_0d_arrays():
     got = bnorm.forward_train(x, eps=np.array(1e-3), momentum=np.float32(0.5) * np.ones(()))
     for g, e in zip(got, expected):
         ref.assert_bitwise(g, e, "0-d array scalars")
+
+
+def test_bfloat16_scalars_are_real_numbers():
+    """eps, momentum and count may be ml_dtypes bfloat16 scalars or 0-d arrays, as float16 ones."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    bf16 = ml_dtypes.bfloat16
+    x = np.random.default_rng(0).random((4, 3, 5)).astype(np.float32)
+    want = bnorm.forward_train(x, eps=float(bf16(1e-3)), momentum=0.5)
+    for eps in (bf16(1e-3), np.array(1e-3, bf16)):
+        got = bnorm.forward_train(x, eps=eps, momentum=np.array(0.5, bf16))
+        for a, b in zip(want, got):
+            np.testing.assert_array_equal(a, b)
+    count, _, _ = bnorm.merge_stats(np.array([2, 3], bf16), np.zeros((2, 3)), np.ones((2, 3)))
+    assert count == 5
+
+
+def test_ml_dtypes_names_in_dtype_errors():
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    with pytest.raises(TypeError, match=r"got float8_e4m3fn$"):
+        bnorm.forward_train(np.zeros((4, 3), ml_dtypes.float8_e4m3fn))
 
 
 def test_masked_arrays_are_refused_everywhere():

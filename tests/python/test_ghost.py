@@ -133,3 +133,30 @@ def test_errors():
     bn(np.ones((4, 3), np.float32) + np.arange(4, dtype=np.float32)[:, None])
     with pytest.raises(ValueError, match="dy must have x's shape"):
         bn.backward(np.ones((2, 3), np.float32))
+
+
+# Running buffers that forward_train refuses: the ghost and renorm paths update them in
+# Python, so they check them the same way first; a refused call changes nothing.
+BAD_BUFFERS = {
+    "read-only": (lambda bn: setattr(bn.running_var.flags, "writeable", False), ValueError, "read-only"),
+    "aliased": (lambda bn: setattr(bn, "running_var", bn.running_mean), ValueError, "overlap"),
+    "float64": (lambda bn: setattr(bn, "running_var", np.ones(3)), TypeError, "running_var must be float32"),
+    "length": (lambda bn: setattr(bn, "running_var", np.ones(4, np.float32)), ValueError, r"shape \(3,\)"),
+    "strided": (lambda bn: setattr(bn, "running_var", np.ones(6, np.float32)[::2]), ValueError, "contiguous"),
+    "negative": (lambda bn: setattr(bn, "running_var", -np.ones(3, np.float32)), ValueError, ">= 0"),
+}
+
+
+@pytest.mark.parametrize("bad", BAD_BUFFERS, ids=str)
+@pytest.mark.parametrize("layer", [lambda: bnorm.BatchNorm(3, virtual_batch_size=2), lambda: bnorm.BatchRenorm(3)],
+                         ids=["ghost", "renorm"])
+def test_bad_running_buffers_change_nothing(rng, layer, bad):
+    mutate, exc, pattern = BAD_BUFFERS[bad]
+    bn = layer()
+    bn.running_mean[:] = 0.25
+    mutate(bn)
+    before = bn.running_mean.copy(), bn.running_var.copy(), bn.num_batches_tracked
+    with pytest.raises(exc, match=pattern):
+        bn(rng.standard_normal((4, 3, 5)).astype(np.float32))
+    assert np.array_equal(bn.running_mean, before[0]) and np.array_equal(bn.running_var, before[1])
+    assert bn.num_batches_tracked == before[2]

@@ -286,8 +286,9 @@ def test_layer_dtype_none_is_the_default():
     assert bnorm.BatchNorm(3, dtype=None).dtype == np.float32
 
 
-@pytest.mark.parametrize("value,exc", [(-1, ValueError), (np.uint64(2**64 - 1), ValueError), (1.5, ValueError)],
-                         ids=["negative", "uint64-max", "float"])
+@pytest.mark.parametrize("value,exc", [(-1, ValueError), (np.uint64(2**64 - 1), ValueError), (1.5, ValueError),
+                                       (2**64, ValueError), (2**63, ValueError)],
+                         ids=["negative", "uint64-max", "float", "int-2**64", "int-2**63"])
 def test_load_state_dict_refuses_bad_num_batches_tracked(value, exc):
     bn = bnorm.BatchNorm(2, momentum=None)
     state = bn.state_dict()
@@ -295,6 +296,20 @@ def test_load_state_dict_refuses_bad_num_batches_tracked(value, exc):
     with pytest.raises(exc, match="num_batches_tracked"):
         bn.load_state_dict(state)
     assert bn.num_batches_tracked == 0
+
+
+@pytest.mark.parametrize("key", ["weight", "bias", "running_mean", "running_var"])
+def test_load_state_dict_into_a_read_only_vector_changes_nothing(key):
+    """Every destination is checked before the first is written: no half-loaded state."""
+    bn = bnorm.BatchNorm(3)
+    getattr(bn, key).flags.writeable = False
+    before = {k: np.array(v) for k, v in bn.state_dict().items()}
+    state = {k: np.full(3, 7, np.float32) for k in ("weight", "bias", "running_mean", "running_var")}
+    state["num_batches_tracked"] = 9
+    with pytest.raises(ValueError, match=f"the layer's {key} is read-only"):
+        bn.load_state_dict(state)
+    for k, v in bn.state_dict().items():
+        np.testing.assert_array_equal(v, before[k], err_msg=k)
 
 
 def test_load_state_dict_needs_a_dict():
