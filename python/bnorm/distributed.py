@@ -48,7 +48,7 @@ import numpy as np
 
 import bnorm as _bn
 
-from ._functional import _Call, _check_running_var
+from ._functional import _Call
 from ._layer import BatchNorm, _activation_repr
 
 __all__ = [
@@ -559,8 +559,8 @@ class SyncBatchNorm(BatchNorm):
 
         def check(x):  # the residual and running_var too are checked before the collective
             x = self._check_input(x)
-            if self.track_running_stats and isinstance(self.running_var, np.ndarray):
-                _check_running_var(self.running_var)  # (a device buffer would cost a host sync)
+            if self.track_running_stats and isinstance(x, np.ndarray):  # (device buffers: a host sync)
+                self._check_running_buffers(x)  # as forward_train checks them: the update below cannot fail
             if residual is not None:
                 checked["residual"] = _Call(x, self.axis, None).input(residual, "residual")
             return x

@@ -135,8 +135,9 @@ def test_errors():
         bn.backward(np.ones((2, 3), np.float32))
 
 
-# Running buffers that forward_train refuses: the ghost and renorm paths update them in
-# Python, so they check them the same way first; a refused call changes nothing.
+# Running buffers that forward_train refuses: the ghost, renorm and SyncBatchNorm paths
+# update them in Python, so they check them the same way first; a refused call changes
+# nothing.
 BAD_BUFFERS = {
     "read-only": (lambda bn: setattr(bn.running_var.flags, "writeable", False), ValueError, "read-only"),
     "aliased": (lambda bn: setattr(bn, "running_var", bn.running_mean), ValueError, "overlap"),
@@ -148,8 +149,9 @@ BAD_BUFFERS = {
 
 
 @pytest.mark.parametrize("bad", BAD_BUFFERS, ids=str)
-@pytest.mark.parametrize("layer", [lambda: bnorm.BatchNorm(3, virtual_batch_size=2), lambda: bnorm.BatchRenorm(3)],
-                         ids=["ghost", "renorm"])
+@pytest.mark.parametrize("layer", [lambda: bnorm.BatchNorm(3, virtual_batch_size=2), lambda: bnorm.BatchRenorm(3),
+                                   lambda: bnorm.distributed.SyncBatchNorm(3, bnorm.distributed.LocalComm())],
+                         ids=["ghost", "renorm", "sync"])
 def test_bad_running_buffers_change_nothing(rng, layer, bad):
     mutate, exc, pattern = BAD_BUFFERS[bad]
     bn = layer()
