@@ -420,6 +420,32 @@ def _eager(input: Tensor, residual: Optional[Tensor]) -> bool:
             and torch._C._len_torch_dispatch_stack() == 0 and not torch._C._is_torch_function_mode_enabled())
 
 
+def _refuse_unsupported_transforms(*tensors) -> None:
+    """RuntimeError where the custom operator would give a wrong or an unclear result:
+    forward-mode AD (torch.func.jvp / jacfwd, dual tensors of torch.autograd.forward_ad
+    under a tensor mode), for which torch 2.13 silently returns zero or no tangents for an
+    operator without a forward rule, and torch.func.grad / vjp / jacrev, which torch 2.13
+    refuses for operators with a registered autograd formula with an internal message. The
+    eager path refuses dual tensors itself; torch.func.vmap works."""
+    if torch._C._are_functorch_transforms_active():
+        from torch._C._functorch import TransformType
+        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+        keys = {i.key() for i in retrieve_all_functorch_interpreters()}
+        if TransformType.Jvp in keys or TransformType.Grad in keys:
+            raise RuntimeError(
+                "bnorm.torch.batch_norm does not support torch.func.grad, vjp, jacrev, jvp or jacfwd (its custom "
+                "operator has no forward-mode rule, and torch 2.13 cannot take its backward formula into "
+                "these transforms): use torch.nn.functional.batch_norm there; torch.func.vmap is supported")
+    if torch.autograd.forward_ad._current_level >= 0:  # inside a dual level: any dual tensor?
+        import torch.autograd.forward_ad as fwAD
+
+        if any(t is not None and fwAD.unpack_dual(t).tangent is not None for t in tensors):
+            raise RuntimeError(
+                "bnorm.torch.batch_norm does not support forward-mode AD (dual tensors): use "
+                "torch.nn.functional.batch_norm there")
+
+
 class _EagerBatchNorm(torch.autograd.Function):
     """bnorm's batch norm as a plain autograd.Function: running buffers updated in place
     (no copies when they are contiguous in the parameter dtype), no operator dispatch."""
@@ -484,6 +510,8 @@ def batch_norm(
         raise TypeError(f"bnorm.torch: input must be a torch.Tensor, got {type(input).__name__}")
     if input.dim() < 2:
         raise ValueError(f"bnorm.torch: input must have at least 2 dimensions (N, C, ...), got shape {tuple(input.shape)}")
+    if (running_mean is None) != (running_var is None):  # (as F.batch_norm)
+        raise ValueError("bnorm.torch: running_mean and running_var must either both be None or neither be None")
     if not training and (running_mean is None or running_var is None):
         raise ValueError("bnorm.torch: running_mean and running_var are required when training=False")
     if activation not in (None, "relu"):
@@ -504,6 +532,8 @@ def batch_norm(
             return _OPS(input, weight, bias, running_mean, running_var, residual, training, momentum, eps, relu)
         return _EagerBatchNorm.apply(
             input, weight, bias, running_mean, running_var, residual, training, momentum, eps, relu)
+    if not torch.compiler.is_compiling():
+        _refuse_unsupported_transforms(input, weight, bias, residual)
     y, _, _, new_running_mean, new_running_var = torch.ops.bnorm.batch_norm(
         input, weight, bias, running_mean, running_var, training, momentum, eps, residual, relu)
     if training:

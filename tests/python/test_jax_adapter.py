@@ -210,3 +210,17 @@ def test_vmap_normalizes_each_slice():
     for i in range(x.shape[0]):
         for got, want in zip(mapped, f(x[i])):
             np.testing.assert_allclose(np.asarray(got[i]), np.asarray(want), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("transform", ["hessian", "jvp", "jacfwd"])
+def test_second_order_and_forward_mode_raise(transform):
+    """First-order reverse mode only: the documented errors, never a wrong derivative."""
+    x = jnp.arange(12.0, dtype=jnp.float32).reshape(4, 3)
+
+    def f(x):
+        return (bj.batch_norm(x, None, None, None, None, training=True)[0] ** 3).sum()
+
+    calls = {"hessian": lambda: jax.hessian(f)(x), "jvp": lambda: jax.jvp(f, (x,), (x,)),
+             "jacfwd": lambda: jax.jacfwd(f)(x)}
+    with pytest.raises((ValueError, TypeError), match="cannot be differentiated|forward-mode autodiff"):
+        calls[transform]()

@@ -431,6 +431,48 @@ def test_forward_mode_ad_refused():
             bt.batch_norm(dual, None, None, training=True)
 
 
+@pytest.mark.parametrize("transform", ["jvp", "jacfwd", "grad", "vjp", "jacrev", "mode-dual"])
+def test_unsupported_transforms_refused(transform):
+    """torch.func's gradient and forward-mode transforms, and dual tensors under a tensor
+    mode (the operator path): a clear error, never zero or missing tangents (what torch
+    2.13 gives for an operator without a forward rule) nor torch's internal message."""
+    import torch.autograd.forward_ad as fwAD
+    from torch.overrides import TorchFunctionMode
+
+    x, t = _input((4, 3, 2, 2), None), _input((4, 3, 2, 2), None, seed=3)
+
+    def f(x):
+        return bt.batch_norm(x, None, None, training=True)
+
+    class Passthrough(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    def mode_dual():
+        with fwAD.dual_level(), Passthrough():
+            return f(fwAD.make_dual(x, t))
+
+    calls = {"jvp": lambda: torch.func.jvp(f, (x,), (t,)), "jacfwd": lambda: torch.func.jacfwd(f)(x),
+             "grad": lambda: torch.func.grad(lambda x: f(x).pow(3).sum())(x),
+             "vjp": lambda: torch.func.vjp(f, x), "jacrev": lambda: torch.func.jacrev(f)(x), "mode-dual": mode_dual}
+    with pytest.raises(RuntimeError, match="bnorm.torch.batch_norm does not support"):
+        calls[transform]()
+
+
+def test_vmap_matches_a_loop():
+    x = _input((2, 4, 3, 5), None)
+    y = torch.func.vmap(lambda x: bt.batch_norm(x, None, None, training=True))(x)
+    for i in range(2):
+        torch.testing.assert_close(y[i], F.batch_norm(x[i], None, None, training=True))
+
+
+def test_half_given_running_stats_refused():
+    x = _input((4, 3, 5), None)
+    for rm, rv in ((torch.zeros(3), None), (None, torch.ones(3))):
+        with pytest.raises(ValueError, match="both be None or neither"):
+            bt.batch_norm(x, rm, rv, training=True)
+
+
 def test_saved_tensors_hooks_changing_layout():
     """The backward reads its saved tensors as they come back from saved_tensors_hooks
     (here re-laid out channels-last, and the weight as float64): same gradients."""
