@@ -55,11 +55,13 @@ inline void check_shape(const char* op, Shape s) {
         throw ValueError(std::string("bnorm: ") + op + ": shape " + shape_string(s) + " has more than 2^63 - 1 elements");
 }
 
-// Training needs two values per channel for a variance (PyTorch's message, verbatim). An
+// Training needs two values per channel for a variance (PyTorch's message after the
+// operation's name; the Python API raises PyTorch's verbatim, with x's own shape). An
 // empty x (no channels) has nothing to normalize and passes.
-inline void check_batch(Shape s) {
+inline void check_batch(const char* op, Shape s) {
     if (s.channels > 0 && s.count() == 1)
-        throw ValueError("expected more than 1 value per channel when training, got input of shape " + shape_string(s));
+        throw ValueError(std::string("bnorm: ") + op +
+                         ": expected more than 1 value per channel when training, got input of shape " + shape_string(s));
 }
 
 inline void check_pointer(const char* op, const void* p, const char* name) {

@@ -168,7 +168,7 @@ void forward_train(const T* x, Shape shape, const param_t<T>* weight, const para
     check_shape(op, shape);
     check_eps(op, eps);
     check_momentum(op, momentum);
-    check_batch(shape);
+    check_batch(op, shape);
     if (shape.channels == 0) return;
     check_pointer(op, save_mean, "save_mean");
     check_pointer(op, save_invstd, "save_invstd");

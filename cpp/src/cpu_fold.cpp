@@ -29,9 +29,7 @@ void fold(const T* weight, const T* bias, Shape shape, const param_t<T>* running
         detail::check_pointer(op, weight, "weight");
         detail::check_pointer(op, weight_out, "weight_out");
     }
-    for (int64_t c = 0; c < C; ++c)
-        if (double(running_var[c]) < 0)
-            throw ValueError(detail::message(op, "running_var must be >= 0, got ", double(running_var[c])));
+    detail::check_running_var(op, running_var, C);
     std::vector<double> scale(static_cast<size_t>(C));
     for (int64_t c = 0; c < C; ++c)
         scale[c] = (bn_weight ? double(bn_weight[c]) : 1.0) / std::sqrt(double(running_var[c]) + eps);

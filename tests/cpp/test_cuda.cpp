@@ -497,7 +497,7 @@ void test_errors(cudaStream_t stream) {
         train(Shape{1, 2, 1}, 0.1, 1e-5);
     } catch (const std::exception& e) {
         CHECK(std::string(e.what()) ==
-              "expected more than 1 value per channel when training, got input of shape "
+              "bnorm: forward_train: expected more than 1 value per channel when training, got input of shape "
               "(outer, channels, inner) = (1, 2, 1)");
     }
     CHECK(cudaGetLastError() == cudaSuccess);  // no CUDA error left behind

@@ -49,7 +49,7 @@ void normalize(const T* x, Shape shape, const param_t<T>* mean, const param_t<T>
 /// running_mean / running_var: when not null they are updated in place with `momentum`
 /// (running_var with the unbiased variance), after y is written, so they may alias weight
 /// or bias. Throws ValueError when M == 1 (and x has elements), eps is not positive and
-/// finite, or momentum is outside [0, 1]. With M == 0, nothing is computed and running
+/// finite, momentum is outside [0, 1], or running_var holds a negative value. With M == 0, nothing is computed and running
 /// buffers are left untouched (save_mean and save_invstd are set to 0 and 1/sqrt(eps)).
 /// unbiased_running_var = false updates running_var with the biased variance instead
 /// (the convention of Keras 3, Flax and ONNX; PyTorch and cuDNN use the unbiased one).
