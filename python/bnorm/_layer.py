@@ -127,6 +127,7 @@ class BatchNorm:
         except BaseException:
             for name, a in zip(_VECTOR_NAMES, kept):
                 setattr(self, name, a)
+            self._saved = self._saved_groups = None  # backward has no call to differentiate
             raise
 
     forward = __call__
@@ -291,7 +292,7 @@ class BatchNorm:
                 self.grad_weight, self.grad_bias = dweight, dbias
             return (dx, dsum) if self._fused[1] else dx
         if self._saved is None:
-            raise RuntimeError("bnorm: BatchNorm.backward called before a forward call")
+            raise RuntimeError("bnorm: BatchNorm.backward called before a successful forward call")
         x, mean, invstd, batch_stats = self._saved
         dx, dweight, dbias, dsum = self._backward(dy, x, mean, invstd, batch_stats)
         if self.affine:

@@ -85,6 +85,7 @@ class BatchRenorm(BatchNorm):
         self._renorm_saved = None
         if not self.training:
             return super().__call__(x)
+        self._saved = None  # (an earlier eval call's: backward is for this call, or none if it raises)
         if _backend(x, None) is not _NumPy:  # (before _input, which would move the vectors to x's device)
             raise TypeError(f"bnorm: BatchRenorm takes NumPy arrays, got {type(x).__module__}.{type(x).__name__}")
         x = self._input(x)

@@ -329,3 +329,20 @@ def test_vectors_of_other_cpu_types_are_left_to_the_functions():
     bn.weight = [1.0, 1.0, 1.0]
     with pytest.raises(TypeError, match="weight"):
         bn(x)
+
+
+@pytest.mark.parametrize("layer", [lambda: bnorm.BatchNorm(3), lambda: bnorm.BatchNorm(3, virtual_batch_size=2),
+                                   lambda: bnorm.BatchRenorm(3)], ids=["plain", "ghost", "renorm"])
+def test_backward_after_a_failed_call_raises(rng, layer):
+    """A call that raises leaves backward nothing to differentiate: never the gradient of
+    an earlier call's input (silently the wrong shape or values)."""
+    bn = layer()
+    x = rng.standard_normal((4, 3, 5)).astype(np.float32)
+    bn(x)
+    bn.eval()
+    bn(x)  # (renorm: an eval call's saved state, then a failed training call)
+    bn.train()
+    with pytest.raises(ValueError):
+        bn(x[:1, :, :1])  # one value per channel
+    with pytest.raises(RuntimeError, match="before a successful forward call"):
+        bn.backward(np.ones_like(x))
