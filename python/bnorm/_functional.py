@@ -771,8 +771,9 @@ def merge_stats(
         raise ValueError(
             f"bnorm: counts must have shape ({parts},) or ({parts}, {channels}), got {tuple(counts.shape)}"
         )
-    if xp.dtype_name(counts)[:1] not in ("i", "u", "f") and xp.dtype_name(counts) != "bfloat16":
-        raise TypeError(f"bnorm: counts must be integers or floats, got {xp.dtype_name(counts)}")
+    counts_dtype = xp.dtype_name(counts)
+    if counts_dtype[:1] not in ("i", "u", "f") and counts_dtype != "bfloat16":
+        raise TypeError(f"bnorm: counts must be integers or floats, got {counts_dtype}")
     table = xp.counts_table(counts, parts, channels)
     means = _exported(xp, means)
     vars = _exported(xp, vars)

@@ -195,7 +195,7 @@ class BatchNorm:
     def _check_running_buffers(self, x) -> None:
         """forward_train's checks of the running buffers (dtype, shape, writeable,
         contiguous, not overlapping, no negative variance), for the paths that update them
-        in Python (ghost batch norm, BatchRenorm), before anything is computed: a call that
+        in Python (ghost batch norm, BatchRenorm, SyncBatchNorm), before anything is computed: a call that
         raises changes nothing. Made by forward_train itself, on none of x's samples (an
         empty x checks its arguments and updates no buffer)."""
         first = next(i for i in range(x.ndim) if i != self.axis % x.ndim)
@@ -340,16 +340,10 @@ class BatchNorm:
             where = _backend(value, None, key)
             if where is not _NumPy:  # a CUDA array (a state_dict of this layer on a GPU)
                 value = where.to_host(value)
-            if key == "num_batches_tracked" and isinstance(value, numbers.Integral) and not isinstance(value, bool):
-                if not 0 <= value < 2**63:  # (before NumPy makes an object array of a huge int)
-                    raise ValueError(f"bnorm: num_batches_tracked must be an integer scalar in [0, 2**63), got {value!r}")
-                value = np.int64(value)
-            value = _as_numpy(value, key)
             if key == "num_batches_tracked":
-                if value.shape != () or value.dtype.kind not in "iu" or not 0 <= int(value) < 2**63:
-                    raise ValueError(f"bnorm: num_batches_tracked must be an integer scalar in [0, 2**63), got {value!r}")
-                values[key] = int(value)
+                values[key] = _batches_tracked(value)
                 continue
+            value = _as_numpy(value, key)
             if value.shape != (self.num_features,):
                 raise ValueError(f"bnorm: {key} must have shape ({self.num_features},), got {value.shape}")
             if not np.can_cast(value.dtype, self.param_dtype, casting="same_kind"):
@@ -382,6 +376,20 @@ class BatchNorm:
                 + ("" if self.unbiased_running_var else ", unbiased_running_var=False")
                 + ("" if self.virtual_batch_size is None else f", virtual_batch_size={self.virtual_batch_size}")
                 + f"{_activation_repr(self.activation)})")
+
+
+def _batches_tracked(value) -> int:
+    """A state dict's num_batches_tracked: an integer scalar in [0, 2**63) (a Python or
+    NumPy integer, or a 0-d integer array of any CPU framework), else ValueError (TypeError
+    for what converts to no array of numbers)."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        valid = 0 <= value < 2**63  # (not through NumPy: a huge int would be an object array)
+    else:
+        value = _as_numpy(value, "num_batches_tracked")
+        valid = value.shape == () and value.dtype.kind in "iu" and 0 <= int(value) < 2**63
+    if not valid:
+        raise ValueError(f"bnorm: num_batches_tracked must be an integer scalar in [0, 2**63), got {value!r}")
+    return int(value)
 
 
 def _activation_repr(activation) -> str:

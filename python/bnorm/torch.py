@@ -512,7 +512,7 @@ def batch_norm(
         raise ValueError(f"bnorm.torch: input must have at least 2 dimensions (N, C, ...), got shape {tuple(input.shape)}")
     if (running_mean is None) != (running_var is None):  # (as F.batch_norm)
         raise ValueError("bnorm.torch: running_mean and running_var must either both be None or neither be None")
-    if not training and (running_mean is None or running_var is None):
+    if not training and running_mean is None:  # (and so running_var: both or neither, above)
         raise ValueError("bnorm.torch: running_mean and running_var are required when training=False")
     if activation not in (None, "relu"):
         raise ValueError(f'bnorm.torch: activation must be None or "relu", got {activation!r}')
