@@ -20,6 +20,7 @@
 #error "simd.hpp belongs to the kernel sources, compiled per instruction set"
 #endif
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 
@@ -399,6 +400,37 @@ struct Simd<double> {
     static void stream(double* p, R v) { _mm_stream_pd(p, v); }
     static A sum(R v) { return lane_sum<A>(v); }
 };
+#endif
+#endif
+
+// The lanes [0, first) of a and the rest of b (1 <= first <= the width): the coefficients of
+// a vector that crosses from one channel into the next (write spans, cpu_passes.hpp).
+#if BNORM_SIMD_X86
+#if defined(__AVX512F__)
+inline __m512 split_lanes(__m512 a, __m512 b, int64_t first) {
+    return _mm512_mask_blend_ps(__mmask16(0xffffu << first), a, b);
+}
+inline __m512d split_lanes(__m512d a, __m512d b, int64_t first) {
+    return _mm512_mask_blend_pd(__mmask8(0xffu << first), a, b);
+}
+#elif defined(__AVX__)
+inline __m256 split_lanes(__m256 a, __m256 b, int64_t first) {
+    const __m256 later = _mm256_cmp_ps(_mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_ps(float(first)), _CMP_GE_OQ);
+    return _mm256_blendv_ps(a, b, later);
+}
+inline __m256d split_lanes(__m256d a, __m256d b, int64_t first) {
+    const __m256d later = _mm256_cmp_pd(_mm256_setr_pd(0, 1, 2, 3), _mm256_set1_pd(double(first)), _CMP_GE_OQ);
+    return _mm256_blendv_pd(a, b, later);
+}
+#else
+inline __m128 split_lanes(__m128 a, __m128 b, int64_t first) {
+    const __m128 later = _mm_cmpge_ps(_mm_setr_ps(0, 1, 2, 3), _mm_set1_ps(float(first)));
+    return _mm_or_ps(_mm_and_ps(later, b), _mm_andnot_ps(later, a));
+}
+inline __m128d split_lanes(__m128d a, __m128d b, int64_t first) {
+    const __m128d later = _mm_cmpge_pd(_mm_setr_pd(0, 1), _mm_set1_pd(double(first)));
+    return _mm_or_pd(_mm_and_pd(later, b), _mm_andnot_pd(later, a));
+}
 #endif
 #endif
 

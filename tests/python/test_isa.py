@@ -1,7 +1,6 @@
 """Every CPU kernel build (baseline, AVX2, AVX-512, AVX-512 BF16) against the float64 reference: each
 instruction set the machine runs is forced with BNORM_CPU_ISA in a subprocess."""
 
-import json
 import os
 import subprocess
 import sys
@@ -9,9 +8,7 @@ import sys
 import pytest
 
 import bnorm
-
-ORDER = ["baseline", "avx2", "avx512", "avx512bf16"]
-SUPPORTED = ORDER[: ORDER.index(bnorm.cpu_isa()) + 1]
+from isa_runs import ORDER, run_check
 
 CHECK = r"""
 import json, sys
@@ -39,14 +36,7 @@ print(json.dumps({"isa": bnorm.cpu_isa(), "worst": worst}))
 
 @pytest.mark.parametrize("isa", ORDER)
 def test_each_instruction_set_matches_reference(isa):
-    if isa not in SUPPORTED:
-        pytest.skip(f"this CPU runs up to {bnorm.cpu_isa()}, not {isa}")
-    env = dict(os.environ, BNORM_CPU_ISA=isa)
-    here = os.path.dirname(os.path.abspath(__file__))
-    out = subprocess.run([sys.executable, "-c", CHECK, here], env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["isa"] == isa
+    result = run_check(isa, CHECK)
     assert result["worst"] <= 1.0, f"{isa}: error {result['worst']:.2f}x the tolerance"
 
 

@@ -1,0 +1,131 @@
+// The CPU kernels' shared machinery, part 4: write spans, for the unfused passes over
+// short planes whose output streams. See cpu_passes.hpp for the design.
+#pragma once
+
+#include <array>
+
+#include "cpu_passes.hpp"
+
+namespace bnorm::kernels::BNORM_KERNEL_ISA {
+namespace {
+
+// Planes whose output streams but whose runs are too short to (streams_output above) and
+// of kSpanMin to kSpanMax elements (6x6 to 11x11 maps) are written as spans of whole rows
+// ((channels * inner) contiguous elements of one outer index) instead of run by run, so
+// that whole lines stream and a 49-element run is no longer three vectors and a one-lane
+// tail: the vectors' coefficients come from SpanCoefficients (below). Against the runs
+// (benchmarks/ab_builds.py, 2 threads, inference): float32 (256, 1024, 6, 6) 0.69x the
+// time, (256, 1024, 8, 8) 0.82x, (256, 512, 10, 10) 0.85x, (64, 2048, 7, 7) 0.72-1.03x
+// (two steady states between processes); float16 0.78-1.00x, bfloat16 0.58-0.75x; with the
+// residual and ReLU 0.68-0.85x. Runs of 14x14 stay runs (float16 took 1.15x the time as
+// spans: a run of 12 vectors has little tail to lose), and so do cached outputs (no lines
+// to stream; float16 (32, 256, 10, 10) took 1.5x as spans computed per vector).
+constexpr int64_t kSpanMin = 32;  // (shorter runs: a vector would cross two channel boundaries)
+constexpr int64_t kSpanMax = 128;
+
+// p / d for 0 <= p < 2^32 and 2 <= d < 2^32 by a multiply (Lemire, Kaser and Kurz, "Faster
+// remainder by direct computation", 2019: exact for all such p and d).
+struct Divisor {
+    uint64_t m;
+    int64_t d;
+    explicit Divisor(int64_t divisor) : m(UINT64_MAX / uint64_t(divisor) + 1), d(divisor) {}
+    int64_t quotient(int64_t p) const {
+#if defined(__SIZEOF_INT128__)
+        return int64_t((unsigned __int128)m * uint64_t(p) >> 64);
+#else
+        return p / d;
+#endif
+    }
+};
+
+
+// span(offset, n, position, stream) over the whole of s (writes_spans) in parallel, n
+// elements from `offset` that lie in one outer index, the first at `position` (offset
+// modulo channels * inner). Chunks of about rows_per_chunk's elements end on cache lines
+// of out, so that no line is written by two threads and streamed chunks start whole.
+template <class T, class Span>
+void for_each_span(Shape s, int threads, const T* out, const Span& span) {
+    const int team = team_size(s, threads);
+    const bool stream = streams<T>(s);
+    const int64_t row = s.channels * s.inner, total = s.size();
+    constexpr int64_t line = 64 / int64_t(sizeof(T));
+    const int64_t chunk = ceil_div(std::clamp<int64_t>(total / (8 * int64_t(team)), kTileElems, kChunkElems), line) * line;
+    const uintptr_t address = reinterpret_cast<uintptr_t>(out);
+    const int64_t lead = address % sizeof(T) == 0 ? int64_t((64 - address % 64) % 64 / sizeof(T)) : 0;
+    const int64_t first_end = std::min(total, lead + chunk);
+    parallel_writes(team, 1 + ceil_div(total - first_end, chunk), 1, stream, [&](int64_t item, int) BNORM_INLINE_LAMBDA {
+        int64_t begin = item == 0 ? 0 : first_end + (item - 1) * chunk;
+        const int64_t end = item == 0 ? first_end : std::min(total, begin + chunk);
+        for (int64_t o = begin / row; begin < end; ++o) {  // (a chunk may cross outer indices)
+            const int64_t stop = std::min(end, (o + 1) * row);
+            span(begin, stop - begin, begin - o * row, stream);
+            begin = stop;
+        }
+    });
+}
+
+// The coefficients (K per-channel arrays) of the vectors of a span, in lanes L: each vector
+// blends the broadcasts of its channel and of the next, held from vector to vector, at the
+// lane where the next channel starts (split_lanes; none for a vector within one channel).
+// write_run asks for its vectors in order but for the ends' (computed first), so the
+// channel steps forward by one where it can and is found by a Divisor where not. The
+// channel and six broadcasts computed for every vector made float16 spans of 10x10 to 14x14
+// 1.1-1.35x the time of the runs; a branch on whether a vector crosses made GCC keep
+// bfloat16's groups of 8 in memory (1.3x the time of these blends).
+template <class T, int K>
+struct SpanCoefficients {
+    using P = param_t<T>;
+    using V = Simd<P>;  // (spans are only written with vectors: a span shorter than one is scalar)
+    std::array<const P*, K> arrays;
+    Divisor inner;
+    int64_t last;      // the last channel
+    int64_t c, begin;  // the channel held, and its first position
+    typename V::R current[K]{}, next[K]{};
+
+    SpanCoefficients(std::array<const P*, K> a, Divisor d, int64_t channels, int64_t position)
+        : arrays(a), inner(d), last(channels - 1), c(0), begin(-3 * d.d) {  // (no channel held: seek finds it)
+        seek(position);
+    }
+
+    void seek(int64_t p) {
+        if (p >= begin + inner.d && p < begin + 2 * inner.d) {
+            ++c, begin += inner.d;
+            for (int k = 0; k < K; ++k) current[k] = next[k];
+        } else {
+            c = inner.quotient(p), begin = c * inner.d;
+            for (int k = 0; k < K; ++k) current[k] = V::set(arrays[k][c]);
+        }
+        const int64_t n = std::min(c + 1, last);
+        for (int k = 0; k < K; ++k) next[k] = V::set(arrays[k][n]);
+    }
+
+    template <class L>
+    BNORM_INLINE auto at(int64_t p) {
+        if constexpr (L::width == 1) {
+            const int64_t channel = inner.quotient(p);
+            std::array<P, K> k;
+            for (int j = 0; j < K; ++j) k[j] = arrays[j][channel];
+            return k;
+        } else {
+            static_assert(L::width == V::width, "x and coefficient vectors have the same lanes");
+            if (uint64_t(p - begin) >= uint64_t(inner.d)) seek(p);
+            const int64_t first = begin + inner.d - p;  // lanes in channel c
+            struct Lanes {
+                typename V::R k[K];
+                const typename V::R& operator[](int j) const { return k[j]; }
+            } lanes;
+            for (int j = 0; j < K; ++j) lanes.k[j] = split_lanes(current[j], next[j], std::min<int64_t>(first, L::width));
+            return lanes;
+        }
+    }
+};
+
+// Whether the unfused pass writing out streams it as spans (for_each_span, above).
+template <class T>
+bool writes_spans(Shape s, const T* out) {
+    return s.inner >= kSpanMin && s.inner < kSpanMax && s.channels >= 2 && s.channels * s.inner < (int64_t(1) << 32) &&
+           streams<T>(s) && !streams_output(s, out);
+}
+
+}  // namespace
+}  // namespace bnorm::kernels::BNORM_KERNEL_ISA

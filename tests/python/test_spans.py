@@ -1,0 +1,74 @@
+"""The write spans (cpu_passes.hpp): planes of 32 to 127 elements whose output is large enough
+to stream are written as spans of whole rows, a vector's coefficients split where it
+crosses into the next channel. Elementwise, so every element must have the bits of the
+run-by-run path: the same call on one sample at a time (too small to stream, so written run
+by run) gives the reference bits. Each instruction set's build runs in a subprocess
+(BNORM_CPU_ISA), on every dtype, with the fused epilogue, outputs at odd element offsets,
+and the training forward's unfused pass (its center has a low part).
+"""
+
+import pytest
+
+from isa_runs import ORDER, run_check
+
+CHECK = r"""
+import json, sys
+import numpy as np
+import bnorm
+sys.path.insert(0, sys.argv[1])
+import reference as ref
+try:
+    import ml_dtypes
+    dtypes = [np.float32, np.float64, np.float16, ml_dtypes.bfloat16]
+except ImportError:
+    dtypes = [np.float32, np.float64, np.float16]
+STREAM = 4 << 20  # bytes from which outputs stream (kStreamBytes)
+rng = np.random.default_rng(0)
+checked = 0
+
+def bits(a):
+    return a.view(np.uint16 if a.itemsize == 2 else np.uint32 if a.itemsize == 4 else np.uint64)
+
+def offset_empty(shape, dtype, offset):
+    # a C-contiguous array `offset` elements into its buffer (not 64-byte aligned)
+    n = int(np.prod(shape))
+    return np.empty(n + offset, dtype)[offset:].reshape(shape)
+
+for dtype in dtypes:
+    size = np.dtype(dtype).itemsize
+    for inner, channels in ((32, 130), (36, 257), (49, 2050), (64, 129), (100, 67), (127, 33)):
+        n = STREAM // (channels * inner * size) + 2
+        x = (1.5 + 2 * rng.standard_normal((n, channels, inner))).astype(dtype)
+        z = rng.standard_normal(x.shape).astype(dtype)
+        rm = rng.standard_normal(channels).astype(np.float32 if size <= 4 else np.float64)
+        rv = (0.5 + rng.random(channels)).astype(rm.dtype)
+        w = rng.standard_normal(channels).astype(rm.dtype)
+        b = rng.standard_normal(channels).astype(rm.dtype)
+        for offset in (0, 1, 3):
+            for kw in ({}, {"activation": "relu"}, {"residual": z, "activation": "relu"}):
+                out = offset_empty(x.shape, dtype, offset)
+                bnorm.forward_infer(x, rm, rv, w, b, axis=1, out=out, **kw)
+                for i in range(n):  # one sample: under STREAM, run by run
+                    sample = {k: (v[i:i + 1] if isinstance(v, np.ndarray) else v) for k, v in kw.items()}
+                    want = bnorm.forward_infer(x[i:i + 1], rm, rv, w, b, axis=1, **sample)
+                    if not np.array_equal(bits(out[i:i + 1]), bits(want)):
+                        raise SystemExit(f"{np.dtype(dtype).name} inner {inner} offset {offset} {kw.keys()}: "
+                                         f"sample {i} differs")
+                checked += 1
+    # the training forward's unfused pass (a channel too large to stay cached: > 1 MiB)
+    x = (3 + rng.standard_normal(((2 << 20) // (49 * size) + 3, 2, 49))).astype(dtype)
+    y, mean, invstd = bnorm.forward_train(x, axis=1)
+    ry, rmean, rinv, _, _ = ref.forward_train(x, None, None, None, None, 1, 0.1)
+    tol = {2: 2e-2, 4: 2e-5, 8: 1e-12}[size]
+    err = float(np.max(np.abs(y.astype(np.float64) - ry)))
+    if err > tol * 4:
+        raise SystemExit(f"{np.dtype(dtype).name} training: error {err}")
+    checked += 1
+print(json.dumps({"isa": bnorm.cpu_isa(), "checked": checked}))
+"""
+
+
+@pytest.mark.parametrize("isa", ORDER)
+def test_spans_have_the_bits_of_runs(isa):
+    result = run_check(isa, CHECK, timeout=600)
+    assert result["checked"] >= 3 * 18 * 3 + 3
