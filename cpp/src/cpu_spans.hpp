@@ -9,19 +9,23 @@
 namespace bnorm::kernels::BNORM_KERNEL_ISA {
 namespace {
 
-// Planes whose output streams but whose runs are too short to (streams_output above) and
-// of kSpanMin to kSpanMax elements (6x6 to 11x11 maps) are written as spans of whole rows
-// ((channels * inner) contiguous elements of one outer index) instead of run by run, so
-// that whole lines stream and a 49-element run is no longer three vectors and a one-lane
-// tail: the vectors' coefficients come from SpanCoefficients (below). Against the runs
-// (benchmarks/ab_builds.py, 2 threads, inference): float32 (256, 1024, 6, 6) 0.69x the
-// time, (256, 1024, 8, 8) 0.82x, (256, 512, 10, 10) 0.85x, (64, 2048, 7, 7) 0.72-1.03x
-// (two steady states between processes); float16 0.78-1.00x, bfloat16 0.58-0.75x; with the
-// residual and ReLU 0.68-0.85x. Runs of 14x14 stay runs (float16 took 1.15x the time as
-// spans: a run of 12 vectors has little tail to lose), and so do cached outputs (no lines
-// to stream; float16 (32, 256, 10, 10) took 1.5x as spans computed per vector).
+// Planes of kSpanMin to kSpanCached elements (6x6, 7x7 maps), and up to kSpanMax (11x11)
+// where the output streams but its runs are too short to (streams_output), are written as
+// spans of whole rows ((channels * inner) contiguous elements of one outer index) instead
+// of run by run: a 49-element run was three vectors and a one-lane tail, each run a loop
+// with its own ends, and short runs cannot stream; spans are long runs, whole lines
+// streamed where the output is large. The vectors' coefficients come from
+// SpanCoefficients (below). Against the runs (benchmarks/ab_builds.py, 2 threads,
+// inference): streamed, float32 (256, 1024, 6, 6) 0.69x the time, (256, 1024, 8, 8)
+// 0.82x, (256, 512, 10, 10) 0.85x, (64, 2048, 7, 7) 0.72-1.09x (two steady states between
+// processes); float16 0.78-1.00x, bfloat16 0.58-0.76x; with the residual and ReLU
+// 0.68-0.87x; cached, 6x6 and 7x7 0.70-0.85x every dtype (bfloat16/float16 of (32, 256,
+// 7, 7) on one thread 1.12-1.22 -> 0.94, C++ harness). Runs of 64 elements or more stay runs in cache
+// (float16 and bfloat16 (32, 256, 8, 8) 1.1-1.25x the time as spans: a run of whole vectors
+// has no tail to lose), and so do runs of 128 or more (float16 14x14 streamed 1.15x).
 constexpr int64_t kSpanMin = 32;  // (shorter runs: a vector would cross two channel boundaries)
 constexpr int64_t kSpanMax = 128;
+constexpr int64_t kSpanCached = 64;
 
 // p / d for 0 <= p < 2^32 and 2 <= d < 2^32 by a multiply (Lemire, Kaser and Kurz, "Faster
 // remainder by direct computation", 2019: exact for all such p and d).
@@ -123,8 +127,8 @@ struct SpanCoefficients {
 // Whether the unfused pass writing out streams it as spans (for_each_span, above).
 template <class T>
 bool writes_spans(Shape s, const T* out) {
-    return s.inner >= kSpanMin && s.inner < kSpanMax && s.channels >= 2 && s.channels * s.inner < (int64_t(1) << 32) &&
-           streams<T>(s) && !streams_output(s, out);
+    return s.inner >= kSpanMin && s.channels >= 2 && s.channels * s.inner < (int64_t(1) << 32) &&
+           !streams_output(s, out) && (s.inner < kSpanCached || (s.inner < kSpanMax && streams<T>(s)));
 }
 
 }  // namespace

@@ -1,10 +1,11 @@
-"""The write spans (cpu_passes.hpp): planes of 32 to 127 elements whose output is large enough
-to stream are written as spans of whole rows, a vector's coefficients split where it
-crosses into the next channel. Elementwise, so every element must have the bits of the
-run-by-run path: the same call on one sample at a time (too small to stream, so written run
-by run) gives the reference bits. Each instruction set's build runs in a subprocess
+"""The write spans (cpu_spans.hpp): planes of 32 to 63 elements, and of up to 127 whose
+output is large enough to stream, are written as spans of whole rows, a vector's
+coefficients split where it crosses into the next channel. Elementwise, so every element
+must have the bits of the same call on the channels-last copy of x (rows: no spans, the
+same operations per element). Each instruction set's build runs in a subprocess
 (BNORM_CPU_ISA), on every dtype, with the fused epilogue, outputs at odd element offsets,
-and the training forward's unfused pass (its center has a low part).
+cached and streamed sizes, and the training forward's unfused pass (its center has a low
+part).
 """
 
 import pytest
@@ -34,10 +35,15 @@ def offset_empty(shape, dtype, offset):
     n = int(np.prod(shape))
     return np.empty(n + offset, dtype)[offset:].reshape(shape)
 
+def channels_last(a):
+    return np.ascontiguousarray(a.transpose(0, 2, 1))
+
 for dtype in dtypes:
     size = np.dtype(dtype).itemsize
-    for inner, channels in ((32, 130), (36, 257), (49, 2050), (64, 129), (100, 67), (127, 33)):
-        n = STREAM // (channels * inner * size) + 2
+    cases = [(32, 130, None), (36, 257, None), (49, 2050, None), (64, 129, None), (100, 67, None), (127, 33, None),
+             (49, 70, 3), (33, 64, 2), (32, 2, 1), (63, 5, 4)]  # (inner, channels, samples: None = streamed)
+    for inner, channels, n in cases:
+        n = n or STREAM // (channels * inner * size) + 2
         x = (1.5 + 2 * rng.standard_normal((n, channels, inner))).astype(dtype)
         z = rng.standard_normal(x.shape).astype(dtype)
         rm = rng.standard_normal(channels).astype(np.float32 if size <= 4 else np.float64)
@@ -48,12 +54,10 @@ for dtype in dtypes:
             for kw in ({}, {"activation": "relu"}, {"residual": z, "activation": "relu"}):
                 out = offset_empty(x.shape, dtype, offset)
                 bnorm.forward_infer(x, rm, rv, w, b, axis=1, out=out, **kw)
-                for i in range(n):  # one sample: under STREAM, run by run
-                    sample = {k: (v[i:i + 1] if isinstance(v, np.ndarray) else v) for k, v in kw.items()}
-                    want = bnorm.forward_infer(x[i:i + 1], rm, rv, w, b, axis=1, **sample)
-                    if not np.array_equal(bits(out[i:i + 1]), bits(want)):
-                        raise SystemExit(f"{np.dtype(dtype).name} inner {inner} offset {offset} {kw.keys()}: "
-                                         f"sample {i} differs")
+                rows = {k: (channels_last(v) if isinstance(v, np.ndarray) else v) for k, v in kw.items()}
+                want = bnorm.forward_infer(channels_last(x), rm, rv, w, b, axis=-1, **rows).transpose(0, 2, 1)
+                if not np.array_equal(bits(out), bits(want)):
+                    raise SystemExit(f"{np.dtype(dtype).name} {x.shape} offset {offset} {list(kw)}: differs")
                 checked += 1
     # the training forward's unfused pass (a channel too large to stay cached: > 1 MiB)
     x = (3 + rng.standard_normal(((2 << 20) // (49 * size) + 3, 2, 49))).astype(dtype)
@@ -71,4 +75,4 @@ print(json.dumps({"isa": bnorm.cpu_isa(), "checked": checked}))
 @pytest.mark.parametrize("isa", ORDER)
 def test_spans_have_the_bits_of_runs(isa):
     result = run_check(isa, CHECK, timeout=600)
-    assert result["checked"] >= 3 * 18 * 3 + 3
+    assert result["checked"] >= 3 * 30 * 3 + 3
