@@ -44,6 +44,10 @@ def _calls(m, a, axis):
         "backward_relu": lambda: m.backward(dy, x, mean, invstd, w, axis=axis, out=dx, activation="relu", y=y),
         "stats": lambda: m.batch_stats(x, axis=axis),
         "backward_reduce": lambda: m.backward_reduce(dy, x, mean, invstd, axis=axis),
+        "backward_elemt": lambda: m.backward_elemt(dy, x, mean, invstd, w, w, b, 1000, axis=axis, out=dx),
+        "backward_eval": lambda: m.backward(dy, x, mean, invstd, w, axis=axis, batch_stats=False, out=dx),
+        "backward_eval_relu": lambda: m.backward(dy, x, mean, invstd, w, axis=axis, batch_stats=False, out=dx,
+                                                 activation="relu", y=y),
     }
 
 
@@ -54,7 +58,8 @@ def main(argv=None):
     p.add_argument("shapes", help="comma list of SHAPE:AXIS, e.g. 64x256x28x28:1,64x28x28x256:-1")
     p.add_argument("--ops", default="infer,train,backward",
                    help="comma list of infer, train, backward, infer_relu, backward_relu, train_add_relu, "
-                        "infer_add_relu, stats (batch_stats), backward_reduce (default: %(default)s)")
+                        "infer_add_relu, stats (batch_stats), backward_reduce, backward_elemt (sums given), "
+                        "backward_eval, backward_eval_relu (batch_stats=False) (default: %(default)s)")
     p.add_argument("--dtype", default="float32", help="float32 (default), float64, float16 or bfloat16")
     p.add_argument("--threads", type=int, default=0, help="threads of both builds (default: their default)")
     p.add_argument("--budget", type=float, default=1.0, help="seconds per op and shape (default: %(default)s)")

@@ -1,11 +1,11 @@
-"""The write spans (cpu_spans.hpp): planes of 32 to 63 elements, and of up to 127 whose
+"""The write spans (cpu_spans.hpp) of inference and of the backward's elementwise pass: planes of 32 to 63 elements, and of up to 127 whose
 output is large enough to stream, are written as spans of whole rows, a vector's
 coefficients split where it crosses into the next channel. Elementwise, so every element
 must have the bits of the same call on the channels-last copy of x (rows: no spans, the
 same operations per element). Each instruction set's build runs in a subprocess
 (BNORM_CPU_ISA), on every dtype, with the fused epilogue, outputs at odd element offsets,
-cached and streamed sizes, and the training forward's unfused pass (its center has a low
-part).
+cached and streamed sizes, the backward's elementwise pass (eval mode, backward_elemt,
+with ReLU's dsum), and the training forward's unfused pass (its center has a low part).
 """
 
 import pytest
@@ -59,6 +59,29 @@ for dtype in dtypes:
                 if not np.array_equal(bits(out), bits(want)):
                     raise SystemExit(f"{np.dtype(dtype).name} {x.shape} offset {offset} {list(kw)}: differs")
                 checked += 1
+        # the backward's elementwise pass: eval mode (dx = g * scale), backward_elemt with and
+        # without ReLU (which writes dsum beside dx)
+        dy, y = z, x
+        mean, invstd = rm, 1 / np.sqrt(rv)
+        sum_dy = rng.standard_normal(channels).astype(rm.dtype)
+        sum_dy_xhat = rng.standard_normal(channels).astype(rm.dtype)
+        for name, call in (
+            ("eval", lambda a: bnorm.backward(a["dy"], a["x"], mean, invstd, w, axis=a["axis"], batch_stats=False)),
+            ("eval relu", lambda a: bnorm.backward(a["dy"], a["x"], mean, invstd, w, axis=a["axis"],
+                                                   batch_stats=False, activation="relu", y=a["y"])),
+            ("elemt", lambda a: bnorm.backward_elemt(a["dy"], a["x"], mean, invstd, w, sum_dy, sum_dy_xhat, 1000,
+                                                     axis=a["axis"])),
+            ("elemt relu", lambda a: bnorm.backward_elemt(a["dy"], a["x"], mean, invstd, w, sum_dy, sum_dy_xhat, 1000,
+                                                          axis=a["axis"], activation="relu", y=a["y"])),
+        ):
+            got = call({"dy": dy, "x": x, "y": y, "axis": 1})
+            want = call({"dy": channels_last(dy), "x": channels_last(x), "y": channels_last(y), "axis": -1})
+            got = got if isinstance(got, tuple) else (got,)
+            want = want if isinstance(want, tuple) else (want,)
+            for g, r in zip(got, want):
+                if g.ndim == 3 and not np.array_equal(bits(g), bits(r.transpose(0, 2, 1))):
+                    raise SystemExit(f"{np.dtype(dtype).name} {x.shape} backward {name}: differs")
+            checked += 1
     # the training forward's unfused pass (a channel too large to stay cached: > 1 MiB)
     x = (3 + rng.standard_normal(((2 << 20) // (49 * size) + 3, 2, 49))).astype(dtype)
     y, mean, invstd = bnorm.forward_train(x, axis=1)
@@ -75,4 +98,4 @@ print(json.dumps({"isa": bnorm.cpu_isa(), "checked": checked}))
 @pytest.mark.parametrize("isa", ORDER)
 def test_spans_have_the_bits_of_runs(isa):
     result = run_check(isa, CHECK, timeout=600)
-    assert result["checked"] >= 3 * 30 * 3 + 3
+    assert result["checked"] >= 3 * 10 * (9 + 4) + 3
