@@ -59,6 +59,13 @@ for dtype in dtypes:
                 if not np.array_equal(bits(out), bits(want)):
                     raise SystemExit(f"{np.dtype(dtype).name} {x.shape} offset {offset} {list(kw)}: differs")
                 checked += 1
+        # in place: out is x (each vector computed before anything it overlaps is written)
+        want = bnorm.forward_infer(x, rm, rv, w, b, axis=1)
+        inplace = x.copy()
+        bnorm.forward_infer(inplace, rm, rv, w, b, axis=1, out=inplace)
+        if not np.array_equal(bits(inplace), bits(want)):
+            raise SystemExit(f"{np.dtype(dtype).name} {x.shape} in place: differs")
+        checked += 1
         # the backward's elementwise pass: eval mode (dx = g * scale), backward_elemt with and
         # without ReLU (which writes dsum beside dx)
         dy, y = z, x
@@ -98,4 +105,4 @@ print(json.dumps({"isa": bnorm.cpu_isa(), "checked": checked}))
 @pytest.mark.parametrize("isa", ORDER)
 def test_spans_have_the_bits_of_runs(isa):
     result = run_check(isa, CHECK, timeout=600)
-    assert result["checked"] >= 3 * 10 * (9 + 4) + 3
+    assert result["checked"] >= 3 * 10 * (9 + 1 + 4) + 3
