@@ -560,10 +560,10 @@ int main() {
         {16, 4, 20000}, // large enough for non-temporal stores
         {70000, 5, 1},  // the same, rows schedule
         {300, 5, 9},    // short planes (3x3) as rows of channel x inner positions
-        {5, 333, 49},   // short planes over the write position limit: reduced as positions, written as runs
-        {2, 5400, 49},  // over the reduce position limit too: planes schedule, 49-element runs
+        {5, 333, 49},   // short planes over the write position limit: reduced as positions, written as spans
+        {2, 5400, 49},  // over the reduce position limit too: planes schedule, written as spans
         {6, 700, 25},   // the same with runs short enough to be written as positions below the limit
-        {40, 40, 40},   // short planes reduced as positions, 40-element runs written as runs
+        {40, 40, 40},   // short planes reduced as positions, 40-element runs written as spans
         {32, 256, 9},   // short planes in strips of whole channels, fused
         {17, 130, 7},   // the same on one thread, odd sizes
         {2, 3, 17},     // short planes, runs longer than a vector (head and tail vectors)
@@ -571,6 +571,8 @@ int main() {
         {2, 3000, 1},   // few rows: column strips, reduced and written from cache
         {96, 1500, 1},  // column strips, each channel's rows in several splits
         {40, 5000, 1},  // rows wider than a write block: written a block of columns at a time
+        {12, 2050, 49}, // streamed spans (float, double), crossing outer indices within a chunk
+        {9, 700, 100},  // 10x10: streamed spans (float, double), runs (half: not streamed)
     };
     for (const Shape& s : shapes) {
         test_forward_backward<float>(s);
