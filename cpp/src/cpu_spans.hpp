@@ -28,7 +28,7 @@ namespace {
 // training backward) takes the same spans: backward_elemt 0.62-0.82x the time (float32,
 // bfloat16; cached and streamed 6x6 to 10x10), eval mode with ReLU 0.69-0.96x, training
 // backward of (256, 1024, 6, 6) (unfused) 0.77-0.92x.
-constexpr int64_t kSpanMin = 32;  // (shorter runs: a vector would cross two channel boundaries)
+constexpr int64_t kSpanMin = 32;  // (shorter runs are written as positions; spans need inner >= a vector - 1)
 constexpr int64_t kSpanMax = 128;
 constexpr int64_t kSpanCached = 64;
 

@@ -4,8 +4,9 @@ coefficients split where it crosses into the next channel. Elementwise, so every
 must have the bits of the same call on the channels-last copy of x (rows: no spans, the
 same operations per element). Each instruction set's build runs in a subprocess
 (BNORM_CPU_ISA), on every dtype, with the fused epilogue, outputs at odd element offsets,
-cached and streamed sizes, the backward's elementwise pass (eval mode, backward_elemt,
-with ReLU's dsum), and the training forward's unfused pass (its center has a low part).
+cached and streamed sizes, 1 to 3 threads, in place, the backward's elementwise pass (eval
+mode, backward_elemt, with ReLU's dsum), and the training forward's unfused pass (its center
+has a low part).
 """
 
 import pytest
@@ -59,6 +60,16 @@ for dtype in dtypes:
                 if not np.array_equal(bits(out), bits(want)):
                     raise SystemExit(f"{np.dtype(dtype).name} {x.shape} offset {offset} {list(kw)}: differs")
                 checked += 1
+        # any thread count: the same bits (spans are cut into chunks by the team's size)
+        if n > 3:
+            want = bnorm.forward_infer(x, rm, rv, w, b, axis=1)
+            for threads in (1, 3):
+                bnorm.set_num_threads(threads)
+                got = bnorm.forward_infer(x, rm, rv, w, b, axis=1)
+                bnorm.set_num_threads(2)
+                if not np.array_equal(bits(got), bits(want)):
+                    raise SystemExit(f"{np.dtype(dtype).name} {x.shape} on {threads} threads: differs")
+            checked += 1
         # in place: out is x (each vector computed before anything it overlaps is written)
         want = bnorm.forward_infer(x, rm, rv, w, b, axis=1)
         inplace = x.copy()
@@ -82,6 +93,11 @@ for dtype in dtypes:
                                                           axis=a["axis"], activation="relu", y=a["y"])),
         ):
             got = call({"dy": dy, "x": x, "y": y, "axis": 1})
+            if name == "elemt":  # in place: dx written over dy
+                inplace = dy.copy()
+                bnorm.backward_elemt(inplace, x, mean, invstd, w, sum_dy, sum_dy_xhat, 1000, axis=1, out=inplace)
+                if not np.array_equal(bits(inplace), bits(got)):
+                    raise SystemExit(f"{np.dtype(dtype).name} {x.shape} backward_elemt in place: differs")
             want = call({"dy": channels_last(dy), "x": channels_last(x), "y": channels_last(y), "axis": -1})
             got = got if isinstance(got, tuple) else (got,)
             want = want if isinstance(want, tuple) else (want,)
