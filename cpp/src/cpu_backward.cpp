@@ -5,7 +5,6 @@
 #include <array>
 
 #include "coefficients.hpp"
-#include "cpu_spans.hpp"
 #include "cpu_strips.hpp"
 #include "epilogue.hpp"
 
@@ -125,40 +124,6 @@ BNORM_INLINE void backward_run(const T* dy, const T* x, T* dx, int64_t n, param_
         const auto g = mask.load(L{}, dy, i);
         mask.write(L{}, g, i);
         return (g - L::set(k.dy_mean) - (L::load(x + i) - L::set(mean)) * L::set(k.xmu_scale)) * L::set(k.scale);
-    });
-}
-
-// The same over n elements of a span (for_each_span), the first at `position` of its outer
-// index, coefficients by SpanCoefficients (mean, dy_mean, xmu_scale, scale; eval mode:
-// scale alone).
-template <bool kInputsFromMemory = false, class T, class Mask>
-BNORM_INLINE void backward_span(const T* dy, const T* x, T* dx, int64_t n, int64_t position, Divisor inner,
-                                int64_t channels, const param_t<T>* mean, const param_t<T>* dy_mean,
-                                const param_t<T>* xmu_scale, const param_t<T>* scale, bool stream, const Mask& mask) {
-    if constexpr (Mask::stores) {
-        if (stream) {  // dsum by a write_run of its own (store_dsum_first)
-            store_dsum_first<kInputsFromMemory>(dy, n, mask);
-            return backward_span<kInputsFromMemory>(dy, x, dx, n, position, inner, channels, mean, dy_mean, xmu_scale,
-                                                    scale, stream, mask.reading());
-        }
-    }
-    if (!x) {
-        SpanCoefficients<T, 1> coefficients({scale}, inner, channels, position);
-        write_run<kInputsFromMemory>(dx, n, stream, [&](auto lanes, int64_t i) BNORM_INLINE_LAMBDA {
-            using L = decltype(lanes);
-            const auto g = mask.load(L{}, dy, i);
-            mask.write(L{}, g, i);
-            return g * coefficients.template at<L>(position + i)[0];
-        });
-        return;
-    }
-    SpanCoefficients<T, 4> coefficients({mean, dy_mean, xmu_scale, scale}, inner, channels, position);
-    write_run<kInputsFromMemory>(dx, n, stream, [&](auto lanes, int64_t i) BNORM_INLINE_LAMBDA {
-        using L = decltype(lanes);
-        const auto k = coefficients.template at<L>(position + i);
-        const auto g = mask.load(L{}, dy, i);
-        mask.write(L{}, g, i);
-        return (g - k[1] - (L::load(x + i) - k[0]) * k[2]) * k[3];
     });
 }
 
@@ -313,14 +278,6 @@ void backward_dx_fused(const T* dy, const T* x, Shape s, int threads, const para
             backward_dx_fused(dy + offset, x ? x + offset : x, pos.rest, threads, mean, dy_mean, xmu_scale, scale,
                               dx + offset, mask.at(offset));
         }
-        return;
-    }
-    if (writes_spans(s, dx)) {
-        const Divisor inner(s.inner);
-        for_each_span(s, threads, dx, [&](int64_t offset, int64_t n, int64_t position, bool stream) BNORM_INLINE_LAMBDA {
-            backward_span<true>(dy + offset, x ? x + offset : x, dx + offset, n, position, inner, s.channels, mean,
-                                dy_mean, xmu_scale, scale, stream, mask.at(offset));
-        });
         return;
     }
     for_each_write(

@@ -43,23 +43,16 @@ BNORM_FLATTEN void affine_row(const T* x, T* y, int64_t n, const param_t<T>* cen
 }
 
 // The same over n elements of a span (for_each_span), the first at `position` of its
-// outer index, coefficients by SpanCoefficients (center, scale, shift; kLo: and lo).
-template <bool kInputsFromMemory = false, bool kLo = true, class T, class E>
+// outer index, coefficients by SpanCoefficients (center, scale, shift: no low part).
+template <bool kInputsFromMemory = false, class T, class E>
 BNORM_INLINE void affine_span(const T* x, T* y, int64_t n, int64_t position, Divisor inner, int64_t channels,
-                              const param_t<T>* center, const param_t<T>* lo, const param_t<T>* scale,
-                              const param_t<T>* shift, bool stream, const E& epilogue) {
-    constexpr int K = kLo ? 4 : 3;
-    using Arrays = std::array<const param_t<T>*, K>;
-    Arrays arrays;
-    if constexpr (kLo) arrays = {center, lo, scale, shift};
-    else arrays = {center, scale, shift};
-    SpanCoefficients<T, K> coefficients(arrays, inner, channels, position);
-    write_run<kInputsFromMemory>(y, n, stream, [&](auto lanes, int64_t i) BNORM_INLINE_LAMBDA {
+                              const param_t<T>* center, const param_t<T>* scale, const param_t<T>* shift, bool stream,
+                              const E& epilogue) {
+    SpanCoefficients<T, 3> coefficients({center, scale, shift}, inner, channels, position);
+    write_run<kInputsFromMemory, true>(y, n, stream, [&](auto lanes, int64_t i) BNORM_INLINE_LAMBDA {
         using L = decltype(lanes);
         const auto k = coefficients.template at<L>(position + i);
-        auto centered = L::load(x + i) - k[0];
-        if constexpr (kLo) centered = centered - k[1];
-        return epilogue(L{}, centered * k[K - 2] + k[K - 1], i);
+        return epilogue(L{}, (L::load(x + i) - k[0]) * k[1] + k[2], i);
     });
 }
 
@@ -111,13 +104,15 @@ void affine_fused(const T* x, Shape s, int threads, const param_t<T>* center, co
                               y + pos.view.size(), epilogue.at(pos.view.size()));
         return;
     }
-    if (writes_spans(s, y)) {
-        const Divisor inner(s.inner);
-        for_each_span(s, threads, y, [&](int64_t offset, int64_t n, int64_t position, bool stream) BNORM_INLINE_LAMBDA {
-            affine_span<true, kLo>(x + offset, y + offset, n, position, inner, s.channels, center, center_lo, scale, shift,
-                                   stream, epilogue.at(offset));
-        });
-        return;
+    if constexpr (!kLo) {  // (not the training forward's unfused pass: rare, and each variant costs compile time)
+        if (writes_spans(s, y)) {
+            const Divisor inner(s.inner);
+            for_each_span(s, threads, y, [&](int64_t offset, int64_t n, int64_t position, bool stream) BNORM_INLINE_LAMBDA {
+                affine_span<true>(x + offset, y + offset, n, position, inner, s.channels, center, scale, shift, stream,
+                                  epilogue.at(offset));
+            });
+            return;
+        }
     }
     for_each_write(
         s, threads, y,

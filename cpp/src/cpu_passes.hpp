@@ -175,7 +175,11 @@ struct StoresGroups<S, std::void_t<decltype(S::kGroup)>> : std::true_type {};
 // no tail.
 constexpr int64_t kLateTailBytes = 2048;
 
-template <bool kInputsFromMemory = false, class T, class Value>
+// kUnrollGroups: the groups' loops are unrolled whatever value holds (the write spans' value
+// keeps coefficients from vector to vector, cpu_spans.hpp: left to GCC, it kept bfloat16's
+// group of vectors in memory, 1.5-1.8x the time of inference of 6x6 to 8x8 planes). Only
+// there: forced everywhere, it made the kernel sources 15-20% slower to compile.
+template <bool kInputsFromMemory = false, bool kUnrollGroups = false, class T, class Value>
 BNORM_INLINE void write_run(T* out, int64_t n, bool stream, const Value& value) {
     using S = Simd<T>;
     constexpr int64_t W = S::width;
@@ -192,9 +196,11 @@ BNORM_INLINE void write_run(T* out, int64_t n, bool stream, const Value& value) 
             typename S::R v[G];
             int64_t i = 0;
             for (; i + G * W <= n; i += G * W) {
-                // (unrolled whatever value holds: with the spans' held coefficients GCC kept the
-                // group in memory, 1.5-1.8x the time of bfloat16 inference of 6x6 to 8x8 planes)
-                _Pragma("GCC unroll 8") for (int64_t k = 0; k < G; ++k) v[k] = value(S{}, i + k * W);
+                if constexpr (kUnrollGroups) {
+                    _Pragma("GCC unroll 8") for (int64_t k = 0; k < G; ++k) v[k] = value(S{}, i + k * W);
+                } else {
+                    for (int64_t k = 0; k < G; ++k) v[k] = value(S{}, i + k * W);
+                }
                 S::template store_group<false, G>(out + i, v);
             }
             const int full = int((n - i) / W);
@@ -227,7 +233,11 @@ BNORM_INLINE void write_run(T* out, int64_t n, bool stream, const Value& value) 
             constexpr int G = decltype(size)::value;
             typename S::R group[G];
             for (; i + G * W <= end; i += G * W) {
-                _Pragma("GCC unroll 8") for (int64_t k = 0; k < G; ++k) group[k] = value(S{}, i + k * W);  // (as above)
+                if constexpr (kUnrollGroups) {
+                    _Pragma("GCC unroll 8") for (int64_t k = 0; k < G; ++k) group[k] = value(S{}, i + k * W);
+                } else {
+                    for (int64_t k = 0; k < G; ++k) group[k] = value(S{}, i + k * W);
+                }
                 S::template store_group<true, G>(out + i, group);
             }
         };

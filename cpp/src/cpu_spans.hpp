@@ -1,6 +1,5 @@
-// The CPU kernels' shared machinery, part 4: write spans, for the unfused write passes
-// (inference, normalize, the backward's dx) over short planes. See cpu_passes.hpp for the
-// design.
+// The CPU kernels' shared machinery, part 4: write spans, for inference and normalize over
+// short planes. See cpu_passes.hpp for the design.
 #pragma once
 
 #include <array>
@@ -24,10 +23,11 @@ namespace {
 // 7, 7) on one thread 1.12-1.22 -> 0.94, C++ harness). Runs of 64 elements or more stay runs in cache
 // (float16 and bfloat16 (32, 256, 8, 8) 1.1-1.25x the time as spans: a run of whole vectors
 // has no tail to lose), and so do runs of 128 or more (float16 14x14 streamed 1.15x).
-// The backward's elementwise pass (backward_elemt, eval mode with ReLU, the unfused
-// training backward) takes the same spans: backward_elemt 0.62-0.82x the time (float32,
-// bfloat16; cached and streamed 6x6 to 10x10), eval mode with ReLU 0.69-0.96x, training
-// backward of (256, 1024, 6, 6) (unfused) 0.77-0.92x.
+// Only inference and normalize (affine_fused without a low part) take spans: the backward's
+// elementwise pass took them too (backward_elemt 0.62-0.82x the time, eval mode with ReLU
+// 0.69-0.96x), but its variants (gradient masks, eval mode) made cpu_backward.cpp 50% slower
+// to compile in each of CI's six builds, and CI 26 minutes; likewise the training forward's
+// rare unfused pass.
 constexpr int64_t kSpanMin = 32;  // (shorter runs are written as positions; spans need inner >= a vector - 1)
 constexpr int64_t kSpanMax = 128;
 constexpr int64_t kSpanCached = 64;

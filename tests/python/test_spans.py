@@ -1,12 +1,13 @@
-"""The write spans (cpu_spans.hpp) of inference and of the backward's elementwise pass: planes of 32 to 63 elements, and of up to 127 whose
-output is large enough to stream, are written as spans of whole rows, a vector's
-coefficients split where it crosses into the next channel. Elementwise, so every element
-must have the bits of the same call on the channels-last copy of x (rows: no spans, the
-same operations per element). Each instruction set's build runs in a subprocess
-(BNORM_CPU_ISA), on every dtype, with the fused epilogue, outputs at odd element offsets,
-cached and streamed sizes, 1 to 3 threads, in place, the backward's elementwise pass (eval
-mode, backward_elemt, with ReLU's dsum), and the training forward's unfused pass (its center
-has a low part).
+"""The write spans (cpu_spans.hpp) of inference and normalize: planes of 32 to 63 elements,
+and of up to 127 whose output is large enough to stream, are written as spans of whole
+rows, a vector's coefficients split where it crosses into the next channel. Elementwise,
+so every element must have the bits of the same call on the channels-last copy of x (rows:
+no spans, the same operations per element). Each instruction set's build runs in a
+subprocess (BNORM_CPU_ISA), on every dtype, with the fused epilogue, outputs at odd element
+offsets, cached and streamed sizes, 1 to 3 threads, in place. The backward's elementwise
+pass on these shapes (eval mode, backward_elemt, with ReLU's dsum; written run by run:
+spans there cost compile time, see cpu_spans.hpp) is compared the same way, and the
+training forward's unfused pass against the float64 reference.
 """
 
 import pytest
