@@ -38,9 +38,11 @@ struct BackwardCoefficients {
     P dy_mean, xmu_scale, scale;
 };
 
+// (batch_stats false, eval mode: the statistics are constants, dx = dy * scale)
 template <class P>
 BackwardCoefficients<P> backward_coefficients(P sum_dy, P sum_dy_xhat, P invstd, const P* weight, int64_t c,
-                                              double count) {
+                                              double count, bool batch_stats) {
+    if (!batch_stats) return {P(0), P(0), scale_of(invstd, weight, c)};
     return {P(double(sum_dy) / count), P(double(invstd) * double(sum_dy_xhat) / count), scale_of(invstd, weight, c)};
 }
 

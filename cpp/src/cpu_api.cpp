@@ -270,7 +270,7 @@ void backward_elemt(const T* dy, const T* x, Shape shape, const param_t<T>* mean
     const int64_t C = shape.channels;
     Scratch<P> dy_mean(C), xmu_scale(C), scale(C);
     for (int64_t c = 0; c < C; ++c) {
-        const auto k = detail::backward_coefficients(sum_dy[c], sum_dy_xhat[c], invstd[c], weight, c, count);
+        const auto k = detail::backward_coefficients(sum_dy[c], sum_dy_xhat[c], invstd[c], weight, c, count, true);
         dy_mean[c] = k.dy_mean, xmu_scale[c] = k.xmu_scale, scale[c] = k.scale;
     }
     kernels::backward_dx(dy, x, shape, threads(shape), mean, dy_mean.data(), xmu_scale.data(),
@@ -306,21 +306,8 @@ void backward(const T* dy, const T* x, Shape shape, const param_t<T>* mean,
         check_pointer(op, invstd, "invstd");
         check_pointer(op, dx, "dx");
         detail::check_epilogue_grad(op, shape, grad, dy, x, dx, dsum);
-        if (batch_stats) {
-            kernels::backward_train(dy, x, shape, threads(shape), mean, invstd, weight, dx, sum_dy.data(),
-                                    sum_dy_xhat.data(), relu_grad(grad, dsum));
-        } else {
-            backward_reduce(dy, x, shape, mean, invstd, grad, sum_dy.data(), sum_dy_xhat.data());
-            const Scratch<P> scale = scales(shape.channels, invstd, weight);
-            if (grad.activation == Activation::relu || dsum) {  // dx = g * scale, and dsum = g, in one pass
-                kernels::backward_dx(dy, static_cast<const T*>(nullptr), shape, threads(shape), mean, mean, mean,
-                                     scale.data(), dx, relu_grad(grad, dsum));
-            } else {
-                const Scratch<P> zero(shape.channels, P(0));
-                kernels::affine(dy, shape, threads(shape), zero.data(), scale.data(), zero.data(), dx,
-                                Epilogue<T>{});
-            }
-        }
+        kernels::backward(dy, x, shape, threads(shape), mean, invstd, weight, batch_stats, dx, sum_dy.data(),
+                          sum_dy_xhat.data(), relu_grad(grad, dsum));
     }
     std::copy(sum_dy.begin(), sum_dy.end(), dbias);
     std::copy(sum_dy_xhat.begin(), sum_dy_xhat.end(), dweight);

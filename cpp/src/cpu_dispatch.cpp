@@ -134,10 +134,10 @@ void backward_dx(const T* dy, const T* x, Shape s, int threads, const param_t<T>
 }
 
 template <class T>
-void backward_train(const T* dy, const T* x, Shape s, int threads, const param_t<T>* mean, const param_t<T>* invstd,
-                    const param_t<T>* weight, T* dx, param_t<T>* sum_dy, param_t<T>* sum_dy_xhat,
-                    const ReluGrad<T>& relu) {
-    BNORM_DISPATCH(backward_train, dy, x, s, threads, mean, invstd, weight, dx, sum_dy, sum_dy_xhat, relu)
+void backward(const T* dy, const T* x, Shape s, int threads, const param_t<T>* mean, const param_t<T>* invstd,
+              const param_t<T>* weight, bool batch_stats, T* dx, param_t<T>* sum_dy, param_t<T>* sum_dy_xhat,
+              const ReluGrad<T>& relu) {
+    BNORM_DISPATCH(backward, dy, x, s, threads, mean, invstd, weight, batch_stats, dx, sum_dy, sum_dy_xhat, relu)
 }
 
 #define BNORM_INSTANTIATE(T)                                                                                      \
@@ -150,8 +150,8 @@ void backward_train(const T* dy, const T* x, Shape s, int threads, const param_t
                                    const ReluGrad<T>&);                                                           \
     template void backward_dx<T>(const T*, const T*, Shape, int, const param_t<T>*, const param_t<T>*,            \
                                  const param_t<T>*, const param_t<T>*, T*, const ReluGrad<T>&);                   \
-    template void backward_train<T>(const T*, const T*, Shape, int, const param_t<T>*, const param_t<T>*,         \
-                                    const param_t<T>*, T*, param_t<T>*, param_t<T>*, const ReluGrad<T>&);
+    template void backward<T>(const T*, const T*, Shape, int, const param_t<T>*, const param_t<T>*,               \
+                              const param_t<T>*, bool, T*, param_t<T>*, param_t<T>*, const ReluGrad<T>&);
 BNORM_INSTANTIATE(float)
 BNORM_INSTANTIATE(double)
 BNORM_INSTANTIATE(half)

@@ -10,7 +10,7 @@
 //   cpu_moments.hpp     the statistics' tile op and the training coefficients
 //   cpu_statistics.cpp  moments
 //   cpu_forward.cpp     affine (normalize, inference) and forward_train, with the epilogue
-//   cpu_backward.cpp    backward_sums, backward_dx, backward_train, with ReLU's gradient
+//   cpu_backward.cpp    backward_sums, backward_dx, backward (training and eval), with ReLU's gradient
 //
 // The design, over the (outer, channels, inner) view:
 //

@@ -132,13 +132,15 @@ void test_forward_backward(Shape s) {
             }
     }
 
-    // Backward with fixed statistics: dx = dy * weight * invstd.
+    // Backward with fixed statistics: dx = dy * weight * invstd (written in the training
+    // backward's schedules, or after the sums where cached), and the same sums.
     bnorm::backward(dy.data(), x.data(), s, save_mean.data(), save_invstd.data(), weight.data(), false, dx.data(),
                     dweight.data(), dbias.data());
     for (int64_t k = 0; k < s.size(); ++k) {
         const int64_t c = (k / s.inner) % C;
         CHECK_CLOSE(to_double(dx[k]), to_double(dy[k]) * double(weight[c]) * double(save_invstd[c]), tol, tol);
     }
+    for (int64_t c = 0; c < C; ++c) CHECK(dbias[c] == sum_dy[c] && dweight[c] == sum_dy_xhat[c]);
 
     // Inference equals the reference with the running statistics.
     bnorm::forward_infer(x.data(), s, running_mean.data(), running_var.data(), weight.data(), bias.data(), eps,

@@ -1,0 +1,114 @@
+"""Eval-mode backward (batch_stats=False): dx = g * (invstd * weight), g being dy or, with
+activation="relu", dy * (y > 0); dweight and dbias are backward_reduce's sums. The kernels
+write this dx in the training backward's schedules (each channel's dx from cache after its
+sums, column strips for short rows and channels-last, two passes over planes too large
+for cache, with dsum written by the first pass where it streams), or, without ReLU on
+cached data, by the inference pass after the sums; every schedule is compared here bit for
+bit with that definition (a zero's sign aside), on every dtype.
+"""
+
+import numpy as np
+import pytest
+
+import bnorm
+import reference as ref
+
+try:
+    import ml_dtypes
+
+    DTYPES = [np.float32, np.float64, np.float16, ml_dtypes.bfloat16]
+except ImportError:
+    DTYPES = [np.float32, np.float64, np.float16]
+
+# (shape, axis): rows (N, C); short and long planes, cached and streamed (> 4 MiB), whose
+# channels fit in cache or not; channels-last
+LAYOUTS = [
+    ((300, 7), 1),
+    ((64, 96), 1),
+    ((4, 8, 5, 5), 1),
+    ((16, 64, 7, 7), 1),
+    ((3, 5, 1000), 1),
+    ((40, 256, 14, 14), 1),
+    ((2, 3, 700, 700), 1),
+    ((8, 6, 6, 40), -1),
+    ((64, 14, 14, 96), -1),
+]
+
+
+def _bits(a):
+    return a.view(np.uint16 if a.itemsize == 2 else np.uint32 if a.itemsize == 4 else np.uint64)
+
+
+def _case(shape, axis, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    c = shape[axis]
+    p = np.float64 if dtype == np.float64 else np.float32
+    x = (1.0 + 2.0 * rng.standard_normal(shape)).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    mean = rng.standard_normal(c).astype(p)
+    invstd = (0.5 + rng.random(c)).astype(p)
+    weight = rng.standard_normal(c).astype(p)
+    return x, dy, mean, invstd, weight
+
+
+def _per_channel(a, shape, axis):
+    view = [1] * len(shape)
+    view[axis] = shape[axis]
+    return a.reshape(view)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda l: f"{'x'.join(map(str, l[0]))}-ax{l[1]}")
+@pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
+def test_eval_backward_is_its_definition(layout, dtype, relu):
+    shape, axis = layout
+    x, dy, mean, invstd, weight = _case(shape, axis, dtype)
+    p = invstd.dtype
+    scale = _per_channel((invstd * weight).astype(p), shape, axis)
+    if relu:
+        running_var = (1.0 / invstd.astype(np.float64) ** 2 - 1e-5).astype(p)
+        y = bnorm.forward_infer(x, mean, running_var, weight, None, axis=axis,
+                                activation="relu")
+        dx, dweight, dbias, dsum = bnorm.backward(dy, x, mean, invstd, weight, axis=axis, batch_stats=False,
+                                                  activation="relu", y=y)
+        g = np.where(y > 0, dy, np.zeros_like(dy))
+        ref.assert_bitwise(dsum, g, "dsum")
+        sums = bnorm.backward_reduce(dy, x, mean, invstd, axis=axis, activation="relu", y=y)
+    else:
+        dx, dweight, dbias = bnorm.backward(dy, x, mean, invstd, weight, axis=axis, batch_stats=False)
+        g = dy
+        sums = bnorm.backward_reduce(dy, x, mean, invstd, axis=axis)
+    want = (g.astype(p) * scale).astype(dtype)
+    # equal values; a zero's sign may differ only where g is zero (0 * scale)
+    assert np.array_equal(_bits(dx) == _bits(want), (_bits(dx) == _bits(want)) | (want.astype(p) == 0))
+    assert np.array_equal(dx.astype(p), want.astype(p))
+    ref.assert_bitwise(dbias, sums[0], "dbias")
+    ref.assert_bitwise(dweight, sums[1], "dweight")
+
+
+@pytest.mark.parametrize("layout", [((16, 64, 7, 7), 1), ((64, 96), 1), ((2, 3, 700, 700), 1)],
+                         ids=lambda l: f"{'x'.join(map(str, l[0]))}-ax{l[1]}")
+def test_eval_backward_reads_no_x_for_dx(layout):
+    # dx = dy * scale does not depend on x: an infinite x changes dweight, never dx
+    shape, axis = layout
+    x, dy, mean, invstd, weight = _case(shape, axis, np.float32, seed=1)
+    x_inf = x.copy()
+    x_inf.reshape(-1)[:: 7] = np.inf
+    dx, _, _ = bnorm.backward(dy, x, mean, invstd, weight, axis=axis, batch_stats=False)
+    dx_inf, _, _ = bnorm.backward(dy, x_inf, mean, invstd, weight, axis=axis, batch_stats=False)
+    ref.assert_bitwise(dx, dx_inf, "dx")
+
+
+@pytest.mark.parametrize("layout", [((16, 64, 7, 7), 1), ((2, 3, 700, 700), 1), ((64, 14, 14, 96), -1)],
+                         ids=lambda l: f"{'x'.join(map(str, l[0]))}-ax{l[1]}")
+def test_eval_backward_in_place(layout):
+    shape, axis = layout
+    x, dy, mean, invstd, weight = _case(shape, axis, np.float32, seed=2)
+    want = bnorm.backward(dy, x, mean, invstd, weight, axis=axis, batch_stats=False)
+    for name in ("dy", "x"):
+        args = {"dy": dy.copy(), "x": x.copy()}
+        got = bnorm.backward(args["dy"], args["x"], mean, invstd, weight, axis=axis, batch_stats=False,
+                             out=args[name])
+        assert got[0] is args[name]
+        for a, b in zip(got, want):
+            ref.assert_bitwise(a, b, f"dx over {name}")
