@@ -144,6 +144,13 @@ void parallel_writes(int team, int64_t n, int64_t chunk, bool stream, const Body
     detail::note_parallel_region(done_ns - started_ns, started_ns + (ns_since(start) - done_ns));
 }
 
+// The elements of T from p to the next 64-byte line (0 where p is on one, or where p is not
+// aligned to T, whose elements then never reach a line boundary).
+template <class T>
+int64_t elements_to_line(const T* p) {
+    const uintptr_t address = reinterpret_cast<uintptr_t>(p);
+    return address % sizeof(T) == 0 ? int64_t((64 - address % 64) % 64 / sizeof(T)) : 0;
+}
 
 // Whether Simd S stores groups of S::kGroup vectors at once (store_group), and the end of
 // a run that is not streamed whole (store_end).
@@ -211,9 +218,8 @@ BNORM_INLINE void write_run(T* out, int64_t n, bool stream, const Value& value) 
             return;
         }
     }
-    const uintptr_t address = reinterpret_cast<uintptr_t>(out);
-    const bool lines = stream && address % sizeof(T) == 0;
-    const int64_t start = lines ? std::min<int64_t>(n, int64_t((64 - address % 64) % 64 / sizeof(T))) : 0;
+    const bool lines = stream && reinterpret_cast<uintptr_t>(out) % sizeof(T) == 0;
+    const int64_t start = lines ? std::min<int64_t>(n, elements_to_line(out)) : 0;
     const int64_t head_at = std::max<int64_t>(start - W, 0);
     typename S::R head_end{};  // (none without streaming: start is 0)
     if (start > 0) head_end = value(S{}, head_at);
@@ -315,16 +321,20 @@ BNORM_INLINE void write_rows(T* out, int64_t stride, int64_t rows, int64_t n, co
     for (; r < rows; ++r) group(r, std::integral_constant<int, 1>{});
 }
 
-// Rows (runs of row_length elements) handed out at a time by the elementwise loops of s:
-// about kChunkElems elements, fewer when that would leave fewer than 8 chunks per thread.
+// The elements (chunk_elements; rows_per_chunk: whole rows of row_length elements) handed
+// out at a time by the elementwise loops of s: about kChunkElems, fewer when that would
+// leave fewer than 8 chunks per thread.
 // Small chunks, alternating between threads, keep restarting the hardware prefetchers:
 // with 4096-element chunks (64, 256, 28, 28) float32 inference took 2.1 ms instead of
 // 1.1 ms, float16 1.5 ms instead of 0.5 ms (2 threads, AMD EPYC).
 constexpr int64_t kChunkElems = 65536;
 
+inline int64_t chunk_elements(Shape s, int team) {
+    return std::clamp<int64_t>(s.size() / (8 * int64_t(team)), kTileElems, kChunkElems);
+}
+
 inline int64_t rows_per_chunk(Shape s, int team, int64_t row_length) {
-    const int64_t elements = std::clamp<int64_t>(s.size() / (8 * int64_t(team)), kTileElems, kChunkElems);
-    return std::max<int64_t>(1, elements / std::max<int64_t>(row_length, 1));
+    return std::max<int64_t>(1, chunk_elements(s, team) / std::max<int64_t>(row_length, 1));
 }
 
 // body(r0, rows, c0, c1) for the columns [c0, c1) of the rows [r0, r0 + rows) of the rows

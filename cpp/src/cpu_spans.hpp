@@ -50,7 +50,7 @@ struct Divisor {
 
 // span(offset, n, position, stream) over the whole of s (writes_spans) in parallel, n
 // elements from `offset` that lie in one outer index, the first at `position` (offset
-// modulo channels * inner). Chunks of about rows_per_chunk's elements end on cache lines
+// modulo channels * inner). Chunks of about chunk_elements end on cache lines
 // of out, so that no line is written by two threads and streamed chunks start whole.
 template <class T, class Span>
 void for_each_span(Shape s, int threads, const T* out, const Span& span) {
@@ -58,10 +58,8 @@ void for_each_span(Shape s, int threads, const T* out, const Span& span) {
     const bool stream = streams<T>(s);
     const int64_t row = s.channels * s.inner, total = s.size();
     constexpr int64_t line = 64 / int64_t(sizeof(T));
-    const int64_t chunk = ceil_div(std::clamp<int64_t>(total / (8 * int64_t(team)), kTileElems, kChunkElems), line) * line;
-    const uintptr_t address = reinterpret_cast<uintptr_t>(out);
-    const int64_t lead = address % sizeof(T) == 0 ? int64_t((64 - address % 64) % 64 / sizeof(T)) : 0;
-    const int64_t first_end = std::min(total, lead + chunk);
+    const int64_t chunk = ceil_div(chunk_elements(s, team), line) * line;
+    const int64_t first_end = std::min(total, elements_to_line(out) + chunk);
     parallel_writes(team, 1 + ceil_div(total - first_end, chunk), 1, stream, [&](int64_t item, int) BNORM_INLINE_LAMBDA {
         int64_t begin = item == 0 ? 0 : first_end + (item - 1) * chunk;
         const int64_t end = item == 0 ? first_end : std::min(total, begin + chunk);
