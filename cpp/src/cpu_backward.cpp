@@ -37,7 +37,7 @@ struct BackwardSumsOp {
     Shape s;
     Mask mask{};  // the gradient read in place of dy (epilogue.hpp)
     // A storing mask also writes dsum = g, streamed (the fused backward's first pass where
-    // dsum streams, see backward_train_fused): store_dsum_first over each run or row of a
+    // dsum streams, see backward_fused): store_dsum_first over each run or row of a
     // tile right after its sums, while its inputs are in L1 or L2. Not from the sums'
     // loops: their vectors start where a run or row starts, so where dsum is not 64-byte
     // aligned (as NumPy's large arrays, 16 bytes into a line) none could be streamed, and
@@ -303,9 +303,13 @@ void backward_dx_fused(const T* dy, const T* x, Shape s, int threads, const para
 
 // The training backward, and the eval-mode one (batch_stats false: dx = g * scale, which
 // reads no x). Where the data streams, eval mode writes dx in the training dx's schedules,
-// so that dy (and y) are read from memory once for the sums and dx where the layout allows:
-// 3S instead of 4S (2 threads: (64, 256, 28, 28) 0.77x the time of the sums then dx,
-// channels-last (64, 56, 56, 64) with ReLU 0.60x).
+// so that dy (and y) are read from memory once for the sums and dx where the layout allows
+// (per channel, strips: 3S instead of 4S, 5S instead of 6S with ReLU and dsum; two passes:
+// 4S, and 6S instead of 7S with ReLU, dsum written by the first). 2 threads, against the
+// sums then dx: (64, 256, 28, 28) 0.57x the time, channels-last (64, 56, 56, 64) with
+// ReLU 0.65x (benchmarks/results/2026-12-05-eval-backward-epyc-2cpu.txt). The cached
+// path's affine gives +0 where g * scale is -0: the only difference in bits, and a
+// function of the shape alone.
 template <class T, class Mask>
 void backward_fused(const T* dy, const T* x, Shape s, int threads, const param_t<T>* mean,
                     const param_t<T>* invstd, const param_t<T>* weight, bool batch_stats, T* dx,
@@ -323,11 +327,11 @@ void backward_fused(const T* dy, const T* x, Shape s, int threads, const param_t
         // ReLU by affine, (dy - 0) * scale + 0, for its write spans, which the backward's
         // passes lack (cached 6x6/7x7 planes: 1.1-1.2x the time in these schedules).
         Scratch<double> s_dy(C), s_dy_xmu(C);
-        Scratch<P> unused(C), scale(C);
+        Scratch<P> zero_dy_mean(C), zero_xmu_scale(C), scale(C);  // (distinct: __restrict outputs)
         backward_sums_fused(dy, x, s, threads, mean, s_dy.data(), s_dy_xmu.data(), mask.reading());
         dx_coefficients(
             int64_t(0), C, [&](int64_t c) { return Sums{s_dy[c], s_dy_xmu[c]}; }, invstd, weight, count, false,
-            sum_dy, sum_dy_xhat, unused.data(), unused.data(), scale.data());
+            sum_dy, sum_dy_xhat, zero_dy_mean.data(), zero_xmu_scale.data(), scale.data());
         if constexpr (Mask::relu || Mask::stores) {
             backward_dx_fused(dy, dx_x, s, threads, mean, mean, mean, scale.data(), dx, mask);
         } else {
