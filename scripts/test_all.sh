@@ -57,6 +57,11 @@ cmake -S . -B build/cpp-tests -DBNORM_TESTS=ON -DBNORM_PYTHON=OFF -DBNORM_CUDA="
   "-DBNORM_KERNEL_ISAS=$NATIVE_ISA" "-DCMAKE_CUDA_ARCHITECTURES=$TEST_CUDA_ARCH"
 cmake --build build/cpp-tests -j "$JOBS"
 ctest --test-dir build/cpp-tests --output-on-failure
+# The SSE2 baseline kernels too (what x86-64 CPUs without AVX2 run; every build compiles
+# them), chosen at run time: a few seconds, no build of their own.
+if [ -n "$NATIVE_ISA" ]; then
+  for t in test_cpu test_variants test_fused; do BNORM_CPU_ISA=baseline "build/cpp-tests/tests/cpp/$t"; done
+fi
 
 section "C++ tests under ASan + UBSan"
 cmake -S . -B build/cpp-asan -DBNORM_TESTS=ON -DBNORM_PYTHON=OFF -DBNORM_CUDA=OFF -DBNORM_SANITIZE=ON \

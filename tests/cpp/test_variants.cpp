@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <vector>
 
 #include "../../cpp/src/half.hpp"
@@ -116,14 +117,33 @@ void test_bfloat16() {
                               db.data());
     bnorm::backward<float>(dyf.data(), xf.data(), s, meanf.data(), invstdf.data(), nullptr, true, dxf.data(),
                            dwf.data(), dbf.data());
+    // The same bits where the bfloat16 and float kernels have the same lanes, and so sum
+    // in the same order: AVX2, AVX-512 and the one-lane kernels. SSE2 (the x86-64
+    // baseline) has no vector conversions for 16-bit types: they run one lane at a time
+    // there, float four, and agree to float rounding.
+#ifdef BNORM_SCALAR_KERNELS
+    const bool same_lanes = true;
+#else
+    const bool same_lanes = std::strcmp(bnorm::cpu_isa(), "baseline") != 0;
+#endif
     for (int c = 0; c < 3; ++c) {
-        CHECK(mean[c] == meanf[c]);
-        CHECK(invstd[c] == invstdf[c]);
-        CHECK(dw[c] == dwf[c]);
-        CHECK(db[c] == dbf[c]);
+        if (same_lanes) {
+            CHECK(mean[c] == meanf[c]);
+            CHECK(invstd[c] == invstdf[c]);
+            CHECK(dw[c] == dwf[c]);
+            CHECK(db[c] == dbf[c]);
+        } else {
+            CHECK_CLOSE(mean[c], meanf[c], 1e-6, 1e-6);
+            CHECK_CLOSE(invstd[c], invstdf[c], 1e-6, 0);
+            CHECK_CLOSE(dw[c], dwf[c], 1e-5, 1e-4);  // sums of 6400 terms of up to ~3
+            CHECK_CLOSE(db[c], dbf[c], 1e-5, 1e-4);
+        }
     }
     for (size_t i = 0; i < x.size(); ++i) {
-        CHECK(y[i].bits == float_to_bfloat16(yf[i]).bits);  // the same float, rounded once
+        if (same_lanes)
+            CHECK(y[i].bits == float_to_bfloat16(yf[i]).bits);  // the same float, rounded once
+        else
+            CHECK_CLOSE(bfloat16_to_float(y[i]), yf[i], 8e-3, 8e-3);
         CHECK_CLOSE(bfloat16_to_float(dx[i]), dxf[i], 8e-3, 8e-3);
     }
 }
