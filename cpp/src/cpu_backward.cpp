@@ -321,26 +321,10 @@ void backward_fused(const T* dy, const T* x, Shape s, int threads, const param_t
     const double count = double(s.count());
     const bool stream = streams<T>(s);
     const int64_t C = s.channels;
-    if (!batch_stats && !stream) {
-        // Eval mode in cache: the sums, then dx in a pass of its own, which finds dy in
-        // cache (the fused schedules below took 1.02-1.05x the time with ReLU), without
-        // ReLU by affine, (dy - 0) * scale + 0, for its write spans, which the backward's
-        // passes lack (cached 6x6/7x7 planes: 1.1-1.2x the time in these schedules).
-        Scratch<double> s_dy(C), s_dy_xmu(C);
-        Scratch<P> zero_dy_mean(C), zero_xmu_scale(C), scale(C);  // (distinct: __restrict outputs)
-        backward_sums_fused(dy, x, s, threads, mean, s_dy.data(), s_dy_xmu.data(), mask.reading());
-        dx_coefficients(
-            int64_t(0), C, [&](int64_t c) { return Sums{s_dy[c], s_dy_xmu[c]}; }, invstd, weight, count, false,
-            sum_dy, sum_dy_xhat, zero_dy_mean.data(), zero_xmu_scale.data(), scale.data());
-        if constexpr (Mask::relu || Mask::stores) {
-            backward_dx_fused(dy, dx_x, s, threads, mean, mean, mean, scale.data(), dx, mask);
-        } else {
-            const Scratch<P> zero(C, P(0));
-            affine(dy, s, threads, zero.data(), scale.data(), zero.data(), dx, Epilogue<T>{});
-        }
-        return;
-    }
-    if (const ColumnStrips strips = column_strips(s, team, 2 * sizeof(T))) {
+    // Eval mode in cache takes the two passes: the second finds dy in cache (the fused
+    // schedules took 1.02-1.05x the time with ReLU there).
+    const bool fused = batch_stats || stream;
+    if (const ColumnStrips strips = fused ? column_strips(s, team, 2 * sizeof(T)) : ColumnStrips{}) {
         const Shape view = strips.view;
         const RowSplits plan(view);
         const auto expanded_mean = strips.pos.expand(mean);  // short planes: the mean of each column
@@ -365,7 +349,7 @@ void backward_fused(const T* dy, const T* x, Shape s, int threads, const param_t
         });
         return;
     }
-    if (!fuse_per_channel(s, team, 2 * sizeof(T))) {
+    if (!fused || !fuse_per_channel(s, team, 2 * sizeof(T))) {
         // Two passes. With ReLU and a dsum that streams (too large to be cached), the first
         // also writes dsum = g, and the second reads g back in place of dy and y: 7S of
         // traffic (read dy, y, x, write dsum; read dsum, x, write dx) instead of 8S (read dy,
@@ -396,6 +380,16 @@ void backward_fused(const T* dy, const T* x, Shape s, int threads, const param_t
         }
         backward_sums_fused(dy, x, s, threads, mean, s_dy.data(), s_dy_xmu.data(), mask.reading());
         coefficients();
+        if constexpr (!Mask::relu && !Mask::stores) {
+            if (!fused) {
+                // Eval mode in cache without ReLU: dx = (dy - 0) * scale + 0 by affine, for
+                // its write spans, which the backward's passes lack (cached 6x6/7x7 planes
+                // took 1.1-1.2x the time in backward_dx_fused).
+                const Scratch<P> zero(C, P(0));
+                affine(dy, s, threads, zero.data(), scale.data(), zero.data(), dx, Epilogue<T>{});
+                return;
+            }
+        }
         backward_dx_fused(dy, dx_x, s, threads, mean, dy_mean.data(), xmu_scale.data(), scale.data(), dx, mask);
         return;
     }
