@@ -266,7 +266,8 @@ struct Simd<bfloat16> {
     // Before, a 7x7 plane (49 elements) took a pair, a single vector and the tail, each
     // tested and branched on, the tail through a buffer: bfloat16 inference of (32, 256, 7,
     // 7) in cache took 1.29x float16's time, 1.04x held whole (a standalone loop over
-    // write_run, one thread, medians of 15 rounds of 300 passes).
+    // write_run, one thread, medians of 15 rounds of 300 passes). (The loops over v are
+    // unrolled to constant indices, so that v can stay in registers.)
     __attribute__((always_inline)) static inline void store_end(bfloat16* p, int64_t n, const R (&v)[kGroup], int full,
                                                                 const R& tail) {
         const bool ragged = n % width != 0;
@@ -284,9 +285,13 @@ struct Simd<bfloat16> {
         if (ragged) zero = _kor_mask32(zero, _mm256_testn_epi16_mask(tail_words, _mm256_set1_epi16(0x7fff)));
         if (__builtin_expect(zero != 0, 0)) {
             __mmask16 subnormal = ragged ? _mm512_fpclass_ps_mask(tail, 0x20) : __mmask16(0);
-            for (int k = 0; k < full; ++k) subnormal = _kor_mask16(subnormal, _mm512_fpclass_ps_mask(v[k], 0x20));
+#pragma GCC unroll 8
+            for (int k = 0; k < kGroup; ++k)
+                if (k < full) subnormal = _kor_mask16(subnormal, _mm512_fpclass_ps_mask(v[k], 0x20));
             if (subnormal != 0) {
-                for (int k = 0; k < full; ++k) store(p + k * width, v[k]);
+#pragma GCC unroll 8
+                for (int k = 0; k < kGroup; ++k)
+                    if (k < full) store(p + k * width, v[k]);
                 if (ragged) _mm256_mask_storeu_epi16(p + n - width, tail_mask, narrow(tail));
                 return;
             }

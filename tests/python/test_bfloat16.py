@@ -164,15 +164,16 @@ ORDER = ["baseline", "avx2", "avx512", "avx512bf16"]
 # (runs of 40001 and 40017 are written with ordinary stores, of 200001 (9.6 MB) with
 # non-temporal ones: in the avx512bf16 build each path narrows groups of 8 vectors, then
 # the streamed one pairs, the other the rest of the run held whole (store_end: 0 to 7
-# vectors and a tail; runs of 16 to 64 elements are all rest), each vector through the
-# exact narrowing where a lane is subnormal; runs of 40017 leave a single vector as well.
+# vectors and a tail; runs of 16 to 64 elements are all rest; a rest of whole pairs, as in
+# runs of 64 and 160, is narrowed pair by pair), each vector through the exact narrowing
+# where a lane is subnormal; runs of 40017 leave a single vector as well.
 # Rows of 100, 512 and 1000 channels: write_rows narrows pairs of rows at once
 # (store_rows), rows of 16 a positions view of 256-element rows, and 1000 leaves a tail)
 # With ReLU, zeros beside subnormal lanes in the same group (the narrowing tests a group's
 # zero words first, then its subnormal lanes): the run ends, streamed lines, pairs of rows.
-ROUNDING_RUNS = [(run, None) for run in (16, 20, 33, 49, 64, 40001, 40017, 200001, "rows16", "rows100", "rows512",
-                                         "rows1000")] + [(run, "relu") for run in (49, 40017, 200001, "rows100",
-                                                                                  "rows512")]
+ROUNDING_RUNS = [(run, None) for run in (16, 20, 33, 49, 64, 160, 40001, 40017, 200001, "rows16", "rows100",
+                                         "rows512", "rows1000")] + [(run, "relu") for run in (49, 64, 40017, 200001,
+                                                                                              "rows100", "rows512")]
 
 
 _ROUNDING_RESULTS = {}
