@@ -26,79 +26,6 @@ BNORM_INLINE void store_dsum_first(const T* dy, int64_t n, const Mask& mask) {
     write_run<kInputsFromMemory>(mask.dsum, n, true, [&](auto lanes, int64_t i) { return mask.load(lanes, dy, i); });
 }
 
-template <class T, class Mask = GradientMask<T, false, false>>
-struct BackwardSumsOp {
-    using A = param_t<T>;
-    using Partial = Sums;
-    using Work = RowWork<A, Sums>;
-    const T* dy;
-    const T* x;
-    const A* mean;
-    Shape s;
-    Mask mask{};  // the gradient read in place of dy (epilogue.hpp)
-    // A storing mask also writes dsum = g, streamed (the fused backward's first pass where
-    // dsum streams, see backward_fused): store_dsum_first over each run or row of a
-    // tile right after its sums, while its inputs are in L1 or L2. Not from the sums'
-    // loops: their vectors start where a run or row starts, so where dsum is not 64-byte
-    // aligned (as NumPy's large arrays, 16 bytes into a line) none could be streamed, and
-    // each line was read before it was written ((64, 7, 7, 2048) backward with ReLU
-    // 1.06-1.10x the two-pass time instead of 0.92x); and the sums keep the bits of the
-    // plain pass.
-    void store_g(int64_t offset, int64_t n) const { store_dsum_first<false>(dy + offset, n, mask.at(offset)); }
-
-    BNORM_FLATTEN Sums plane_tile(int64_t c, PlaneTiles::Tile t) const {
-        const int64_t stride = s.channels * s.inner, len = t.i1 - t.i0;
-        const int64_t offset = c * s.inner + t.i0 + t.r0 * stride;
-        const T* g = dy + offset;
-        const T* p = x + offset;
-        const A m = mean[c];
-        const Mask tile_mask = mask.at(offset);
-        const Pair<A> sums = chained_sums<T>(t.r1 - t.r0, stride, len, [&](auto lanes, int64_t k, auto& a, auto& b) {
-            using L = decltype(lanes);
-            const auto d = tile_mask.load(L{}, g, k);
-            a += d;
-            b += d * (L::load(p + k) - L::set(m));
-        });
-        if constexpr (Mask::stores)
-            for (int64_t r = 0; r < t.r1 - t.r0; ++r) store_g(offset + r * stride, len);
-        return {double(sums.a), double(sums.b)};
-    }
-
-    BNORM_FLATTEN void row_tile(int64_t c0, int64_t c1, int64_t r0, int64_t r1, Sums* acc) const {
-        const int64_t w = c1 - c0, C = s.channels;
-        A sum_dy[kChannelBlock], sum_dy_xmu[kChannelBlock];
-        for (int64_t j = 0; j < w; ++j) sum_dy[j] = sum_dy_xmu[j] = 0;
-        const bool grouped = grouped_rows<T>(s, 2);
-        const auto sums = [&](auto lanes, auto acc_lanes, auto group, int64_t r, int64_t j) {
-            using L = decltype(lanes);
-            using P = decltype(acc_lanes);
-            const auto m = P::load(mean + c0 + j);
-            const int64_t offset = r * C + c0 + j;
-            // Both sums before either store (see MomentsOp::row_tile).
-            const auto g = rows_sum<group()>([&](int64_t k) { return mask.load(L{}, dy, offset + k * C); });
-            const auto gx = rows_sum<group()>([&](int64_t k) {
-                return mask.load(L{}, dy, offset + k * C) * (L::load(x + offset + k * C) - m);
-            });
-            P::store(sum_dy + j, P::load(sum_dy + j) + g);
-            P::store(sum_dy_xmu + j, P::load(sum_dy_xmu + j) + gx);
-        };
-        if constexpr (Mask::stores) {  // a group of rows at a time (the same groups), then their g
-            const int64_t group = grouped ? 4 : 1;
-            for (int64_t r = r0; r < r1; r += group) {
-                const int64_t end = std::min(r1, r + group);
-                for_row_lanes<T>(r, end, w, grouped, sums);
-                if (w == C)  // whole rows: one run (partial lines only at its ends, not each row's)
-                    store_g(r * C, (end - r) * C);
-                else
-                    for (int64_t q = r; q < end; ++q) store_g(q * C + c0, w);
-            }
-        } else {
-            for_row_lanes<T>(r0, r1, w, grouped, sums);
-        }
-        for (int64_t j = 0; j < w; ++j) merge(acc[j], Sums{double(sum_dy[j]), double(sum_dy_xmu[j])});
-    }
-};
-
 // dx = (g - dy_mean - (x - mean) * xmu_scale) * scale over one run of a single channel, g
 // being dy or ReLU's gradient of it (mask, which also stores dsum = g); with x null (eval
 // mode), dx = g * scale. (kInputsFromMemory: see write_run; the unfused pass.)
@@ -204,6 +131,102 @@ BNORM_FLATTEN void backward_rows(const T* dy, const T* x, T* dx, int64_t stride,
         });
 }
 
+template <class T, class Mask = GradientMask<T, false, false>>
+struct BackwardSumsOp {
+    using A = param_t<T>;
+    using Partial = Sums;
+    using Work = RowWork<A, Sums>;
+    const T* dy;
+    const T* x;
+    const A* mean;
+    Shape s;
+    Mask mask{};  // the gradient read in place of dy (epilogue.hpp)
+    // A storing mask also writes dsum = g, streamed (the fused backward's first pass where
+    // dsum streams, see backward_fused): store_dsum_first over each run or row of a
+    // tile right after its sums, while its inputs are in L1 or L2. Not from the sums'
+    // loops: their vectors start where a run or row starts, so where dsum is not 64-byte
+    // aligned (as NumPy's large arrays, 16 bytes into a line) none could be streamed, and
+    // each line was read before it was written ((64, 7, 7, 2048) backward with ReLU
+    // 1.06-1.10x the two-pass time instead of 0.92x); and the sums keep the bits of the
+    // plain pass.
+    void store_g(int64_t offset, int64_t n) const { store_dsum_first<false>(dy + offset, n, mask.at(offset)); }
+    // Eval mode without ReLU where the data streams (backward_fused): dx = dy * dx_scale[c],
+    // written likewise after each run's or row's sums, so that dy crosses memory once: 3S
+    // instead of 4S. (With ReLU, dsum and dx written so, 5S instead of 6S, took 1.09-1.17x
+    // the time on channels-last shapes; (8192, 1024) 0.91x.)
+    T* dx = nullptr;
+    const A* dx_scale = nullptr;
+    bool dx_stream = false;
+    void store_dx(int64_t offset, int64_t n, A scale) const {
+        backward_run(dy + offset, static_cast<const T*>(nullptr), dx + offset, n, A(0), {A(0), A(0), scale}, dx_stream,
+                     mask.reading().at(offset));
+    }
+    void store_dx_row(int64_t offset, int64_t c0, int64_t n) const {
+        backward_row(dy + offset, static_cast<const T*>(nullptr), dx + offset, n, nullptr, nullptr, nullptr,
+                     dx_scale + c0, dx_stream, mask.reading().at(offset));
+    }
+
+    BNORM_FLATTEN Sums plane_tile(int64_t c, PlaneTiles::Tile t) const {
+        const int64_t stride = s.channels * s.inner, len = t.i1 - t.i0;
+        const int64_t offset = c * s.inner + t.i0 + t.r0 * stride;
+        const T* g = dy + offset;
+        const T* p = x + offset;
+        const A m = mean[c];
+        const Mask tile_mask = mask.at(offset);
+        const Pair<A> sums = chained_sums<T>(t.r1 - t.r0, stride, len, [&](auto lanes, int64_t k, auto& a, auto& b) {
+            using L = decltype(lanes);
+            const auto d = tile_mask.load(L{}, g, k);
+            a += d;
+            b += d * (L::load(p + k) - L::set(m));
+        });
+        if constexpr (Mask::stores)
+            for (int64_t r = 0; r < t.r1 - t.r0; ++r) store_g(offset + r * stride, len);
+        if constexpr (!Mask::relu)
+            if (dx)
+                for (int64_t r = 0; r < t.r1 - t.r0; ++r) store_dx(offset + r * stride, len, dx_scale[c]);
+        return {double(sums.a), double(sums.b)};
+    }
+
+    BNORM_FLATTEN void row_tile(int64_t c0, int64_t c1, int64_t r0, int64_t r1, Sums* acc) const {
+        const int64_t w = c1 - c0, C = s.channels;
+        A sum_dy[kChannelBlock], sum_dy_xmu[kChannelBlock];
+        for (int64_t j = 0; j < w; ++j) sum_dy[j] = sum_dy_xmu[j] = 0;
+        const bool grouped = grouped_rows<T>(s, 2);
+        const auto sums = [&](auto lanes, auto acc_lanes, auto group, int64_t r, int64_t j) {
+            using L = decltype(lanes);
+            using P = decltype(acc_lanes);
+            const auto m = P::load(mean + c0 + j);
+            const int64_t offset = r * C + c0 + j;
+            // Both sums before either store (see MomentsOp::row_tile).
+            const auto g = rows_sum<group()>([&](int64_t k) { return mask.load(L{}, dy, offset + k * C); });
+            const auto gx = rows_sum<group()>([&](int64_t k) {
+                return mask.load(L{}, dy, offset + k * C) * (L::load(x + offset + k * C) - m);
+            });
+            P::store(sum_dy + j, P::load(sum_dy + j) + g);
+            P::store(sum_dy_xmu + j, P::load(sum_dy_xmu + j) + gx);
+        };
+        if (Mask::stores || (!Mask::relu && dx)) {  // a group of rows at a time (the same groups), then their g or dx
+            const int64_t group = grouped ? 4 : 1;
+            for (int64_t r = r0; r < r1; r += group) {
+                const int64_t end = std::min(r1, r + group);
+                for_row_lanes<T>(r, end, w, grouped, sums);
+                if constexpr (Mask::stores) {
+                    if (w == C)  // whole rows: one run (partial lines only at its ends, not each row's)
+                        store_g(r * C, (end - r) * C);
+                    else
+                        for (int64_t q = r; q < end; ++q) store_g(q * C + c0, w);
+                }
+                if constexpr (!Mask::relu)
+                    if (dx)
+                        for (int64_t q = r; q < end; ++q) store_dx_row(q * C + c0, c0, w);
+            }
+        } else {
+            for_row_lanes<T>(r0, r1, w, grouped, sums);
+        }
+        for (int64_t j = 0; j < w; ++j) merge(acc[j], Sums{double(sum_dy[j]), double(sum_dy_xmu[j])});
+    }
+};
+
 // The P-rounded sums of the channels [c0, c1) (sums(c): their double Sums) and their dx
 // coefficients at index c - c0. The outputs are distinct scratch arrays (cpu_api.cpp gives
 // the sums scratch of their own): __restrict lets the loop vectorize where the caller picks
@@ -223,16 +246,24 @@ void dx_coefficients(int64_t c0, int64_t c1, const SumsOf& sums, const P* invstd
 
 // The kernels with their gradient mask (Mask: a GradientMask) as a type; the entry points
 // below pick it once per call.
-// With a storing mask the reductions also write dsum = g, streamed (BackwardSumsOp).
+// With a storing mask the reductions also write dsum = g, streamed (BackwardSumsOp); with
+// dx (eval mode), dx = g * dx_scale as well (BackwardSumsOp::dx).
 template <class T, class Mask>
 void backward_sums_fused(const T* dy, const T* x, Shape shape, int threads, const param_t<T>* mean,
-                         double* sum_dy, double* sum_dy_xmu, const Mask& mask) {
+                         double* sum_dy, double* sum_dy_xmu, const Mask& mask, T* dx = nullptr,
+                         const param_t<T>* dx_scale = nullptr) {
     using Op = BackwardSumsOp<T, Mask>;
-    constexpr bool stream = Mask::stores;
+    // (an op over the part of x at `offset`, viewed as `part`, with the dx scale for its channels)
+    const auto op_at = [&](int64_t offset, Shape part, const param_t<T>* part_mean, const param_t<T>* part_scale) {
+        Op op{dy + offset, x + offset, part_mean, part, mask.at(offset)};
+        if (dx) op.dx = dx + offset, op.dx_scale = part_scale, op.dx_stream = streams_output(part, dx + offset);
+        return op;
+    };
+    const bool stream = Mask::stores || (dx && streams<T>(shape));
     const int team = team_size(shape, threads);
     if (const int64_t strip = strip_width(shape, team, 2 * sizeof(T))) {
         const RowSplits plan(shape);
-        const Op op{dy, x, mean, shape, mask};
+        const Op op = op_at(0, shape, mean, dx_scale);
         using Work = typename Op::Work;
         for_each_strip<Work>(shape, team, strip, stream, [&](int64_t c0, int64_t c1, Work& work) {
             plan.strip_partials(shape, op, c0, c1, work);
@@ -244,17 +275,16 @@ void backward_sums_fused(const T* dy, const T* x, Shape shape, int threads, cons
     const Positions pos = positions_of(shape, For::reduce);
     if (pos.view.channels > 0) {
         const auto mean_at = pos.expand(mean);
+        const auto scale_at = pos.expand(dx ? dx_scale : mean);  // (unused without dx)
         Scratch<Sums> per_position(pos.view.channels), rest(pos.rest.outer > 0 ? shape.channels : 0);
-        reduce(pos.view, threads, Op{dy, x, mean_at.data(), pos.view, mask}, per_position.data(), stream);
+        reduce(pos.view, threads, op_at(0, pos.view, mean_at.data(), scale_at.data()), per_position.data(), stream);
         for (int64_t c = 0; c < shape.channels; ++c) result[c] = pos.fold_channel(per_position.data(), c);
         if (pos.rest.outer > 0) {
-            const int64_t offset = pos.view.size();
-            reduce(pos.rest, threads, Op{dy + offset, x + offset, mean, pos.rest, mask.at(offset)}, rest.data(),
-                   stream);
+            reduce(pos.rest, threads, op_at(pos.view.size(), pos.rest, mean, dx_scale), rest.data(), stream);
             for (int64_t c = 0; c < shape.channels; ++c) merge(result[c], rest[c]);
         }
     } else {
-        reduce(shape, threads, Op{dy, x, mean, shape, mask}, result.data(), stream);
+        reduce(shape, threads, op_at(0, shape, mean, dx_scale), result.data(), stream);
     }
     for (int64_t c = 0; c < shape.channels; ++c) {
         sum_dy[c] = result[c].dy;
@@ -305,9 +335,11 @@ void backward_dx_fused(const T* dy, const T* x, Shape s, int threads, const para
 // reads no x). Where the data streams, eval mode writes dx in the training dx's schedules,
 // so that dy (and y) are read from memory once for the sums and dx where the layout allows
 // (per channel, strips: 3S instead of 4S, 5S instead of 6S with ReLU and dsum; two passes:
-// 4S, and 6S instead of 7S with ReLU, dsum written by the first). 2 threads, against the
-// sums then dx: (64, 256, 28, 28) 0.57x the time, channels-last (64, 56, 56, 64) with
-// ReLU 0.65x (benchmarks/results/2026-12-05-eval-backward-epyc-2cpu.txt). The cached
+// 6S instead of 7S with ReLU, dsum written by the first; without ReLU the reduction
+// writes dx, 3S instead of 4S: BackwardSumsOp::dx). 2 threads, against the sums then dx:
+// (64, 256, 28, 28) 0.57x the time, channels-last (64, 56, 56, 64) with ReLU 0.65x
+// (benchmarks/results/2026-12-05-eval-backward-epyc-2cpu.txt), without 0.85x (docs/
+// performance.md, "Eval mode in one pass"). The cached
 // path's affine gives +0 where g * scale is -0: the only difference in bits, and a
 // function of the shape alone.
 template <class T, class Mask>
@@ -369,6 +401,15 @@ void backward_fused(const T* dy, const T* x, Shape s, int threads, const param_t
                 int64_t(0), C, [&](int64_t c) { return Sums{s_dy[c], s_dy_xmu[c]}; }, invstd, weight, count,
                 batch_stats, sum_dy, sum_dy_xhat, dy_mean.data(), xmu_scale.data(), scale.data());
         };
+        if constexpr (!Mask::relu) {
+            if (!batch_stats && stream) {  // eval mode: dx needs no sums, so the reduction writes it
+                for (int64_t c = 0; c < C; ++c)
+                    scale[c] = detail::backward_coefficients(P(0), P(0), invstd[c], weight, c, count, false).scale;
+                backward_sums_fused(dy, x, s, threads, mean, s_dy.data(), s_dy_xmu.data(), mask, dx, scale.data());
+                coefficients();
+                return;
+            }
+        }
         if constexpr (Mask::relu && Mask::stores) {
             if (streams_output(s, mask.dsum)) {
                 backward_sums_fused(dy, x, s, threads, mean, s_dy.data(), s_dy_xmu.data(), mask);
