@@ -275,7 +275,7 @@ void backward_sums_fused(const T* dy, const T* x, Shape shape, int threads, cons
     const Positions pos = positions_of(shape, For::reduce);
     if (pos.view.channels > 0) {
         const auto mean_at = pos.expand(mean);
-        const auto scale_at = pos.expand(dx ? dx_scale : mean);  // (unused without dx)
+        const auto scale_at = dx ? pos.expand(dx_scale) : Scratch<param_t<T>>(0);
         Scratch<Sums> per_position(pos.view.channels), rest(pos.rest.outer > 0 ? shape.channels : 0);
         reduce(pos.view, threads, op_at(0, pos.view, mean_at.data(), scale_at.data()), per_position.data(), stream);
         for (int64_t c = 0; c < shape.channels; ++c) result[c] = pos.fold_channel(per_position.data(), c);

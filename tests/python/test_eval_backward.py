@@ -25,8 +25,9 @@ except ImportError:
 # channels fit in cache or not; channels-last. Streamed for every dtype of 2 bytes or
 # more: (8, 262144) and (16, 5243, 5, 5) in column strips (of rows; of short planes'
 # channels), (128, 335, 7, 7) and (40, 256, 14, 14) per channel, (65536, 64) and
-# (16, 64, 64, 64) channels-last in two passes; (2, 3, 700, 700) per channel or in two
-# passes by dtype.
+# (16, 64, 64, 64) channels-last in two passes, (65537, 17) too as a view of narrow rows
+# and a rest of two rows (eval mode without ReLU: one pass, the reduction writing dx);
+# (2, 3, 700, 700) per channel or in two passes by dtype.
 LAYOUTS = [
     ((300, 7), 1),
     ((64, 96), 1),
@@ -39,6 +40,7 @@ LAYOUTS = [
     ((40, 256, 14, 14), 1),
     ((2, 3, 700, 700), 1),
     ((65536, 64), 1),
+    ((65537, 17), 1),
     ((8, 6, 6, 40), -1),
     ((64, 14, 14, 96), -1),
     ((16, 64, 64, 64), -1),
