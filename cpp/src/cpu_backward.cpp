@@ -403,8 +403,7 @@ void backward_fused(const T* dy, const T* x, Shape s, int threads, const param_t
         };
         if constexpr (!Mask::relu) {
             if (!batch_stats && stream) {  // eval mode: dx needs no sums, so the reduction writes it
-                for (int64_t c = 0; c < C; ++c)
-                    scale[c] = detail::backward_coefficients(P(0), P(0), invstd[c], weight, c, count, false).scale;
+                for (int64_t c = 0; c < C; ++c) scale[c] = detail::scale_of(invstd[c], weight, c);
                 backward_sums_fused(dy, x, s, threads, mean, s_dy.data(), s_dy_xmu.data(), mask, dx, scale.data());
                 coefficients();
                 return;
