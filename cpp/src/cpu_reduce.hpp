@@ -58,9 +58,10 @@ struct RowWork {
     A channel_coefficients[4][kChannelBlock / 2];  // short-plane strips: per channel (inner >= 2)
 };
 
-// sum(d^2) - sum(d)^2 / n, the corrected second pass; clamped at 0 (NaN passes through).
-inline double corrected_m2(double sum_sq, double sum, double n) {
-    const double m2 = sum_sq - sum * sum / n;
+// sum(d^2) - sum(d)^2 / n, the corrected second pass, given mean_dev = sum(d) / n; clamped
+// at 0 (NaN passes through).
+inline double corrected_m2(double sum_sq, double sum, double mean_dev) {
+    const double m2 = sum_sq - sum * mean_dev;
     return m2 < 0 ? 0.0 : m2;
 }
 
