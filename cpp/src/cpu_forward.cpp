@@ -148,10 +148,13 @@ void forward_train_fused(const T* x, Shape s, int threads, double eps, const par
             strips.coefficient_arrays(work, 4, k);
             train_coefficients(c0, c1, mean, var, eps, weight, bias, invstd, k[0], k[1], k[2], k[3]);
             strips.spread(work, 4, c0, c1);
-            for (int64_t r = 0; r < s.outer; ++r)
+            for (int64_t r = 0; r < s.outer; ++r) {
+                // (the residual's next row, from memory: x's is in L2 by now)
+                if (stream && r + 1 < s.outer) epilogue.prefetch((r + 1) * view.channels + p0, width * int64_t(sizeof(T)));
                 affine_row(x + r * view.channels + p0, y + r * view.channels + p0, width, work.coefficients[0],
                            work.coefficients[1], work.coefficients[2], work.coefficients[3], stream,
                            epilogue.at(r * view.channels + p0));
+            }
         });
         return;
     }
