@@ -261,6 +261,7 @@ inline Pair<param_t<T>> chained_sums(int64_t rows, int64_t stride, int64_t len, 
 // on an Intel Xeon). grouped_rows() says where groups do not pay.
 template <int64_t G>
 using Rows = std::integral_constant<int64_t, G>;
+constexpr int64_t kSumRows = 4;  // rows a group of for_row_lanes sums in registers
 
 template <class T, class Body>
 inline void for_row_lanes(int64_t r0, int64_t r1, int64_t w, bool grouped, const Body& body) {
@@ -280,7 +281,7 @@ inline void for_row_lanes(int64_t r0, int64_t r1, int64_t w, bool grouped, const
         return;
     }
     int64_t r = r0;
-    for (; r + 4 <= r1; r += 4) row_group(Rows<4>{}, r);
+    for (; r + kSumRows <= r1; r += kSumRows) row_group(Rows<kSumRows>{}, r);
     for (; r < r1; ++r) row_group(Rows<1>{}, r);
 }
 

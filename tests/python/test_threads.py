@@ -28,6 +28,7 @@ BIG_LAYOUTS = [
     ((96, 5000), 1, np.float64),            # column strips, rows in several splits
     ((4, 7, 7, 2048), -1, np.float16),      # channels-last, column strips
     ((84, 16, 16, 256), -1, np.float32),    # 22 MiB of 1 KiB rows: reductions a row at a time
+    ((55, 2048, 7, 7), 1, np.float32),      # 22 MiB of short planes: rows tiles prefetch their next rows
 ]
 
 # Around the thread policy's steps (a thread per 2^15 elements), so that 1, 2 and 3 threads
