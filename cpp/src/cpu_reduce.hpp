@@ -305,6 +305,32 @@ inline bool grouped_rows(Shape s, int arrays) {
     return !(from_memory && row >= 512 && row < 4096);
 }
 
+// Whether the statistics' rows tile of w columns of s asks for its next rows ahead
+// (for_row_lanes_ahead): where its rows are segments of wider rows (column strips, short
+// planes' positions, channels-last past a tile's columns), each a page or two that the
+// hardware prefetchers barely start on before it ends, and x is too large for the
+// last-level cache to hold it (in L3, (64, 512, 7, 7)'s statistics took 1.04-1.07x the
+// time with the prefetches). The backward's sums, over two or three inputs, gained nothing
+// from the same (0.99-1.06x: (64, 2048, 7, 7), (64, 7, 7, 2048), (4096, 2048), with and
+// without ReLU).
+template <class T>
+inline bool prefetches_rows(Shape s, int64_t w) {
+    return w < s.channels && s.size() * int64_t(sizeof(T)) >= kCachedBytes;
+}
+
+// for_row_lanes over [r0, r1) in chunks of kSumRows rows from r0 (the groups for_row_lanes
+// forms anyway: the same sums in the same order), calling prefetch_row(r) for each row of
+// the next chunk before summing this one.
+template <class T, class PrefetchRow, class Body>
+inline void for_row_lanes_ahead(int64_t r0, int64_t r1, int64_t w, bool grouped, const PrefetchRow& prefetch_row,
+                                const Body& body) {
+    for (int64_t g0 = r0; g0 < r1; g0 += kSumRows) {
+        const int64_t g1 = std::min(r1, g0 + kSumRows);
+        for (int64_t r = g1; r < std::min(r1, g1 + kSumRows); ++r) prefetch_row(r);
+        for_row_lanes<T>(g0, g1, w, grouped, body);
+    }
+}
+
 // The sum of term(k) over the k < G rows of a group, pairwise in a fixed order.
 template <int64_t G, class Term>
 inline auto rows_sum(const Term& term) {
