@@ -206,7 +206,7 @@ struct BackwardSumsOp {
             P::store(sum_dy_xmu + j, P::load(sum_dy_xmu + j) + gx);
         };
         if (Mask::stores || (!Mask::relu && dx)) {  // a group of rows at a time (the same groups), then their g or dx
-            const int64_t group = grouped ? 4 : 1;
+            const int64_t group = grouped ? kSumRows : 1;
             for (int64_t r = r0; r < r1; r += group) {
                 const int64_t end = std::min(r1, r + group);
                 for_row_lanes<T>(r, end, w, grouped, sums);

@@ -24,8 +24,8 @@
 // "positions" (Positions, cpu_strips.hpp). All vector code goes through Simd<T> (simd.hpp).
 // A tile holds about kTileElems values, so the two passes of the shifted two-pass
 // statistics read it from L1/L2, not DRAM. Tile results are merged in double (Chan's
-// formula; the positions of a channel, all of equal count, by Positions::fold_channel) in
-// tile order, and the tiles of a channel are split into a number of work items
+// formula) in tile order (the positions of a channel, all of equal count, are folded by
+// Positions::fold_channel in a fixed order of its own), and the tiles of a channel are split into a number of work items
 // that depends only on the shape: the merge order, and therefore every bit of the result,
 // is the same for any thread count.
 //

@@ -154,7 +154,8 @@ struct RowSplits {
           splits(std::clamp<int64_t>(ceil_div(kWorkItems, blocks), 1, std::max<int64_t>(tiles, 1))) {}
 
     // Runs op over the row tiles of split `split` for the channels [c0, c1), merging into
-    // acc[c - c0]. Only the row ranges depend on the plan: c0 and c1 may cut a block.
+    // acc[c - c0] (all empty, or all merged from the same tiles: see reduce()). Only the
+    // row ranges depend on the plan: c0 and c1 may cut a block.
     template <class Op, class Partial>
     void split_tiles(Shape s, const Op& op, int64_t c0, int64_t c1, int64_t split, Partial* acc) const {
         for (int64_t t = split * tiles / splits; t < (split + 1) * tiles / splits; ++t) {
@@ -182,7 +183,9 @@ struct RowSplits {
 
 // Runs op over every tile and writes one merged Partial per channel. Op provides
 //   Partial plane_tile(c, PlaneTiles::Tile)                      (planes schedule)
-//   void row_tile(c0, c1, r0, r1, Partial* acc)  merging into acc[c - c0]  (rows schedule)
+//   void row_tile(c0, c1, r0, r1, Partial* acc)  merging into acc[c - c0]  (rows schedule;
+//       acc's columns start empty and see the same tiles: MomentsOp stores its tile into
+//       an empty acc without merging, judging by acc[0] alone)
 // `stream`: the op streams stores of its own (each thread fences them).
 template <class Partial, class Op>
 void reduce(Shape s, int threads, const Op& op, Partial* result, bool stream = false) {
@@ -309,10 +312,10 @@ inline bool grouped_rows(Shape s, int arrays) {
 // (for_row_lanes_ahead): where its rows are segments of wider rows (column strips, short
 // planes' positions, channels-last past a tile's columns), each a page or two that the
 // hardware prefetchers barely start on before it ends, and x is too large for the
-// last-level cache to hold it (in L3, (64, 512, 7, 7)'s statistics took 1.04-1.07x the
-// time with the prefetches). The backward's sums, over two or three inputs, gained nothing
-// from the same (0.99-1.06x: (64, 2048, 7, 7), (64, 7, 7, 2048), (4096, 2048), with and
-// without ReLU).
+// last-level cache to hold it (kCachedBytes; in L3, (64, 512, 7, 7)'s statistics took
+// 1.04-1.07x the time with the prefetches). The backward's sums, over two or three inputs,
+// gained nothing from the same (0.99-1.06x: (64, 2048, 7, 7), (64, 7, 7, 2048), (4096,
+// 2048), with and without ReLU).
 template <class T>
 inline bool prefetches_rows(Shape s, int64_t w) {
     return w < s.channels && s.size() * int64_t(sizeof(T)) >= kCachedBytes;
@@ -337,7 +340,7 @@ inline auto rows_sum(const Term& term) {
     if constexpr (G == 1) {
         return term(0);
     } else {
-        static_assert(G == 4, "groups of 1 or 4 rows");
+        static_assert(G == kSumRows, "groups of 1 or kSumRows rows");
         return (term(0) + term(1)) + (term(2) + term(3));
     }
 }
