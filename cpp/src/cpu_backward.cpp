@@ -372,20 +372,11 @@ void backward_fused(const T* dy, const T* x, Shape s, int threads, const param_t
                 c0, c1, [&](int64_t c) { return channel(work.strip, c - c0); }, invstd, weight, count,
                 batch_stats, sum_dy, sum_dy_xhat, k[0], k[1], k[2]);
             strips.spread(work, 3, c0, c1);
-            // Rows strips write dx a pair of rows at a time (backward_rows: coefficients loaded
-            // once a pair; one thread, B/A time against row by row: (256, 512) 0.84-0.85,
-            // (512, 1000) 0.88-0.92, (256, 2048) 0.92, 2 threads 0.96-1.04); short planes'
-            // strips row by row (in pairs 1.10-1.31x the time on 2 threads).
-            if (strips.per_channel == 1) {
-                backward_rows(dy + p0, dx_x ? dx_x + p0 : dx_x, dx + p0, view.channels, s.outer, width,
-                              column_mean + p0, work.coefficients[0], work.coefficients[1], work.coefficients[2],
-                              stream, mask.at(p0));
-                return;
-            }
             for (int64_t r = 0; r < s.outer; ++r) {
                 const int64_t offset = r * view.channels + p0;
                 backward_row(dy + offset, dx_x ? dx_x + offset : dx_x, dx + offset, width, column_mean + p0,
-                             work.coefficients[0], work.coefficients[1], work.coefficients[2], stream, mask.at(offset));
+                             work.coefficients[0],
+                             work.coefficients[1], work.coefficients[2], stream, mask.at(offset));
             }
         });
         return;
