@@ -25,9 +25,9 @@
 // A tile holds about kTileElems values, so the two passes of the shifted two-pass
 // statistics read it from L1/L2, not DRAM. Tile results are merged in double (Chan's
 // formula) in tile order (the positions of a channel, all of equal count, are folded by
-// Positions::fold_channel in a fixed order of its own), and the tiles of a channel are split into a number of work items
-// that depends only on the shape: the merge order, and therefore every bit of the result,
-// is the same for any thread count.
+// Positions::fold_channel in a fixed order of its own), and the tiles of a channel are
+// split into a number of work items that depends only on the shape: the merge order, and
+// therefore every bit of the result, is the same for any thread count.
 //
 // Training forward and backward are fused per channel in the planes schedule when there
 // are at least as many channels as threads: a thread reduces one channel, then writes its
