@@ -206,10 +206,7 @@ struct BackwardSumsOp {
             P::store(sum_dy_xmu + j, P::load(sum_dy_xmu + j) + gx);
         };
         if (Mask::stores || (!Mask::relu && dx)) {  // a group of rows at a time (the same groups), then their g or dx
-            const int64_t group = grouped ? kSumRows : 1;
-            for (int64_t r = r0; r < r1; r += group) {
-                const int64_t end = std::min(r1, r + group);
-                for_row_lanes<T>(r, end, w, grouped, sums);
+            const auto store_rows = [&](int64_t r, int64_t end) {
                 if constexpr (Mask::stores) {
                     if (w == C)  // whole rows: one run (partial lines only at its ends, not each row's)
                         store_g(r * C, (end - r) * C);
@@ -219,7 +216,8 @@ struct BackwardSumsOp {
                 if constexpr (!Mask::relu)
                     if (dx)
                         for (int64_t q = r; q < end; ++q) store_dx_row(q * C + c0, c0, w);
-            }
+            };
+            for_row_chunks<T>(r0, r1, grouped ? kSumRows : 1, w, grouped, [](int64_t, int64_t) {}, sums, store_rows);
         } else {
             for_row_lanes<T>(r0, r1, w, grouped, sums);
         }

@@ -64,11 +64,15 @@ struct MomentsOp {
         // prefetches_rows; statistics of (64, 2048, 7, 7) 0.91-0.96x the time, 1 and 2
         // threads, (256, 2048, 7, 7) and (64, 7, 7, 2048) 0.88-1.01x)
         const bool grouped = grouped_rows<T>(s, 1);
-        if (prefetches_rows<T>(s, w))
-            for_row_lanes_ahead<T>(
-                r0, r1, w, grouped, [&](int64_t r) { prefetch_range(x + r * C + c0, w * int64_t(sizeof(T))); }, pass1);
-        else
+        if (prefetches_rows<T>(s, w)) {
+            const auto next_rows = [&](int64_t, int64_t g1) {
+                for (int64_t r = g1; r < std::min(r1, g1 + kSumRows); ++r)
+                    prefetch_range(x + r * C + c0, w * int64_t(sizeof(T)));
+            };
+            for_row_chunks<T>(r0, r1, kSumRows, w, grouped, next_rows, pass1, [](int64_t, int64_t) {});
+        } else {
             for_row_lanes<T>(r0, r1, w, grouped, pass1);
+        }
         for (int64_t j = 0; j < w; ++j) shift[j] += sum[j] * A(inv_n);  // now the pass-1 mean
         for_row_lanes<T>(r0, r1, w, true, [&](auto lanes, auto acc_lanes, auto group, int64_t r, int64_t j) {
             using L = decltype(lanes);

@@ -309,7 +309,7 @@ inline bool grouped_rows(Shape s, int arrays) {
 }
 
 // Whether the statistics' rows tile of w columns of s asks for its next rows ahead
-// (for_row_lanes_ahead): where its rows are segments of wider rows (column strips, short
+// (for_row_chunks): where its rows are segments of wider rows (column strips, short
 // planes' positions, channels-last past a tile's columns), each a page or two that the
 // hardware prefetchers barely start on before it ends, and x is too large for the
 // last-level cache to hold it (kCachedBytes; in L3, (64, 512, 7, 7)'s statistics took
@@ -321,16 +321,19 @@ inline bool prefetches_rows(Shape s, int64_t w) {
     return w < s.channels && s.size() * int64_t(sizeof(T)) >= kCachedBytes;
 }
 
-// for_row_lanes over [r0, r1) in chunks of kSumRows rows from r0 (the groups for_row_lanes
-// forms anyway: the same sums in the same order), calling prefetch_row(r) for each row of
-// the next chunk before summing this one.
-template <class T, class PrefetchRow, class Body>
-inline void for_row_lanes_ahead(int64_t r0, int64_t r1, int64_t w, bool grouped, const PrefetchRow& prefetch_row,
-                                const Body& body) {
-    for (int64_t g0 = r0; g0 < r1; g0 += kSumRows) {
-        const int64_t g1 = std::min(r1, g0 + kSumRows);
-        for (int64_t r = g1; r < std::min(r1, g1 + kSumRows); ++r) prefetch_row(r);
+// for_row_lanes over [r0, r1) in chunks of `chunk` rows from r0, with before(g0, g1) and
+// after(g0, g1) around each chunk [g0, g1): the statistics' rows tile asks for the next
+// chunk's rows ahead (prefetches_rows), the backward's sums store the rows they summed
+// (dsum, eval mode's dx). Grouped, a chunk is a multiple of the groups for_row_lanes forms
+// anyway: the same sums in the same order as one for_row_lanes over [r0, r1).
+template <class T, class Before, class Body, class After>
+inline void for_row_chunks(int64_t r0, int64_t r1, int64_t chunk, int64_t w, bool grouped, const Before& before,
+                           const Body& body, const After& after) {
+    for (int64_t g0 = r0; g0 < r1; g0 += chunk) {
+        const int64_t g1 = std::min(r1, g0 + chunk);
+        before(g0, g1);
         for_row_lanes<T>(g0, g1, w, grouped, body);
+        after(g0, g1);
     }
 }
 
