@@ -74,20 +74,31 @@ struct MomentsOp {
             for_row_lanes<T>(r0, r1, w, grouped, pass1);
         }
         for (int64_t j = 0; j < w; ++j) shift[j] += sum[j] * A(inv_n);  // now the pass-1 mean
-        for_row_lanes<T>(r0, r1, w, true, [&](auto lanes, auto acc_lanes, auto group, int64_t r, int64_t j) {
-            using L = decltype(lanes);
-            using P = decltype(acc_lanes);
-            const auto m = P::load(shift + j);
-            const T* p = x + r * C + c0 + j;
-            // Both sums before either store, so that each x is loaded once per group.
-            const auto d = rows_sum<group()>([&](int64_t k) { return L::load(p + k * C) - m; });
-            const auto d2 = rows_sum<group()>([&](int64_t k) {
-                const auto dk = L::load(p + k * C) - m;
-                return dk * dk;
+        // (pass 2 reads the tile from L2, where memory would idle: see
+        // prefetches_next_row_tile)
+        const int64_t rows = r1 - r0;
+        const auto pass2 = [&](auto next_tile) {
+            for_row_lanes<T>(r0, r1, w, true, [&](auto lanes, auto acc_lanes, auto group, int64_t r, int64_t j) {
+                using L = decltype(lanes);
+                using P = decltype(acc_lanes);
+                const auto m = P::load(shift + j);
+                const T* p = x + r * C + c0 + j;
+                if constexpr (std::decay_t<decltype(next_tile)>::value && L::width > 1)
+                    for (int64_t k = 0; k < group(); ++k) prefetch_range(p + (rows + k) * C, 1);
+                // Both sums before either store, so that each x is loaded once per group.
+                const auto d = rows_sum<group()>([&](int64_t k) { return L::load(p + k * C) - m; });
+                const auto d2 = rows_sum<group()>([&](int64_t k) {
+                    const auto dk = L::load(p + k * C) - m;
+                    return dk * dk;
+                });
+                P::store(dev + j, P::load(dev + j) + d);
+                P::store(dev_sq + j, P::load(dev_sq + j) + d2);
             });
-            P::store(dev + j, P::load(dev + j) + d);
-            P::store(dev_sq + j, P::load(dev_sq + j) + d2);
-        });
+        };
+        if (prefetches_next_row_tile<T>(s) && r1 + rows <= s.outer)
+            pass2(std::true_type{});
+        else
+            pass2(std::false_type{});
         double tile_mean[kChannelBlock], tile_m2[kChannelBlock];
         for (int64_t j = 0; j < w; ++j) {
             const double dev_mean = double(dev[j]) * inv_n;
