@@ -52,7 +52,8 @@ struct MomentsOp {
             shift[j] = load(x + r0 * C + c0 + j);
             sum[j] = dev[j] = dev_sq[j] = 0;
         }
-        // (pass 1 reads the tile from memory; pass 2 finds it in L2, where groups pay)
+        // (pass 1 reads the tile from memory, or from L2 where the tile before asked for it
+        // (prefetches_next_row_tile); pass 2 finds it in L2, where groups pay)
         const auto pass1 = [&](auto lanes, auto acc_lanes, auto group, int64_t r, int64_t j) {
             using L = decltype(lanes);
             using P = decltype(acc_lanes);
@@ -65,8 +66,8 @@ struct MomentsOp {
         // threads, (256, 2048, 7, 7) and (64, 7, 7, 2048) 0.88-1.01x)
         const bool grouped = grouped_rows<T>(s, 1);
         if (prefetches_rows<T>(s, w)) {
-            const auto next_rows = [&](int64_t, int64_t g1) {
-                for (int64_t r = g1; r < std::min(r1, g1 + kSumRows); ++r)
+            const auto next_rows = [&](int64_t g0, int64_t g1) {
+                for (int64_t r = g1; r < std::min(r1, g1 + (g1 - g0)); ++r)
                     prefetch_range(x + r * C + c0, w * int64_t(sizeof(T)));
             };
             for_row_chunks<T>(r0, r1, kSumRows, w, grouped, next_rows, pass1, [](int64_t, int64_t) {});

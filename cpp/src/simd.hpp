@@ -167,7 +167,7 @@ struct Simd<bfloat16> {
     // The groups below test for them in two steps: the narrowed words that are +-0 (a lane
     // read as zero, or a zero: one vptestnmw per pair of vectors), then, only for a group
     // with such a word (common in ReLU's outputs and gradients: zeros), each lane's class
-    // (vfpclassps, inline: out of line with the narrowing redone, as store_exact, a
+    // (vfpclassps, inline: out of line with the narrowing redone, as store_exact's cold body, a
     // bfloat16 ReLU gradient written by write_run took 1.1x the time). One
     // vfpclassps per vector in the loops cost 5-10% of bfloat16 inference in cache
     // ((256, 512), (1024, 512), (32, 64, 14, 14): 1.07-1.09x float16's time, now
@@ -264,7 +264,7 @@ struct Simd<bfloat16> {
     // groups: `full` vectors (0 to kGroup - 1) from p and, where n (the elements from p) is
     // not a multiple of a vector, the run's last 16 elements in `tail` (overlapping what
     // precedes them, computed before any of it was stored). One test for all of it (zero
-    // words, then subnormal lanes, inline: out of line, as store_exact, 7x7 planes took
+    // words, then subnormal lanes, inline: out of line, as store_exact's cold body, 7x7 planes took
     // 1.15x the time), pairs narrowed together, the tail's new lanes stored under a mask
     // (no line next to them is streamed); a subnormal lane sends each vector through
     // narrow()'s exact path.
