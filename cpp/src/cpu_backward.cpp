@@ -217,7 +217,7 @@ struct BackwardSumsOp {
                     if (dx)
                         for (int64_t q = r; q < end; ++q) store_dx_row(q * C + c0, c0, w);
             };
-            for_row_chunks<T>(r0, r1, grouped ? kSumRows : 1, w, grouped, [](int64_t, int64_t) {}, sums, store_rows);
+            for_row_chunks<T>(r0, r1, grouped ? kSumRows : 1, w, grouped, kNoChunkHook, sums, store_rows);
         } else {
             for_row_lanes<T>(r0, r1, w, grouped, sums);
         }

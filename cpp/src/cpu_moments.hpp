@@ -70,7 +70,7 @@ struct MomentsOp {
                 for (int64_t r = g1; r < std::min(r1, g1 + (g1 - g0)); ++r)
                     prefetch_range(x + r * C + c0, w * int64_t(sizeof(T)));
             };
-            for_row_chunks<T>(r0, r1, kSumRows, w, grouped, next_rows, pass1, [](int64_t, int64_t) {});
+            for_row_chunks<T>(r0, r1, kSumRows, w, grouped, next_rows, pass1, kNoChunkHook);
         } else {
             for_row_lanes<T>(r0, r1, w, grouped, pass1);
         }

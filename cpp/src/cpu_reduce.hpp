@@ -303,11 +303,17 @@ inline void for_row_lanes(int64_t r0, int64_t r1, int64_t w, bool grouped, const
 // the order of the additions and is a function of the shape alone, as results must be.
 constexpr int64_t kCachedBytes = int64_t(20) << 20;
 
+// Whether a pass reading `arrays` arrays of shape s reads them from memory rather than
+// from the last-level cache (kCachedBytes): the test of the rows reductions' choices below.
+template <class T>
+inline bool reads_from_memory(Shape s, int arrays) {
+    return s.size() * int64_t(sizeof(T)) * arrays >= kCachedBytes;
+}
+
 template <class T>
 inline bool grouped_rows(Shape s, int arrays) {
     const int64_t row = s.channels * int64_t(sizeof(T));
-    const bool from_memory = s.size() * int64_t(sizeof(T)) * arrays >= kCachedBytes;
-    return !(from_memory && row >= 512 && row < 4096);
+    return !(reads_from_memory<T>(s, arrays) && row >= 512 && row < 4096);
 }
 
 // Whether the statistics' rows tile of w columns of s asks for its next rows ahead
@@ -320,7 +326,7 @@ inline bool grouped_rows(Shape s, int arrays) {
 // 2048), with and without ReLU).
 template <class T>
 inline bool prefetches_rows(Shape s, int64_t w) {
-    return w < s.channels && s.size() * int64_t(sizeof(T)) >= kCachedBytes;
+    return w < s.channels && reads_from_memory<T>(s, 1);
 }
 
 // Whether the statistics' rows tile, in its second pass (over the tile in L2), asks for
@@ -335,7 +341,7 @@ inline bool prefetches_rows(Shape s, int64_t w) {
 // which another thread may read.
 template <class T>
 inline bool prefetches_next_row_tile(Shape s) {
-    return s.size() * int64_t(sizeof(T)) >= kCachedBytes && grouped_rows<T>(s, 1);
+    return reads_from_memory<T>(s, 1) && grouped_rows<T>(s, 1);
 }
 
 // for_row_lanes over [r0, r1) in chunks of `chunk` rows from r0, with before(g0, g1) and
@@ -344,6 +350,8 @@ inline bool prefetches_next_row_tile(Shape s) {
 // (dsum, eval mode's dx). The same sums in the same order as one for_row_lanes over
 // [r0, r1) where chunks do not cut its groups: any chunk ungrouped, a multiple of
 // kSumRows grouped.
+constexpr auto kNoChunkHook = [](int64_t, int64_t) {};  // for_row_chunks' before or after: nothing
+
 template <class T, class Before, class Body, class After>
 inline void for_row_chunks(int64_t r0, int64_t r1, int64_t chunk, int64_t w, bool grouped, const Before& before,
                            const Body& body, const After& after) {
