@@ -164,14 +164,18 @@ inline bool fuse_per_channel(Shape s, int team, int64_t bytes_per_element) {
 // over all rows, reduces it tile by tile in reduce()'s order (same bits), then writes its
 // outputs while the strip is still in L2. Without it, (N, C) inputs with few rows spend
 // more on C-sized scratch (partials, then coefficients) than on x: (2, 2^21) took 100x a
-// copy. Strips are at least kMinStrip columns (narrower ones cost more per row than the
-// second read of x they save: (1024, 1024) backward in 64-column strips took 1.7x the
-// unfused time), at most a rows-schedule block wide, sized so that the strip of every
-// input fits in kStripBytes (half an L2; larger strips, counting on L3, measured slower)
-// and there are a few strips per thread. Returns the strip width, or 0 where the
-// schedule does not apply (too many rows for a strip of kMinStrip columns to fit).
+// copy. Strips are at least kMinStrip columns wide: a narrower strip's rows are segments
+// of a few lines, and each costs more than the second read of x it saves, in cache or
+// not (strips of 128 and 256 columns against the unfused passes, float32: (256, 512) and
+// (1024, 1024) training 1.1-1.7x their time, (512, 2048) backward 1.4-1.6x,
+// channels-last (8, 7, 7, 2048) 1.1-1.7x; one exception seen, (256, 4096) backward on 2
+// threads, 0.85x; benchmarks/results/2026-12-06-wider-strips-epyc-2cpu.txt). A strip is
+// at most a rows-schedule block wide, sized so that the strip of every input fits in
+// kStripBytes (half an L2; larger strips, counting on L3, measured slower) and there are
+// a few strips per thread. Returns the strip width, or 0 where the schedule does not
+// apply (too many rows for a strip of kMinStrip columns to fit).
 constexpr int64_t kStripBytes = 512 << 10;
-constexpr int64_t kMinStrip = 128;
+constexpr int64_t kMinStrip = 512;
 
 inline int64_t strip_width(Shape s, int team, int64_t bytes_per_element) {
     const int64_t C = s.channels;
