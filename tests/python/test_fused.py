@@ -180,8 +180,9 @@ def test_out_may_be_residual_or_y(rng):
 
 # Shapes that take each schedule of the kernels on several threads: planes fused per
 # channel and unfused, rows in strips and blocks, short planes (positions), narrow rows.
-THREAD_SHAPES = [((8, 64, 16, 16), 1), ((4, 3, 64, 64), 1), ((2048, 96), 1), ((16, 2, 2048), 1),
-                 ((32, 256, 5, 5), 1), ((64, 4, 8, 8), -1), ((8192, 3), 1), ((256, 16, 7, 7), 1)]
+THREAD_SHAPES = [((8, 64, 16, 16), 1), ((4, 3, 64, 64), 1), ((2048, 96), 1), ((64, 2048), 1),
+                 ((16, 2, 2048), 1), ((32, 256, 5, 5), 1), ((64, 4, 8, 8), -1), ((8192, 3), 1),
+                 ((256, 16, 7, 7), 1)]
 
 
 @pytest.mark.parametrize("layout", THREAD_SHAPES, ids=lambda l: f"{'x'.join(map(str, l[0]))}-ax{l[1]}")

@@ -25,7 +25,8 @@ BIG_LAYOUTS = [
     ((2**19 + 7, 3), 1, np.float32),        # narrow rows side by side, rows left over
     ((2048, 33, 5, 5), 1, np.float16),      # short planes, float16, odd sizes
     ((2, 1048593), 1, np.float32),          # few rows, huge C: column strips
-    ((96, 5000), 1, np.float64),            # column strips, rows in several splits
+    ((96, 5000), 1, np.float64),            # column strips (training; the backward's two passes)
+    ((96, 5000), 1, np.float32),            # column strips of 512+ columns, rows in two splits, backward too
     ((4, 7, 7, 2048), -1, np.float16),      # channels-last, column strips
     ((84, 16, 16, 256), -1, np.float32),    # 22 MiB of 1 KiB rows: reductions a row at a time
     ((55, 2048, 7, 7), 1, np.float32),      # 22 MiB of short planes: rows tiles prefetch their next rows
