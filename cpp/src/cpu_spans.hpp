@@ -10,7 +10,8 @@ namespace bnorm::kernels::BNORM_KERNEL_ISA {
 namespace {
 
 // Planes of kSpanMin to kSpanCached elements (6x6, 7x7 maps), and up to kSpanMax (11x11)
-// where the output streams but its runs are too short to (streams_output), are written as
+// where the output streams and its runs are not whole cache lines (up to 1 KiB, 15x15
+// float32, for 4- and 8-byte elements: below), are written as
 // spans of whole rows ((channels * inner) contiguous elements of one outer index) instead
 // of run by run: a 49-element run was three vectors and a one-lane tail, each run a loop
 // with its own ends, and short runs cannot stream; spans are long runs, whole lines
@@ -28,9 +29,19 @@ namespace {
 // 0.69-0.96x), but its variants (gradient masks, eval mode) made cpu_backward.cpp 50% slower
 // to compile in each of CI's six builds, and CI 26 minutes; likewise the training forward's
 // rare unfused pass.
+// Streamed float32 and float64 runs of 512 bytes to 1 KiB (12x12 to 15x15 float32, 8x8 to
+// 11x11 float64) streamed their whole lines run by run, with ordinary stores to the two
+// partial lines at their ends; as spans (one process against that build, ab_builds.py,
+// NumPy's arrays 16 bytes into a line), float32 inference on one thread took 0.55-0.87x
+// the time ((64, 1024, 14, 14) 0.68, (64, 512, 13, 13) 0.55), with the residual and ReLU
+// 0.58-0.68x; on two threads 0.78-1.00x and 0.66-1.01x; float64 0.78-1.01x but for one
+// thread's (128, 512, 10, 10) inference, 1.20x. Longer float32 runs lost as spans (17x17
+// to 28x28 inference on one thread 0.92-1.13x). float16's runs of 128 or more stay runs:
+// as spans, 14x14 to 15x15 went from 0.8x to 1.5x the time between runs of the same A/B.
 constexpr int64_t kSpanMin = 32;  // (shorter runs are written as positions; spans need inner >= a vector - 1)
 constexpr int64_t kSpanMax = 128;
 constexpr int64_t kSpanCached = 64;
+constexpr int64_t kSpanStreamedBytes = 1024;  // (4- and 8-byte elements)
 
 // p / d for 0 <= p < 2^32 and 2 <= d < 2^32 by a multiply (Lemire, Kaser and Kurz, "Faster
 // remainder by direct computation", 2019: exact for all such p and d).
@@ -130,8 +141,11 @@ struct SpanCoefficients {
 // Whether the unfused pass writing out streams it as spans (for_each_span, above).
 template <class T>
 bool writes_spans(Shape s, const T* out) {
-    return s.inner >= kSpanMin && s.channels >= 2 && s.channels * s.inner < (int64_t(1) << 32) &&
-           !streams_output(s, out) && (s.inner < kSpanCached || (s.inner < kSpanMax && streams<T>(s)));
+    if (s.inner < kSpanMin || s.channels < 2 || s.channels * s.inner >= (int64_t(1) << 32)) return false;
+    if (!streams<T>(s)) return s.inner < kSpanCached;
+    const bool whole_lines = reinterpret_cast<uintptr_t>(out) % 64 == 0 && s.inner * int64_t(sizeof(T)) % 64 == 0;
+    const int64_t longest = sizeof(T) >= 4 ? kSpanStreamedBytes / int64_t(sizeof(T)) : kSpanMax;
+    return !whole_lines && s.inner < longest;
 }
 
 }  // namespace
