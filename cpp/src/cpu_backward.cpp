@@ -5,6 +5,7 @@
 #include <array>
 
 #include "coefficients.hpp"
+#include "cpu_spans.hpp"
 #include "cpu_strips.hpp"
 #include "epilogue.hpp"
 
@@ -54,34 +55,37 @@ BNORM_INLINE void backward_run(const T* dy, const T* x, T* dx, int64_t n, param_
     });
 }
 
-template <bool kInputsFromMemory = false, class T, class Mask>
+// The same over one row of the rows schedule (element i is channel channel(i): see
+// affine_row).
+template <bool kInputsFromMemory = false, class T, class Mask, class Channel = SameChannel>
 BNORM_FLATTEN void backward_row(const T* dy, const T* x, T* dx, int64_t n, const param_t<T>* mean,
                                 const param_t<T>* dy_mean, const param_t<T>* xmu_scale, const param_t<T>* scale,
-                                bool stream, const Mask& mask) {
+                                bool stream, const Mask& mask, Channel channel = {}) {
     if constexpr (Mask::stores) {
         if (stream) {  // dsum by a write_run of its own (store_dsum_first)
             store_dsum_first<kInputsFromMemory>(dy, n, mask);
             return backward_row<kInputsFromMemory>(dy, x, dx, n, mean, dy_mean, xmu_scale, scale, stream,
-                                                   mask.reading());
+                                                   mask.reading(), channel);
         }
     }
     if (!x) {
-        write_run<kInputsFromMemory>(dx, n, stream, [&](auto lanes, int64_t c) {
+        write_run<kInputsFromMemory>(dx, n, stream, [&](auto lanes, int64_t i) {
             using L = decltype(lanes);
             using C = CoefficientLanes<T, L>;
-            const auto g = mask.load(L{}, dy, c);
-            mask.write(L{}, g, c);
-            return g * C::load(scale + c);
+            const auto g = mask.load(L{}, dy, i);
+            mask.write(L{}, g, i);
+            return g * C::load(scale + channel(i));
         });
         return;
     }
-    write_run<kInputsFromMemory>(dx, n, stream, [&](auto lanes, int64_t c) {
+    write_run<kInputsFromMemory>(dx, n, stream, [&](auto lanes, int64_t i) {
         using L = decltype(lanes);
         using C = CoefficientLanes<T, L>;
         static_assert(C::width == L::width, "x and coefficient vectors have the same lanes");
-        const auto g = mask.load(L{}, dy, c);
-        mask.write(L{}, g, c);
-        return (g - C::load(dy_mean + c) - (L::load(x + c) - C::load(mean + c)) * C::load(xmu_scale + c)) *
+        const int64_t c = channel(i);
+        const auto g = mask.load(L{}, dy, i);
+        mask.write(L{}, g, i);
+        return (g - C::load(dy_mean + c) - (L::load(x + i) - C::load(mean + c)) * C::load(xmu_scale + c)) *
                C::load(scale + c);
     });
 }
@@ -307,6 +311,15 @@ void backward_dx_fused(const T* dy, const T* x, Shape s, int threads, const para
             backward_dx_fused(dy + offset, x ? x + offset : x, pos.rest, threads, mean, dy_mean, xmu_scale, scale,
                               dx + offset, mask.at(offset));
         }
+        return;
+    }
+    if (writes_row_runs(s, dx)) {
+        const RowCycle<param_t<T>, 4> k({x ? mean : scale, x ? dy_mean : scale, x ? xmu_scale : scale, scale},
+                                        s.channels);
+        for_each_line_chunk(s, threads, dx, [&](int64_t begin, int64_t end, bool stream) {
+            backward_row<true>(dy + begin, x ? x + begin : x, dx + begin, end - begin, k.array(0), k.array(1),
+                               k.array(2), k.array(3), stream, mask.at(begin), k.at(begin % s.channels));
+        });
         return;
     }
     for_each_write(

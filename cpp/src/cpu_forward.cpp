@@ -25,20 +25,23 @@ BNORM_INLINE void affine_run(const T* x, T* y, int64_t n, detail::Affine<param_t
     });
 }
 
-// The same over one row of the rows schedule, coefficients varying along it. Each output
-// vector loads a vector of every coefficient array, so the rows of inference and
-// normalize (whose centers have no low part) load three: with four, (256, 512) float32
-// inference in L2 took 2x a copy (one thread).
-template <bool kInputsFromMemory = false, bool kLo = true, class T, class E>
+// The same over one row of the rows schedule, coefficients varying along it (element i
+// is channel channel(i): a run of whole rows wraps, RowCycle). Each output vector loads a
+// vector of every coefficient array, so the rows of inference and normalize (whose centers
+// have no low part) load three: with four, (256, 512) float32 inference in L2 took 2x a
+// copy (one thread).
+template <bool kInputsFromMemory = false, bool kLo = true, class T, class E, class Channel = SameChannel>
 BNORM_FLATTEN void affine_row(const T* x, T* y, int64_t n, const param_t<T>* center, const param_t<T>* lo,
-                              const param_t<T>* scale, const param_t<T>* shift, bool stream, const E& epilogue) {
-    write_run<kInputsFromMemory>(y, n, stream, [&](auto lanes, int64_t c) {
+                              const param_t<T>* scale, const param_t<T>* shift, bool stream, const E& epilogue,
+                              Channel channel = {}) {
+    write_run<kInputsFromMemory>(y, n, stream, [&](auto lanes, int64_t i) {
         using L = decltype(lanes);
         using C = CoefficientLanes<T, L>;
         static_assert(C::width == L::width, "x and coefficient vectors have the same lanes");
-        auto centered = L::load(x + c) - C::load(center + c);
+        const int64_t c = channel(i);
+        auto centered = L::load(x + i) - C::load(center + c);
         if constexpr (kLo) centered = centered - C::load(lo + c);
-        return epilogue(L{}, centered * C::load(scale + c) + C::load(shift + c), c);
+        return epilogue(L{}, centered * C::load(scale + c) + C::load(shift + c), i);
     });
 }
 
@@ -113,6 +116,14 @@ void affine_fused(const T* x, Shape s, int threads, const param_t<T>* center, co
             });
             return;
         }
+    }
+    if (writes_row_runs(s, y)) {
+        const RowCycle<param_t<T>, 4> k({center, kLo ? center_lo : center, scale, shift}, s.channels);
+        for_each_line_chunk(s, threads, y, [&](int64_t begin, int64_t end, bool stream) BNORM_INLINE_LAMBDA {
+            affine_row<true, kLo>(x + begin, y + begin, end - begin, k.array(0), k.array(1), k.array(2), k.array(3),
+                                  stream, epilogue.at(begin), k.at(begin % s.channels));
+        });
+        return;
     }
     for_each_write(
         s, threads, y,

@@ -297,6 +297,12 @@ constexpr int kRowGroup = 4;
 template <class T, class L>
 using CoefficientLanes = std::conditional_t<L::width == 1, Scalar<param_t<T>>, Simd<param_t<T>>>;
 
+// The channel of element i of a row segment whose first element is channel 0 (the rows
+// schedule; RowCycle::Channel where a run of whole rows wraps, cpu_spans.hpp).
+struct SameChannel {
+    int64_t operator()(int64_t i) const { return i; }
+};
+
 template <int kGroup = kRowGroup, class T, class Coefficients, class Value>
 BNORM_INLINE void write_rows(T* out, int64_t stride, int64_t rows, int64_t n, const Coefficients& coefficients,
                              const Value& value) {

@@ -13,31 +13,9 @@ training forward's unfused pass against the float64 reference.
 
 import pytest
 
-from isa_runs import ORDER, run_check
+from isa_runs import ELEMENTWISE_PRELUDE, ORDER, run_check
 
-CHECK = r"""
-import json, sys
-import numpy as np
-import bnorm
-sys.path.insert(0, sys.argv[1])
-import reference as ref
-try:
-    import ml_dtypes
-    dtypes = [np.float32, np.float64, np.float16, ml_dtypes.bfloat16]
-except ImportError:
-    dtypes = [np.float32, np.float64, np.float16]
-STREAM = 4 << 20  # bytes from which outputs stream (kStreamBytes)
-rng = np.random.default_rng(0)
-checked = 0
-
-def bits(a):
-    return a.view(np.uint16 if a.itemsize == 2 else np.uint32 if a.itemsize == 4 else np.uint64)
-
-def offset_empty(shape, dtype, offset):
-    # a C-contiguous array `offset` elements into its buffer (not 64-byte aligned)
-    n = int(np.prod(shape))
-    return np.empty(n + offset, dtype)[offset:].reshape(shape)
-
+CHECK = ELEMENTWISE_PRELUDE + r"""
 def channels_last(a):
     return np.ascontiguousarray(a.transpose(0, 2, 1))
 
@@ -86,28 +64,8 @@ for dtype in dtypes:
         mean, invstd = rm, 1 / np.sqrt(rv)
         sum_dy = rng.standard_normal(channels).astype(rm.dtype)
         sum_dy_xhat = rng.standard_normal(channels).astype(rm.dtype)
-        for name, call in (
-            ("eval", lambda a: bnorm.backward(a["dy"], a["x"], mean, invstd, w, axis=a["axis"], batch_stats=False)),
-            ("eval relu", lambda a: bnorm.backward(a["dy"], a["x"], mean, invstd, w, axis=a["axis"],
-                                                   batch_stats=False, activation="relu", y=a["y"])),
-            ("elemt", lambda a: bnorm.backward_elemt(a["dy"], a["x"], mean, invstd, w, sum_dy, sum_dy_xhat, 1000,
-                                                     axis=a["axis"])),
-            ("elemt relu", lambda a: bnorm.backward_elemt(a["dy"], a["x"], mean, invstd, w, sum_dy, sum_dy_xhat, 1000,
-                                                          axis=a["axis"], activation="relu", y=a["y"])),
-        ):
-            got = call({"dy": dy, "x": x, "y": y, "axis": 1})
-            if name == "elemt":  # in place: dx written over dy
-                inplace = dy.copy()
-                bnorm.backward_elemt(inplace, x, mean, invstd, w, sum_dy, sum_dy_xhat, 1000, axis=1, out=inplace)
-                if not np.array_equal(bits(inplace), bits(got)):
-                    raise SystemExit(f"{np.dtype(dtype).name} {x.shape} backward_elemt in place: differs")
-            want = call({"dy": channels_last(dy), "x": channels_last(x), "y": channels_last(y), "axis": -1})
-            got = got if isinstance(got, tuple) else (got,)
-            want = want if isinstance(want, tuple) else (want,)
-            for g, r in zip(got, want):
-                if g.ndim == 3 and not np.array_equal(bits(g), bits(r.transpose(0, 2, 1))):
-                    raise SystemExit(f"{np.dtype(dtype).name} {x.shape} backward {name}: differs")
-            checked += 1
+        checked += check_backward_elementwise(f"{np.dtype(dtype).name} {x.shape}", dy, x, y, mean, invstd, w,
+                                              sum_dy, sum_dy_xhat, (channels_last, -1, lambda r: r.transpose(0, 2, 1)))
     # the training forward's unfused pass (a channel too large to stay cached: > 1 MiB)
     x = (3 + rng.standard_normal(((2 << 20) // (49 * size) + 3, 2, 49))).astype(dtype)
     y, mean, invstd = bnorm.forward_train(x, axis=1)
