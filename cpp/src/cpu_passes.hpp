@@ -4,7 +4,7 @@
 // builds every kernel source with BNORM_KERNEL_ISA = baseline, avx2, avx512, avx512bf16; the headers
 // below put everything into that build's namespace):
 //   cpu_passes.hpp      team size, parallel_writes, write_run, row blocks (this file)
-//   cpu_spans.hpp       planes of 6x6 to 11x11 written as spans of whole rows
+//   cpu_spans.hpp       short planes written as spans of whole rows, short rows as runs of rows
 //   cpu_reduce.hpp      partials and their merges, tiles, splits, reduce()
 //   cpu_strips.hpp      the positions view, and the fused schedules (per channel, strips)
 //   cpu_moments.hpp     the statistics' tile op and the training coefficients

@@ -1,5 +1,6 @@
 // The CPU kernels' shared machinery, part 4: write spans, for inference and normalize over
-// short planes. See cpu_passes.hpp for the design.
+// short planes, and row runs, for the unfused write passes over short rows. See
+// cpu_passes.hpp for the design.
 #pragma once
 
 #include <array>
