@@ -575,6 +575,8 @@ int main() {
         {40, 5000, 1},  // rows wider than a write block: written a block of columns at a time
         {12, 2050, 49}, // streamed spans (float, double), crossing outer indices within a chunk
         {9, 700, 100},  // 10x10: streamed spans (float, double), runs (half: not streamed)
+        {8, 700, 196},  // 14x14: streamed spans (float), runs (double: over 1 KiB; half: not streamed)
+        {16400, 100, 1}, // streamed rows under 1.5 KiB: runs of whole rows (float, double)
     };
     for (const Shape& s : shapes) {
         test_forward_backward<float>(s);
@@ -609,6 +611,8 @@ int main() {
     test_streaming_alignment<bnorm::half>({150001, 17, 1});
     test_streaming_alignment<float>({3, 600001, 1});   // column strips
     test_streaming_alignment<float>({48, 512, 49});    // short-plane strips
+    test_streaming_alignment<float>({20001, 64, 1});   // runs of whole rows
+    test_streaming_alignment<bnorm::half>({33001, 64, 1});
     test_cpu_limits();
     test_errors_leave_buffers_untouched();
     test_argument_messages();
