@@ -24,7 +24,8 @@ namespace {
 // 0.68-0.87x; cached, 6x6 and 7x7 0.70-0.85x every dtype (bfloat16/float16 of (32, 256,
 // 7, 7) on one thread 1.12-1.22 -> 0.94, C++ harness). Runs of 64 elements or more stay runs in cache
 // (float16 and bfloat16 (32, 256, 8, 8) 1.1-1.25x the time as spans: a run of whole vectors
-// has no tail to lose), and so do runs of 128 or more (float16 14x14 streamed 1.15x).
+// has no tail to lose), and so do 2-byte runs of 128 or more (float16 14x14 streamed 1.15x;
+// 4- and 8-byte runs under 1 KiB: below).
 // Only inference and normalize (affine_fused without a low part) take spans: the backward's
 // elementwise pass took them too (backward_elemt 0.62-0.82x the time, eval mode with ReLU
 // 0.69-0.96x), but its variants (gradient masks, eval mode) made cpu_backward.cpp 50% slower
@@ -158,13 +159,14 @@ bool writes_spans(Shape s, const T* out) {
     return !whole_lines && s.inner < longest;
 }
 
-// Rows (inner == 1) of up to kWriteColumns channels whose output streams and are not whole
-// cache lines are written as runs of whole rows per chunk (for_each_line_chunk) instead of
+// Rows (inner == 1) shorter than kRowRunBytes whose output streams and are not whole cache
+// lines are written as runs of whole rows per chunk (for_each_line_chunk) instead of
 // row by row: the rows of (64, 56, 56, 64) float32 channels-last are 256 bytes, five lines
 // from NumPy's 16-byte offset, two of them partial, with ordinary stores (write_run); the
 // pass ran at 0.78x the bandwidth of the same bytes as 56x56 planes. A vector's lanes may
 // wrap into the next row: its coefficients are loaded from RowCycle's arrays, each channel's
-// coefficient array followed by its first lanes again.
+// coefficient array followed by its first lanes again. Rows of 2 KiB or more gain nothing
+// as runs (0.87-1.11x the time; docs/performance.md, "What each step bought").
 constexpr int64_t kRowRunBytes = 1536;
 
 template <class T>
