@@ -6,8 +6,9 @@ element must have the bits of the same call on the transposed copy (one channel 
 a plane: no row runs, the same operations per element). Each instruction set's build runs
 in a subprocess (BNORM_CPU_ISA), on every dtype, with the fused epilogue, outputs at odd
 element offsets, 1 to 3 threads, in place; the training forward (whose unfused pass writes
-the same way, with a low part in its center) against the float64 reference and across
-thread counts; the backward's elementwise pass (backward_elemt, eval mode, with ReLU's
+the same way, with a low part in its center) against the float64 reference, across
+thread counts and, for whole-line rows, bitwise against the row-by-row pass (a 64-byte
+aligned output); the backward's elementwise pass (backward_elemt, eval mode, with ReLU's
 dsum) against the transposed call, the training backward across thread counts.
 """
 
@@ -67,6 +68,17 @@ for dtype in dtypes:
             bnorm.set_num_threads(2)
             if not np.array_equal(bits(y1), bits(y)):
                 raise SystemExit(f"{np.dtype(dtype).name} {xs.shape} training on 1 thread: differs")
+            if channels * size % 64 == 0:
+                # whole-line rows into a 64-byte aligned output are written row by row, from
+                # the same statistics: the bits of the row runs (the center's low part included)
+                buf = np.empty(xs.size + 64, dtype)
+                start = (-buf.ctypes.data % 64) // size
+                rows = buf[start:start + xs.size].reshape(xs.shape)
+                bnorm.forward_train(xs, w, b, axis=1, out=rows, **kw)
+                runs = offset_empty(xs.shape, dtype, 1)  # (never on a line: row runs)
+                bnorm.forward_train(xs, w, b, axis=1, out=runs, **kw)
+                if not np.array_equal(bits(rows), bits(runs)):
+                    raise SystemExit(f"{np.dtype(dtype).name} {xs.shape} training {list(kw)}: row runs differ")
             checked += 1
         # the backward's elementwise pass (backward_elemt, eval mode; with ReLU's dsum beside
         # dx): the bits of the planes' runs; the training backward on any thread count
