@@ -313,7 +313,7 @@ void backward_dx_fused(const T* dy, const T* x, Shape s, int threads, const para
         }
         return;
     }
-    if (writes_row_runs(s, dx)) {
+    if (writes_row_runs(s, dx)) {  // (eval mode, x null, reads scale alone)
         const RowCycle<param_t<T>, 4> k({x ? mean : scale, x ? dy_mean : scale, x ? xmu_scale : scale, scale},
                                         s.channels);
         for_each_line_chunk(s, threads, dx, [&](int64_t begin, int64_t end, bool stream) {

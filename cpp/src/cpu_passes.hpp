@@ -399,12 +399,17 @@ bool streams(Shape s) {
 // apart: unstreamed, (128, 1024, 8, 8) training took 1.26x the time.
 constexpr int64_t kStreamRunBytes = 512;
 
+// Whether runs of `run` elements of T laid end to end from `out` are whole cache lines each.
+template <class T>
+bool whole_lines(const T* out, int64_t run) {
+    return reinterpret_cast<uintptr_t>(out) % 64 == 0 && run * int64_t(sizeof(T)) % 64 == 0;
+}
+
 // Whether a pass writing `out` (of shape s) streams it, by the rule above.
 template <class T>
 bool streams_output(Shape s, const T* out) {
-    const int64_t run_bytes = s.inner * int64_t(sizeof(T));
-    const bool whole_lines = reinterpret_cast<uintptr_t>(out) % 64 == 0 && run_bytes % 64 == 0;
-    return streams<T>(s) && (s.inner == 1 || run_bytes >= kStreamRunBytes || whole_lines);
+    return streams<T>(s) &&
+           (s.inner == 1 || s.inner * int64_t(sizeof(T)) >= kStreamRunBytes || whole_lines(out, s.inner));
 }
 
 template <class T, class Run, class Row>

@@ -154,9 +154,8 @@ template <class T>
 bool writes_spans(Shape s, const T* out) {
     if (s.inner < kSpanMin || s.channels < 2 || s.channels * s.inner >= (int64_t(1) << 32)) return false;
     if (!streams<T>(s)) return s.inner < kSpanCached;
-    const bool whole_lines = reinterpret_cast<uintptr_t>(out) % 64 == 0 && s.inner * int64_t(sizeof(T)) % 64 == 0;
     const int64_t longest = sizeof(T) >= 4 ? kSpanStreamedBytes / int64_t(sizeof(T)) : kSpanMax;
-    return !whole_lines && s.inner < longest;
+    return !whole_lines(out, s.inner) && s.inner < longest;
 }
 
 // Rows (inner == 1) shorter than kRowRunBytes whose output streams and are not whole cache
@@ -171,9 +170,8 @@ constexpr int64_t kRowRunBytes = 1536;
 
 template <class T>
 bool writes_row_runs(Shape s, const T* out) {
-    const bool whole_lines = reinterpret_cast<uintptr_t>(out) % 64 == 0 && s.channels * int64_t(sizeof(T)) % 64 == 0;
     return s.inner == 1 && s.channels >= 2 && s.channels * int64_t(sizeof(T)) < kRowRunBytes && streams<T>(s) &&
-           !whole_lines;
+           !whole_lines(out, s.channels);
 }
 
 // K per-channel coefficient arrays, each repeated for a vector's lanes past its end
