@@ -29,16 +29,32 @@ BNORM_INLINE void affine_run(const T* x, T* y, int64_t n, detail::Affine<param_t
 // is channel channel(i): a run of whole rows wraps, RowCycle). Each output vector loads a
 // vector of every coefficient array, so the rows of inference and normalize (whose centers
 // have no low part) load three: with four, (256, 512) float32 inference in L2 took 2x a
-// copy (one thread).
+// copy (one thread). Those loads, though they hit L1, slow the stream of x from memory:
+// a loop of AVX-512 vectors over rows of 256 floats took 3.3-3.5 ms for 51 MB of x and y
+// with three coefficient loads a vector, 2.4-2.7 ms with none (a session micro-benchmark
+// on the 2-CPU AMD EPYC VM; the arrays' page offsets changed nothing, pairs of rows,
+// unrolling and 256-bit vectors were slower). Where x comes from memory
+// (kInputsFromMemory) and the caller says so (prefetch_x), each vector of a whole line
+// (AVX-512 float32 and float64) asks for the line kRowPrefetchBytes ahead into L1, which
+// recovers part of it: one thread's channels-last float32 inference took 0.83-0.91x the
+// time. Not with a residual to add (a second stream from memory: 1.00-1.07x), where the
+// coefficient arrays of a row take more than kRowPrefetchCoefficientBytes of L1 (4 KiB
+// rows' training: 1.02-1.11x), nor for vectors of half a line (float16 rows of 64
+// channels 0.93-1.16x; docs/performance.md, "What each step bought").
+constexpr int64_t kRowPrefetchBytes = 2048;
+constexpr int64_t kRowPrefetchCoefficientBytes = 8192;
+
 template <bool kInputsFromMemory = false, bool kLo = true, class T, class E, class Channel = SameChannel>
 BNORM_FLATTEN void affine_row(const T* x, T* y, int64_t n, const param_t<T>* center, const param_t<T>* lo,
                               const param_t<T>* scale, const param_t<T>* shift, bool stream, const E& epilogue,
-                              Channel channel = {}) {
+                              Channel channel = {}, bool prefetch_x = false) {
     write_run<kInputsFromMemory>(y, n, stream, [&](auto lanes, int64_t i) {
         using L = decltype(lanes);
         using C = CoefficientLanes<T, L>;
         static_assert(C::width == L::width, "x and coefficient vectors have the same lanes");
         const int64_t c = channel(i);
+        if constexpr (kInputsFromMemory && !E::adds && L::width * sizeof(T) >= 64)
+            if (prefetch_x) prefetch_line(reinterpret_cast<const char*>(x + i) + kRowPrefetchBytes);
         auto centered = L::load(x + i) - C::load(center + c);
         if constexpr (kLo) centered = centered - C::load(lo + c);
         return epilogue(L{}, centered * C::load(scale + c) + C::load(shift + c), i);
@@ -70,9 +86,10 @@ BNORM_FLATTEN void affine_rows(const T* x, T* y, int64_t stride, int64_t rows, i
                                const param_t<T>* lo, const param_t<T>* scale, const param_t<T>* shift, bool stream,
                                const E& epilogue) {
     if (stream) {
+        const bool prefetch_x = (kLo ? 4 : 3) * n * int64_t(sizeof(param_t<T>)) <= kRowPrefetchCoefficientBytes;
         for (int64_t r = 0; r < rows; ++r)
             affine_row<kInputsFromMemory, kLo>(x + r * stride, y + r * stride, n, center, lo, scale, shift, stream,
-                                               epilogue.at(r * stride));
+                                               epilogue.at(r * stride), SameChannel{}, prefetch_x);
         return;
     }
     write_rows(
@@ -119,9 +136,10 @@ void affine_fused(const T* x, Shape s, int threads, const param_t<T>* center, co
     }
     if (writes_row_runs(s, y)) {
         const RowCycle<param_t<T>, 4> k({center, kLo ? center_lo : center, scale, shift}, s.channels);
+        const bool prefetch_x = 4 * k.stride * int64_t(sizeof(param_t<T>)) <= kRowPrefetchCoefficientBytes;
         for_each_line_chunk(s, threads, y, [&](int64_t begin, int64_t end, bool stream) BNORM_INLINE_LAMBDA {
             affine_row<true, kLo>(x + begin, y + begin, end - begin, k.array(0), k.array(1), k.array(2), k.array(3),
-                                  stream, epilogue.at(begin), k.at(begin % s.channels));
+                                  stream, epilogue.at(begin), k.at(begin % s.channels), prefetch_x);
         });
         return;
     }

@@ -62,6 +62,7 @@ inline __m512d relu_grad(__m512d dy, __m512d y) {
 // for the run starting `offset` elements further (residual has x's layout).
 template <class T, bool kAdd, bool kRelu>
 struct ForwardEpilogue {
+    static constexpr bool adds = kAdd;
     const T* residual;
 
     ForwardEpilogue at(int64_t offset) const { return {kAdd ? residual + offset : residual}; }
