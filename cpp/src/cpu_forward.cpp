@@ -44,6 +44,13 @@ BNORM_INLINE void affine_run(const T* x, T* y, int64_t n, detail::Affine<param_t
 constexpr int64_t kRowPrefetchBytes = 2048;
 constexpr int64_t kRowPrefetchCoefficientBytes = 8192;
 
+// Whether affine_row prefetches x (prefetch_x) over rows whose loop reads `arrays`
+// coefficient arrays of `length` elements each.
+template <class T>
+bool prefetches_row_x(int arrays, int64_t length) {
+    return arrays * length * int64_t(sizeof(param_t<T>)) <= kRowPrefetchCoefficientBytes;
+}
+
 template <bool kInputsFromMemory = false, bool kLo = true, class T, class E, class Channel = SameChannel>
 BNORM_FLATTEN void affine_row(const T* x, T* y, int64_t n, const param_t<T>* center, const param_t<T>* lo,
                               const param_t<T>* scale, const param_t<T>* shift, bool stream, const E& epilogue,
@@ -86,7 +93,7 @@ BNORM_FLATTEN void affine_rows(const T* x, T* y, int64_t stride, int64_t rows, i
                                const param_t<T>* lo, const param_t<T>* scale, const param_t<T>* shift, bool stream,
                                const E& epilogue) {
     if (stream) {
-        const bool prefetch_x = (kLo ? 4 : 3) * n * int64_t(sizeof(param_t<T>)) <= kRowPrefetchCoefficientBytes;
+        const bool prefetch_x = prefetches_row_x<T>(kLo ? 4 : 3, n);
         for (int64_t r = 0; r < rows; ++r)
             affine_row<kInputsFromMemory, kLo>(x + r * stride, y + r * stride, n, center, lo, scale, shift, stream,
                                                epilogue.at(r * stride), SameChannel{}, prefetch_x);
@@ -136,7 +143,7 @@ void affine_fused(const T* x, Shape s, int threads, const param_t<T>* center, co
     }
     if (writes_row_runs(s, y)) {
         const RowCycle<param_t<T>, 4> k({center, kLo ? center_lo : center, scale, shift}, s.channels);
-        const bool prefetch_x = 4 * k.stride * int64_t(sizeof(param_t<T>)) <= kRowPrefetchCoefficientBytes;
+        const bool prefetch_x = prefetches_row_x<T>(kLo ? 4 : 3, k.stride);
         for_each_line_chunk(s, threads, y, [&](int64_t begin, int64_t end, bool stream) BNORM_INLINE_LAMBDA {
             affine_row<true, kLo>(x + begin, y + begin, end - begin, k.array(0), k.array(1), k.array(2), k.array(3),
                                   stream, epilogue.at(begin), k.at(begin % s.channels), prefetch_x);

@@ -34,11 +34,12 @@ int64_t backoff_count();
 /// What a parallel region says about the machine (busy_ns, wait_ns as below; gap_ns: how
 /// long the team was idle since the previous region ended, or -1 for the pool's first
 /// region, which starts its threads). libgomp's threads spin for a while after a region
-/// (GOMP_SPINCOUNT; 7-10 ms on the 2-CPU AMD EPYC VM) and then sleep: a region after a short gap finds them running, and a wait
-/// beyond one work chunk means a team member was preempted (busy); after a long gap they
-/// were asleep, and the wait includes their wake-up, which on an idle VM takes up to
-/// hundreds of microseconds (unknown: the next, warm region decides), unless it is longer
-/// than any wake-up (busy). A pure function: tests feed it any timings.
+/// (GOMP_SPINCOUNT; 7-10 ms on the 2-CPU AMD EPYC VM) and then sleep: a region after a
+/// short gap finds them running, and a wait beyond one work chunk means a team member was
+/// preempted (busy); after a long gap they were asleep, and the wait includes their
+/// wake-up, which on an idle VM takes up to hundreds of microseconds (unknown: the next,
+/// warm region decides), unless it is longer than any wake-up (busy). A pure function:
+/// tests feed it any timings.
 enum class RegionVerdict { idle, busy, unknown };
 inline constexpr int64_t kWaitSlackNs = 100'000;   // a work chunk takes less
 inline constexpr int64_t kWarmGapNs = 200'000;     // well within libgomp's spin (GOMP_SPINCOUNT)
